@@ -1,0 +1,407 @@
+"""Build and inspect webdataset tar shards of labelled windows (the shard contract of DESIGN.md section 2).
+
+A build is all-or-nothing: shards are written into a hidden staging folder beside ``--out`` (each tar under a
+``.tmp`` name, renamed when complete), the manifest last, and the staging folder then replaces ``--out``.
+A killed build leaves only the hidden staging folder, which the next build removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import shutil
+import tarfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from ddp_vad import __version__
+from ddp_vad.config import to_jsonable, write_json_atomic
+from ddp_vad.errors import UserError
+from ddp_vad.ucsd import Clip, UCSDDataset, discover, read_clip
+from ddp_vad.windows import (
+    fold_summary,
+    grouped_stratified_folds,
+    stratified_folds,
+    undersample,
+    window_labels,
+    window_starts,
+)
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class ShardConfig:
+    """Options of ``ddp_vad shard build`` (names match the CLI flags)."""
+
+    data: str
+    out: str
+    dataset: str | None = None
+    window: int = 10
+    stride: int = 1
+    height: int = 120
+    width: int = 182
+    min_anomalous: int = 5
+    balance: str = "undersample"
+    folds: int = 10
+    seed: int = 0
+    workers: int | None = None
+    shard_size: int = 200
+    anomaly_types: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.balance not in ("undersample", "none"):
+            raise UserError(f"--balance must be undersample or none, got {self.balance!r}")
+        for name in ("window", "stride", "height", "width", "shard_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.min_anomalous <= self.window:
+            raise UserError(f"--min-anomalous must be in 1..{self.window}, got {self.min_anomalous}")
+        if self.folds < 2:
+            raise UserError(f"--folds must be >= 2, got {self.folds}")
+        if self.workers is None:
+            self.workers = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+
+@dataclass
+class WindowPlan:
+    """Every window of a dataset (one row each) and which of them go into the shards."""
+
+    clip_index: np.ndarray  # int64 [N], index into dataset.clips
+    start: np.ndarray  # int64 [N], 0-based first frame
+    label: np.ndarray  # int64 [N]
+    kept: np.ndarray  # int64 [K], indices of the windows written (sorted)
+    fold_window: np.ndarray  # int64 [K]
+    fold_clip: np.ndarray  # int64 [K], -1 when there are fewer clips than folds
+
+
+def plan_windows(dataset: UCSDDataset, cfg: ShardConfig) -> WindowPlan:
+    """Cut every clip into windows, label them, balance, and assign folds (pure, seeded)."""
+    clip_index, starts, labels = [], [], []
+    for ci, clip in enumerate(dataset.clips):
+        s = window_starts(clip.n_frames, cfg.window, cfg.stride)
+        clip_index.append(np.full(len(s), ci, np.int64))
+        starts.append(s)
+        labels.append(window_labels(clip.frame_labels, s, cfg.window, cfg.min_anomalous))
+    clip_index, starts, labels = (np.concatenate(a) for a in (clip_index, starts, labels))
+    if len(labels) == 0:
+        raise UserError(f"no clip in {dataset.path} has at least {cfg.window} frames")
+    kept = undersample(labels, cfg.seed) if cfg.balance == "undersample" else np.arange(len(labels))
+    if len(kept) < cfg.folds:
+        raise UserError(f"only {len(kept)} windows to split into --folds {cfg.folds}")
+    fold_window = stratified_folds(labels[kept], cfg.folds, cfg.seed)
+    fold_clip = grouped_stratified_folds(labels[kept], clip_index[kept], cfg.folds, cfg.seed)
+    return WindowPlan(clip_index, starts, labels, kept, fold_window, fold_clip)
+
+
+class _HashingWriter:
+    """A write-only file wrapper that computes the sha256 of what passes through."""
+
+    def __init__(self, raw: io.BufferedWriter):
+        self.raw, self.sha = raw, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        return self.raw.write(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _decode_clip(args: tuple[Clip, int, int]) -> np.ndarray:
+    clip, height, width = args
+    return read_clip(clip, height, width)
+
+
+def _decoded_clips(
+    clips: list[Clip], cfg: ShardConfig, show_progress: bool
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (index, frames) for each clip, decoded in ``cfg.workers`` processes."""
+    jobs = [(c, cfg.height, cfg.width) for c in clips]
+    bar = tqdm(total=sum(c.n_frames for c in clips), desc="decode", unit="frame", disable=not show_progress)
+    if cfg.workers == 1:
+        results = map(_decode_clip, jobs)
+        pool = None
+    else:
+        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+        pool = ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx)
+        results = pool.map(_decode_clip, jobs, chunksize=1)
+    try:
+        for i, frames in enumerate(results):
+            bar.update(len(frames))
+            yield i, frames
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def _write_shard(path: Path, samples: list[dict]) -> str:
+    """Write one tar under a temporary name, rename it when complete, return its sha256."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as raw:
+        hashing = _HashingWriter(raw)
+        writer = wds.TarWriter(hashing, encoder=False, mtime=0.0)
+        for sample in samples:
+            writer.write(sample)
+        writer.close()
+        raw.flush()
+        os.fsync(raw.fileno())
+    os.replace(tmp, path)
+    return hashing.sha.hexdigest()
+
+
+def _prepare_output(out: Path, overwrite: bool) -> Path:
+    """Check that ``out`` may be (re)written and return a fresh, empty staging folder beside it."""
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"--out exists and is not a folder: {out}")
+        if any(out.iterdir()):
+            if not overwrite:
+                raise UserError(f"{out} is not empty; refusing to overwrite (pass --overwrite to replace it)")
+            if not (out / MANIFEST).is_file():
+                raise UserError(f"{out} is not a shard set (no {MANIFEST}); refusing to replace it")
+    stage = out.parent / f".{out.name}.partial"
+    if stage.exists():
+        shutil.rmtree(stage)  # left behind by a killed build
+    stage.mkdir(parents=True)
+    return stage
+
+
+def build_shards(cfg: ShardConfig, show_progress: bool = True) -> Path:
+    """Build the shard set described by ``cfg``; returns the output folder."""
+    t0 = time.perf_counter()
+    dataset = discover(cfg.data, cfg.dataset, cfg.anomaly_types)
+    plan = plan_windows(dataset, cfg)
+    out = Path(cfg.out)
+    stage = _prepare_output(out, cfg.overwrite)
+
+    kept = plan.kept
+    # Shards hold a seeded random order of windows so that every shard mixes clips and classes.
+    order = np.random.default_rng(cfg.seed).permutation(len(kept))
+    needed = sorted(set(plan.clip_index[kept].tolist()))
+    frames_by_clip: dict[int, np.ndarray] = {}
+    for i, frames in _decoded_clips([dataset.clips[c] for c in needed], cfg, show_progress):
+        frames_by_clip[needed[i]] = frames
+
+    name = dataset.name
+    shards = []
+    n_shards = (len(order) + cfg.shard_size - 1) // cfg.shard_size
+    bar = tqdm(total=len(order), desc="write", unit="window", disable=not show_progress)
+    for s in range(n_shards):
+        samples = []
+        for pos in order[s * cfg.shard_size : (s + 1) * cfg.shard_size]:
+            w = kept[pos]
+            clip = dataset.clips[plan.clip_index[w]]
+            start = int(plan.start[w])
+            meta = {
+                "clip": clip.name,
+                "start": start,
+                "frame_labels": clip.frame_labels[start : start + cfg.window].astype(int).tolist(),
+                "anomaly_types": dataset.anomaly_types.get(clip.name, []) if clip.split == "test" else [],
+                "split": clip.split,
+                "fold_window": int(plan.fold_window[pos]),
+                "fold_clip": int(plan.fold_clip[pos]),
+            }
+            window = frames_by_clip[plan.clip_index[w]][start : start + cfg.window]
+            samples.append(
+                {
+                    "__key__": f"{clip.name}_{start:04d}",
+                    "frames.npy": _npy_bytes(window),
+                    "cls": str(int(plan.label[w])).encode(),
+                    "json": json.dumps(meta).encode(),
+                }
+            )
+        shard_name = f"{name}-{s:06d}.tar"
+        sha = _write_shard(stage / shard_name, samples)
+        shards.append({"name": shard_name, "samples": len(samples), "sha256": sha})
+        bar.update(len(samples))
+    bar.close()
+
+    manifest = _manifest(cfg, dataset, plan, shards, time.perf_counter() - t0)
+    write_json_atomic(stage / MANIFEST, manifest)
+    _swap_in(stage, out)
+    return out
+
+
+def _manifest(
+    cfg: ShardConfig, dataset: UCSDDataset, plan: WindowPlan, shards: list[dict], seconds: float
+) -> dict:
+    kept_labels = plan.label[plan.kept]
+    clip_folds_ok = bool(len(plan.fold_clip)) and plan.fold_clip.min() >= 0
+    clip_summary = fold_summary(kept_labels, plan.fold_clip, cfg.folds)
+    return {
+        "format": "ddp_vad-shards/1",
+        "ddp_vad_version": __version__,
+        "source": str(Path(cfg.data).resolve()),
+        "dataset": dataset.name,
+        "dataset_path": str(dataset.path.resolve()),
+        "window": cfg.window,
+        "stride": cfg.stride,
+        "height": cfg.height,
+        "width": cfg.width,
+        "min_anomalous": cfg.min_anomalous,
+        "balance": cfg.balance,
+        "seed": cfg.seed,
+        "folds": cfg.folds,
+        "counts": {
+            "clips": len(dataset.clips),
+            "train_clips": sum(c.split == "train" for c in dataset.clips),
+            "test_clips": sum(c.split == "test" for c in dataset.clips),
+            "windows": int(len(plan.label)),
+            "anomalous": int(plan.label.sum()),
+            "normal": int(len(plan.label) - plan.label.sum()),
+            "kept": int(len(plan.kept)),
+            "kept_anomalous": int(kept_labels.sum()),
+            "kept_normal": int(len(kept_labels) - kept_labels.sum()),
+        },
+        "protocols": {
+            "window": {"available": True, "folds": fold_summary(kept_labels, plan.fold_window, cfg.folds)},
+            "clip": {
+                "available": clip_folds_ok,
+                "folds": clip_summary,
+                "folds_without_anomaly": [f["fold"] for f in clip_summary if f["anomalous"] == 0],
+            },
+        },
+        "anomaly_types": {c: t for c, t in sorted(dataset.anomaly_types.items())},
+        "build_seconds": round(seconds, 3),
+        "config": to_jsonable(cfg),
+        "shards": shards,
+    }
+
+
+def _swap_in(stage: Path, out: Path) -> None:
+    """Replace ``out`` with the finished staging folder (the old set survives until the new one is whole)."""
+    old = out.parent / f".{out.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(stage, out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def load_manifest(shard_dir: str | Path) -> dict:
+    """Read ``shard_dir/manifest.json``; a missing or broken manifest is a UserError naming the path."""
+    path = Path(shard_dir) / MANIFEST
+    if not Path(shard_dir).is_dir():
+        raise UserError(f"shard folder not found: {shard_dir}")
+    if not path.is_file():
+        raise UserError(f"no {MANIFEST} in {shard_dir} (build shards with `ddp_vad shard build`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
+    for key in ("window", "height", "width", "folds", "shards"):
+        if key not in manifest:
+            raise UserError(f"{path} lacks the '{key}' field; rebuild the shards")
+    return manifest
+
+
+def shard_paths(shard_dir: str | Path, manifest: dict | None = None) -> list[str]:
+    """Paths of the shards listed in the manifest, in manifest order."""
+    manifest = manifest or load_manifest(shard_dir)
+    return [str(Path(shard_dir) / s["name"]) for s in manifest["shards"]]
+
+
+def verify_shards(shard_dir: str | Path, show_progress: bool = True) -> list[str]:
+    """Re-read every shard; return one problem string per bad shard (empty list when all is well)."""
+    manifest = load_manifest(shard_dir)
+    shape = [manifest["window"], manifest["height"], manifest["width"]]
+    problems = []
+    listed = {s["name"] for s in manifest["shards"]}
+    for stray in sorted(p.name for p in Path(shard_dir).glob("*.tar") if p.name not in listed):
+        problems.append(f"{stray}: not listed in the manifest")
+    for entry in tqdm(manifest["shards"], desc="verify", unit="shard", disable=not show_progress):
+        path = Path(shard_dir) / entry["name"]
+        if not path.is_file():
+            problems.append(f"{entry['name']}: missing")
+            continue
+        sha = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                sha.update(block)
+        if sha.hexdigest() != entry["sha256"]:
+            problems.append(f"{entry['name']}: sha256 mismatch")
+            continue
+        try:
+            keys = set()
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    keys.add(key)
+                    if ext == "frames.npy":
+                        array = np.load(io.BytesIO(tar.extractfile(member).read()), allow_pickle=False)
+                        if list(array.shape) != shape or array.dtype != np.uint8:
+                            problems.append(f"{entry['name']}: {key} has frames {array.shape} {array.dtype}")
+                            break
+        except (tarfile.TarError, OSError, ValueError) as exc:
+            problems.append(f"{entry['name']}: unreadable ({exc})")
+            continue
+        if len(keys) != entry["samples"]:
+            problems.append(f"{entry['name']}: {len(keys)} samples, manifest says {entry['samples']}")
+    return problems
+
+
+def format_info(manifest: dict) -> str:
+    """Human-readable summary of a manifest: counts, class balance, folds."""
+    c = manifest["counts"]
+    kept = max(c["kept"], 1)
+    lines = [
+        f"dataset      {manifest['dataset']}  (source: {manifest['source']})",
+        f"windows      {manifest['window']} frames of {manifest['height']}x{manifest['width']} (HxW), "
+        f"stride {manifest['stride']}, anomalous when >= {manifest['min_anomalous']} frames are",
+        f"clips        {c['clips']} ({c['train_clips']} train, {c['test_clips']} test)",
+        f"all windows  {c['windows']}: {c['anomalous']} anomalous, {c['normal']} normal",
+        f"in shards    {c['kept']} ({manifest['balance']}): {c['kept_anomalous']} anomalous "
+        f"({100 * c['kept_anomalous'] / kept:.1f}%), {c['kept_normal']} normal",
+        f"shards       {len(manifest['shards'])} tar files, seed {manifest['seed']}, {manifest['folds']} folds",
+    ]
+    for protocol, info in manifest.get("protocols", {}).items():
+        if not info["available"]:
+            lines.append(f"folds/{protocol:<6} unavailable (fewer clips than folds)")
+            continue
+        sizes = " ".join(f"{f['anomalous']}/{f['windows']}" for f in info["folds"])
+        lines.append(f"folds/{protocol:<6} anomalous/windows per fold: {sizes}")
+        empty = info.get("folds_without_anomaly") or []
+        if empty:
+            lines.append(
+                f"             folds without any anomaly: {empty} (their recall/precision are undefined)"
+            )
+    types = sorted({t for ts in manifest.get("anomaly_types", {}).values() for t in ts})
+    if types:
+        lines.append(f"anomaly types {', '.join(types)}")
+    return "\n".join(lines)
+
+
+def print_info(directory: str, verify: bool = False) -> None:
+    """``ddp_vad shard info``: print the summary; with ``verify`` check every shard (UserError on problems)."""
+    manifest = load_manifest(directory)
+    print(format_info(manifest))
+    if verify:
+        problems = verify_shards(directory)
+        if problems:
+            for p in problems:
+                print(f"BAD  {p}")
+            raise UserError(f"{len(problems)} problem(s) in {directory}: {problems[0]}")
+        print(
+            f"verify       OK: {len(manifest['shards'])} shards, {manifest['counts']['kept']} samples, sha256 match"
+        )

@@ -1,0 +1,102 @@
+"""Shared fixtures: the real Ped1 sample, tiny hand-made UCSD datasets and tiny shard sets."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = Path(os.environ.get("DDP_VAD_SAMPLE", REPO.parent / "shared" / "data" / "ucsd-ped1-sample"))
+
+
+def write_ucsd(
+    root: Path,
+    clips: dict[str, tuple[int, list[tuple[int, int]] | None]],
+    size=(30, 40),
+    name: str = "UCSDped1",
+    seed: int = 0,
+) -> Path:
+    """Write a tiny UCSD-layout dataset: {clip: (n_frames, gt ranges or None for train clips)}.
+
+    Frames carry a bright square on anomalous frames so that labels are visible in the pixels.
+    """
+    rng = np.random.default_rng(seed)
+    ds = root / name
+    gt_lines = ["TestVideoFile = {};"]
+    tests = sorted((c for c in clips if c.startswith("Test")), key=lambda c: int(c[4:]))
+    for clip, (n, ranges) in clips.items():
+        split = "Train" if clip.startswith("Train") else "Test"
+        d = ds / split / clip
+        d.mkdir(parents=True)
+        anomalous = np.zeros(n, bool)
+        for a, b in ranges or []:
+            anomalous[a - 1 : b] = True
+        for i in range(n):
+            frame = rng.integers(0, 120, size, dtype=np.uint8)
+            if anomalous[i]:
+                frame[2:10, 2:10] = 255
+            Image.fromarray(frame).save(d / f"{i + 1:03d}.tif")
+    if tests:
+        last = int(tests[-1][4:])
+        by_number = {int(c[4:]): clips[c][1] for c in tests}
+        for k in range(1, last + 1):
+            ranges = by_number.get(k) or [(1, 2)]  # entries for absent clips exist in the real file too
+            gt_lines.append(
+                "TestVideoFile{end+1}.gt_frame = [" + ", ".join(f"{a}:{b}" for a, b in ranges) + "];"
+            )
+        (ds / "Test" / f"{name}.m").write_text("\n".join(gt_lines) + "\n")
+    return ds
+
+
+TINY_CLIPS = {
+    "Train001": (24, None),
+    "Train002": (20, None),
+    "Test001": (24, [(8, 20)]),
+    "Test002": (22, [(1, 6), (15, 22)]),
+    "Test004": (26, [(10, 26)]),
+}
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    """A 5-clip UCSD-style dataset with known labels (Test003 is absent on purpose)."""
+    return write_ucsd(tmp_path / "data", TINY_CLIPS)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """Shards of the tiny dataset at 24x36, 4 folds, small shards (read-only for tests)."""
+    from ddp_vad.shards import ShardConfig, build_shards
+
+    root = tmp_path_factory.mktemp("tiny")
+    data = write_ucsd(root / "data", TINY_CLIPS)
+    return build_shards(
+        ShardConfig(
+            data=str(data), out=str(root / "shards"), height=24, width=36, folds=4, workers=1, shard_size=8
+        ),
+        show_progress=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    if not (SAMPLE / "UCSDped1").is_dir():
+        pytest.fail(f"real UCSD Ped1 sample not found at {SAMPLE} (set DDP_VAD_SAMPLE)")
+    return SAMPLE
+
+
+def copy_clips(sample: Path, dest: Path, clips: list[str]) -> Path:
+    """Copy a few clips (and the gt file) of the read-only sample so a test may damage them."""
+    src = sample / "UCSDped1"
+    out = dest / "UCSDped1"
+    for clip in clips:
+        split = "Train" if clip.startswith("Train") else "Test"
+        shutil.copytree(src / split / clip, out / split / clip)
+    (out / "Test").mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "Test" / "UCSDped1.m", out / "Test" / "UCSDped1.m")
+    return out

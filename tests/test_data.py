@@ -1,0 +1,107 @@
+"""Shard reader: epochs, node/worker splitting, fold filters, cache, resumable endless streams."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddp_vad.data import frames_to_float, infinite_batches, load_window_set, stream_batches
+
+
+def _keys(batches):
+    return [k for b in batches for k in b["key"]]
+
+
+def test_one_epoch_sees_every_sample_once(tiny_shards):
+    ws = load_window_set(tiny_shards)
+    keys = _keys(stream_batches(tiny_shards, 5, epoch=0, workers=2))
+    assert sorted(keys) == sorted(ws.keys)
+    assert _keys(stream_batches(tiny_shards, 5, epoch=1)) != keys  # a new order each epoch
+
+
+def test_batches_hold_uint8_frames_and_labels_that_match_the_window_set(tiny_shards):
+    ws = load_window_set(tiny_shards)
+    by_key = {k: i for i, k in enumerate(ws.keys)}
+    batch = next(iter(stream_batches(tiny_shards, 6)))
+    assert batch["frames"].dtype == torch.uint8 and batch["frames"].shape == (6, 10, 24, 36)
+    for j, key in enumerate(batch["key"]):
+        np.testing.assert_array_equal(batch["frames"][j].numpy(), ws.frames[by_key[key]])
+        assert batch["label"][j] == ws.labels[by_key[key]]
+    x = frames_to_float(batch["frames"])
+    assert x.shape == (6, 10, 1, 24, 36) and x.dtype == torch.float32 and x.min() >= 0 and x.max() <= 1
+
+
+def test_ranks_split_shards_without_overlap(tiny_shards):
+    seen = [set(_keys(stream_batches(tiny_shards, 4, rank=r, world_size=2, workers=2))) for r in (0, 1)]
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(load_window_set(tiny_shards).keys)
+
+
+def test_split_all_with_fold_filter_gives_each_rank_the_same_fold(tiny_shards):
+    ws = load_window_set(tiny_shards)
+    want = {k for k, f in zip(ws.keys, ws.fold_window, strict=True) if f == 2}
+    for rank in (0, 1):
+        got = _keys(
+            stream_batches(
+                tiny_shards,
+                3,
+                split="all",
+                rank=rank,
+                world_size=2,
+                fold_filter=lambda m: m["fold_window"] == 2,
+            )
+        )
+        assert sorted(got) == sorted(want)
+
+
+def test_cache_gives_the_same_batches(tiny_shards):
+    plain = _keys(stream_batches(tiny_shards, 4, epoch=3))
+    assert _keys(stream_batches(tiny_shards, 4, epoch=3, cache=True)) == plain
+    assert _keys(stream_batches(tiny_shards, 4, epoch=3, cache=True)) == plain
+
+
+def test_endless_stream_resumes_at_the_same_batch(tiny_shards):
+    it = infinite_batches(tiny_shards, 4, seed=5)
+    while it.epoch < 1 or it.index < 2:  # stop just past an epoch border
+        next(it)
+    epoch, index = it.epoch, it.index
+    expected = [next(it)["key"] for _ in range(5)]
+    resumed = infinite_batches(tiny_shards, 4, seed=5, start_epoch=epoch, skip_batches=index)
+    assert [next(resumed)["key"] for _ in range(5)] == expected
+
+
+@pytest.mark.slow
+def test_two_real_processes_see_every_sample_exactly_once(tiny_shards, tmp_path):
+    script = Path(__file__).with_name("_dist_stream.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for epoch in (0, 1):
+        out = tmp_path / f"e{epoch}"
+        out.mkdir()
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                "--standalone",
+                str(script),
+                str(tiny_shards),
+                str(out),
+                str(epoch),
+            ],
+            check=True,
+            timeout=120,
+            env=env,
+            capture_output=True,
+        )
+        ranks = [(out / f"rank{r}.txt").read_text().split() for r in (0, 1)]
+        assert ranks[0] and ranks[1]
+        assert not set(ranks[0]) & set(ranks[1])
+        assert sorted(ranks[0] + ranks[1]) == sorted(load_window_set(tiny_shards).keys)
