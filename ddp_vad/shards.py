@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from tqdm import tqdm
 
 from ddp_vad import __version__
@@ -105,24 +104,58 @@ def plan_windows(dataset: UCSDDataset, cfg: ShardConfig) -> WindowPlan:
     return WindowPlan(clip_index, starts, labels, kept, fold_window, fold_clip)
 
 
-class _HashingWriter:
-    """A write-only file wrapper that computes the sha256 of what passes through."""
+class TarShardWriter:
+    """Writes a webdataset tar (members ``<key>.<ext>``, USTAR headers) while hashing it.
 
-    def __init__(self, raw: io.BufferedWriter):
-        self.raw, self.sha = raw, hashlib.sha256()
+    Writing the tar directly, one header plus one large buffer per member, avoids the 10 KB stream chunks of
+    ``tarfile``'s stream mode and lets the npy payload go out without a copy; this halves build time.
+    """
 
-    def write(self, data: bytes) -> int:
+    def __init__(self, path: Path):
+        self.file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def _write(self, data) -> None:
         self.sha.update(data)
-        return self.raw.write(data)
+        self.file.write(data)
+        self.size += len(data)
 
-    def flush(self) -> None:
-        self.raw.flush()
+    def add(self, name: str, payload) -> None:
+        """Append one member; ``payload`` is bytes, a contiguous buffer, or a list of them (concatenated)."""
+        parts = [memoryview(p).cast("B") for p in (payload if isinstance(payload, list) else [payload])]
+        size = sum(len(p) for p in parts)
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = size, 0o444, 0
+        info.uname = info.gname = "bigdata"
+        self._write(info.tobuf(format=tarfile.USTAR_FORMAT))
+        for part in parts:
+            self._write(part)
+        if size % tarfile.BLOCKSIZE:
+            self._write(b"\0" * (tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE))
+
+    def write_sample(self, sample: dict) -> None:
+        """Write a webdataset sample dict: ``__key__`` plus extension -> bytes/buffer."""
+        key = sample["__key__"]
+        for ext, payload in sample.items():
+            if ext != "__key__":
+                self.add(f"{key}.{ext}", payload)
+
+    def close(self) -> str:
+        """Finish the archive (two zero blocks, padded to a full record); return its sha256."""
+        end = 2 * tarfile.BLOCKSIZE
+        end += (-(self.size + end)) % tarfile.RECORDSIZE
+        self._write(b"\0" * end)
+        self.file.close()
+        return self.sha.hexdigest()
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
+def _npy_parts(array: np.ndarray) -> list:
+    """The .npy encoding of ``array`` as [header bytes, raw buffer] (no pickle, no copy of the data)."""
+    array = np.ascontiguousarray(array)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
+    return [header.getvalue(), array]
 
 
 def _decode_clip(args: tuple[Clip, int, int]) -> np.ndarray:
@@ -130,9 +163,7 @@ def _decode_clip(args: tuple[Clip, int, int]) -> np.ndarray:
     return read_clip(clip, height, width)
 
 
-def _decoded_clips(
-    clips: list[Clip], cfg: ShardConfig, show_progress: bool
-) -> Iterator[tuple[int, np.ndarray]]:
+def _decoded_clips(clips: list[Clip], cfg: ShardConfig, show_progress: bool) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (index, frames) for each clip, decoded in ``cfg.workers`` processes."""
     jobs = [(c, cfg.height, cfg.width) for c in clips]
     bar = tqdm(total=sum(c.n_frames for c in clips), desc="decode", unit="frame", disable=not show_progress)
@@ -156,16 +187,13 @@ def _decoded_clips(
 def _write_shard(path: Path, samples: list[dict]) -> str:
     """Write one tar under a temporary name, rename it when complete, return its sha256."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as raw:
-        hashing = _HashingWriter(raw)
-        writer = wds.TarWriter(hashing, encoder=False, mtime=0.0)
-        for sample in samples:
-            writer.write(sample)
-        writer.close()
-        raw.flush()
-        os.fsync(raw.fileno())
+    writer = TarShardWriter(tmp)
+    for sample in samples:
+        writer.write_sample(sample)
+    sha = writer.close()
+    # The rename makes the tar visible only once it is whole (a kill before it leaves just the .tmp).
     os.replace(tmp, path)
-    return hashing.sha.hexdigest()
+    return sha
 
 
 def _prepare_output(out: Path, overwrite: bool) -> Path:
@@ -224,7 +252,7 @@ def build_shards(cfg: ShardConfig, show_progress: bool = True) -> Path:
             samples.append(
                 {
                     "__key__": f"{clip.name}_{start:04d}",
-                    "frames.npy": _npy_bytes(window),
+                    "frames.npy": _npy_parts(window),
                     "cls": str(int(plan.label[w])).encode(),
                     "json": json.dumps(meta).encode(),
                 }
@@ -241,9 +269,7 @@ def build_shards(cfg: ShardConfig, show_progress: bool = True) -> Path:
     return out
 
 
-def _manifest(
-    cfg: ShardConfig, dataset: UCSDDataset, plan: WindowPlan, shards: list[dict], seconds: float
-) -> dict:
+def _manifest(cfg: ShardConfig, dataset: UCSDDataset, plan: WindowPlan, shards: list[dict], seconds: float) -> dict:
     kept_labels = plan.label[plan.kept]
     clip_folds_ok = bool(len(plan.fold_clip)) and plan.fold_clip.min() >= 0
     clip_summary = fold_summary(kept_labels, plan.fold_clip, cfg.folds)
@@ -383,9 +409,7 @@ def format_info(manifest: dict) -> str:
         lines.append(f"folds/{protocol:<6} anomalous/windows per fold: {sizes}")
         empty = info.get("folds_without_anomaly") or []
         if empty:
-            lines.append(
-                f"             folds without any anomaly: {empty} (their recall/precision are undefined)"
-            )
+            lines.append(f"             folds without any anomaly: {empty} (their recall/precision are undefined)")
     types = sorted({t for ts in manifest.get("anomaly_types", {}).values() for t in ts})
     if types:
         lines.append(f"anomaly types {', '.join(types)}")
@@ -402,6 +426,4 @@ def print_info(directory: str, verify: bool = False) -> None:
             for p in problems:
                 print(f"BAD  {p}")
             raise UserError(f"{len(problems)} problem(s) in {directory}: {problems[0]}")
-        print(
-            f"verify       OK: {len(manifest['shards'])} shards, {manifest['counts']['kept']} samples, sha256 match"
-        )
+        print(f"verify       OK: {len(manifest['shards'])} shards, {manifest['counts']['kept']} samples, sha256 match")
