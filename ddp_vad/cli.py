@@ -20,11 +20,15 @@ def _apply_config_file(ctx: click.Context, _param: click.Parameter, value: str |
     if value is None:
         return None
     values = load_config_file(value)
-    known = {p.name for p in ctx.command.params}
-    unknown = sorted(set(values) - known)
+    # Keys may be written as the flag ("from", "min-anomalous") or as the parameter name ("source").
+    names = {p.name: p.name for p in ctx.command.params}
+    for param in ctx.command.params:
+        for opt in param.opts:
+            names[opt.lstrip("-").replace("-", "_")] = param.name
+    unknown = sorted(set(values) - set(names))
     if unknown:
         raise UserError(f"config file {value}: unknown option(s) {', '.join(unknown)} for '{ctx.info_name}'")
-    ctx.default_map = {**(ctx.default_map or {}), **values}
+    ctx.default_map = {**(ctx.default_map or {}), **{names[k]: v for k, v in values.items()}}
     return value
 
 
@@ -202,6 +206,80 @@ def evaluate_cmd(runs: tuple[str, ...], out: str) -> None:
     RUN may be a transfer run, a baselines folder (its methods are expanded) or a pretrain run.
     """
     _call("evaluate", "run_evaluate", "EvaluateConfig", runs=runs, out=out)
+
+
+# -------------------------------------------------------------------------------------- pretrain
+@command(cli, "pretrain")
+@click.option("--shards", required=True, type=click.Path(file_okay=False), help="Shard folder (with manifest.json).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (RUN).")
+@click.option("--preset", default="paper", type=click.Choice(["paper", "demo", "tiny"]),
+              help="Model size: paper (GPU), demo (CPU in minutes), tiny (tests).")
+@click.option("--steps", default=2000, type=click.IntRange(min=1), help="Total optimizer steps (G and D each).")
+@click.option("--batch-size", default=32, type=click.IntRange(min=1), help="Real windows per step per process.")
+@click.option("--lr", default=2e-4, type=float, help="Adam learning rate (generator; also D unless --lr-d).")
+@click.option("--lr-d", default=None, type=float, help="Discriminator learning rate (default: --lr).")
+@click.option("--beta1", default=0.5, type=float, help="Adam beta1 (DCGAN's 0.5).")
+@click.option("--checkpoint-every", default=500, type=click.IntRange(min=0),
+              help="Save a resumable checkpoint every N steps (and at the end); 0 = only at the end.")
+@click.option("--keep-checkpoints", default=3, type=click.IntRange(min=0), help="Newest checkpoints kept; 0 = all.")
+@click.option("--similarity-every", default=100, type=click.IntRange(min=0),
+              help="Cosine/L2 of generated vs real windows every N steps (similarity.csv); 0 = off.")
+@click.option("--similarity-samples", default=30, type=click.IntRange(min=1), help="Window pairs per similarity.")
+@click.option("--image-every", default=500, type=click.IntRange(min=0),
+              help="TensorBoard image of real vs generated windows every N steps; 0 = off.")
+@click.option("--log-every", default=10, type=click.IntRange(min=1),
+              help="Reduce and log losses every N steps (also when NaN/inf is checked).")
+@click.option("--resume", default="auto", help="auto (latest checkpoint if any) | latest | none | PATH.")
+@click.option("--seed", default=0, type=int, help="Seed for weights, noise and data order.")
+@click.option("--workers", default=1, type=click.IntRange(min=0), help="Shard-reading workers per process.")
+@click.option("--shuffle-buffer", default=1000, type=click.IntRange(min=1), help="Sample shuffle buffer.")
+@click.option("--cache/--no-cache", default=False, help="Keep decoded shards in memory across epochs.")
+@click.option("--mixed-precision", default=None, type=click.Choice(["no", "bf16", "fp16"]),
+              help="Override accelerate's mixed-precision setting.")
+@click.option("--debug-keys", is_flag=True, envvar="DDP_VAD_DEBUG_KEYS",
+              help="Write RUN/debug/keys_rank*.txt and weight hashes per rank (for checks).")
+@click.option("--progress/--no-progress", default=True, help="Progress bar on the main process.")
+def pretrain_cmd(**kwargs) -> None:
+    """Pretrain the GAN (generator vs LRCN discriminator) on shards; also under `accelerate launch`/`torchrun`."""
+    _call("pretrain", "run_pretrain", "PretrainConfig", **kwargs)
+
+
+# ---------------------------------------------------------------------------------------- predict
+@command(cli, "predict")
+@click.argument("clip_dir", type=click.Path())
+@click.option("--model", required=True, type=click.Path(),
+              help="A transfer run folder (its fold models are averaged) or one model.safetensors.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="CSV of per-frame scores (default: <clip>_scores.csv beside CLIP_DIR); a PNG goes beside it.")
+@click.option("--fold", default=None, type=click.IntRange(min=0), help="Use only this fold's model.")
+@click.option("--batch-size", default=64, type=click.IntRange(min=1), help="Windows per forward pass.")
+@click.option("--threshold", default=0.5, type=click.FloatRange(0, 1), help="Score at which a frame is flagged.")
+def predict_cmd(**kwargs) -> None:
+    """Per-frame anomaly scores (CSV + score-over-time PNG) for CLIP_DIR, a folder of numbered frames."""
+    _call("predict", "run_predict", "PredictConfig", **kwargs)
+
+
+# --------------------------------------------------------------------------------------- pipeline
+@command(cli, "pipeline")
+@click.option("--data", default=None, type=click.Path(),
+              help="A UCSD-style dataset; without it synthetic data is generated into OUT/data.")
+@click.option("--dataset", default=None, help="UCSDped1 or UCSDped2 when --data holds both.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Pipeline folder (resumable).")
+@click.option("--preset", default="demo", type=click.Choice(["tiny", "demo", "paper"]),
+              help="Model size and run lengths: demo runs on 2 CPU cores in minutes; paper is the full method.")
+@click.option("--seed", default=0, type=int, help="Seed of every stage.")
+@click.option("--folds", default=None, type=click.IntRange(min=2), help="CV folds (default: the preset's).")
+@click.option("--protocol", default="window", type=click.Choice(["window", "clip"]), help="Fold protocol.")
+@click.option("--train", default="head", type=click.Choice(["head", "head+lstm", "all"]),
+              help="What transfer fine-tunes.")
+@click.option("--steps", default=None, type=click.IntRange(min=1), help="GAN steps (default: the preset's).")
+@click.option("--epochs", default=None, type=click.IntRange(min=1), help="Fine-tuning epochs per fold.")
+@click.option("--batch-size", default=None, type=click.IntRange(min=1), help="GAN batch size per process.")
+@click.option("--methods", default="logreg,svm,rf,knn,nb", help="Classic ML baselines to run.")
+@click.option("--workers", default=None, type=click.IntRange(min=1), help="Shard-building processes.")
+def pipeline_cmd(**kwargs) -> None:
+    """Everything: synth (no --data) -> shards -> pretrain -> transfer (GAN and scratch) -> baselines -> evaluate."""
+    _call("pipeline", "run_pipeline", "PipelineConfig", **kwargs)
 
 
 def main() -> None:

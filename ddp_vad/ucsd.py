@@ -23,9 +23,7 @@ from ddp_vad.errors import UserError
 
 FRAME_SUFFIXES = (".tif", ".tiff")
 _CLIP_DIR = re.compile(r"^(Train|Test)(\d+)$")
-_GT_LINE = re.compile(
-    r"^TestVideoFile\s*\{\s*(?:end\s*\+\s*1|(\d+))\s*\}\s*\.\s*gt_frame\s*=\s*\[(.*)\]\s*;?$"
-)
+_GT_LINE = re.compile(r"^TestVideoFile\s*\{\s*(?:end\s*\+\s*1|(\d+))\s*\}\s*\.\s*gt_frame\s*=\s*\[(.*)\]\s*;?$")
 _GT_RANGE = re.compile(r"^(\d+)(?:\s*:\s*(\d+))?$")
 
 
@@ -108,15 +106,15 @@ def parse_gt_file(path: str | Path) -> dict[str, list[tuple[int, int]]]:
     return entries
 
 
-def _frame_files(clip_dir: Path) -> tuple[Path, ...]:
-    """Frame files ordered by their number; anything not named ``<number>.tif`` is ignored."""
+def frame_files(clip_dir: Path, suffixes: tuple[str, ...] = FRAME_SUFFIXES) -> tuple[Path, ...]:
+    """Frame files ordered by their number; anything not named ``<number><suffix>`` is ignored."""
     numbered = []
     for p in clip_dir.iterdir():
-        if p.suffix.lower() in FRAME_SUFFIXES and p.stem.isdigit() and not p.name.startswith("."):
+        if p.suffix.lower() in suffixes and p.stem.isdigit() and not p.name.startswith("."):
             numbered.append((int(p.stem), p))
     numbered.sort()
     if not numbered:
-        raise UserError(f"clip has no frames (*.tif): {clip_dir}")
+        raise UserError(f"clip has no frames ({'/'.join(suffixes)} files named by number): {clip_dir}")
     numbers = [n for n, _ in numbered]
     if numbers != list(range(1, len(numbers) + 1)):
         missing = sorted(set(range(1, numbers[-1] + 1)) - set(numbers))
@@ -128,9 +126,7 @@ def _frame_files(clip_dir: Path) -> tuple[Path, ...]:
 def _clip_dirs(split_dir: Path, prefix: str) -> list[Path]:
     if not split_dir.is_dir():
         return []
-    dirs = [
-        p for p in split_dir.iterdir() if p.is_dir() and (m := _CLIP_DIR.match(p.name)) and m[1] == prefix
-    ]
+    dirs = [p for p in split_dir.iterdir() if p.is_dir() and (m := _CLIP_DIR.match(p.name)) and m[1] == prefix]
     return sorted(dirs, key=lambda p: int(_CLIP_DIR.match(p.name)[2]))
 
 
@@ -152,17 +148,13 @@ def load_anomaly_types(path: str | Path) -> dict[str, list[str]]:
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise UserError(
-            f"anomaly types file {path} is not valid JSON: {exc.msg} (line {exc.lineno})"
-        ) from None
+        raise UserError(f"anomaly types file {path} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
     if not isinstance(raw, dict):
         raise UserError(f"anomaly types file {path} must map clip names to lists of types")
     return {str(k): [v] if isinstance(v, str) else [str(t) for t in v] for k, v in raw.items()}
 
 
-def discover(
-    path: str | Path, dataset: str | None = None, anomaly_types: str | Path | None = None
-) -> UCSDDataset:
+def discover(path: str | Path, dataset: str | None = None, anomaly_types: str | Path | None = None) -> UCSDDataset:
     """Find every clip of a UCSD-style dataset, with frame-level labels from its ``.m`` file.
 
     Raises UserError naming the offending path for: missing folders, clips without frames, gaps in frame
@@ -180,10 +172,10 @@ def discover(
 
     clips = []
     for clip_dir in train_dirs:
-        frames = _frame_files(clip_dir)
+        frames = frame_files(clip_dir)
         clips.append(Clip(clip_dir.name, "train", frames, np.zeros(len(frames), np.uint8)))
     for clip_dir in test_dirs:
-        frames = _frame_files(clip_dir)
+        frames = frame_files(clip_dir)
         if clip_dir.name not in gt:
             raise UserError(f"{gt_path} has no ground-truth entry for clip {clip_dir.name}")
         labels = np.zeros(len(frames), np.uint8)
