@@ -105,3 +105,15 @@ def test_two_real_processes_see_every_sample_exactly_once(tiny_shards, tmp_path)
         assert ranks[0] and ranks[1]
         assert not set(ranks[0]) & set(ranks[1])
         assert sorted(ranks[0] + ranks[1]) == sorted(load_window_set(tiny_shards).keys)
+
+
+def test_a_truncated_shard_is_reported_and_the_rest_still_streams(tiny_shards, tmp_path):
+    import shutil
+
+    copy = Path(shutil.copytree(tiny_shards, tmp_path / "s"))
+    victim = sorted(copy.glob("*.tar"))[0]
+    victim.write_bytes(victim.read_bytes()[:5000])
+    with pytest.warns(UserWarning, match=victim.name):
+        keys = _keys(stream_batches(copy, 4, shuffle=False))
+    all_keys = load_window_set(tiny_shards).keys
+    assert 0 < len(keys) < len(all_keys) and set(keys) <= set(all_keys)
