@@ -1,0 +1,330 @@
+"""Cross-validation metrics and their files (``RUN/metrics.json``, ``RUN/oof_scores.csv``).
+
+Shared by ``transfer`` and ``baselines`` (writers) and ``evaluate`` (reader). Definitions are the standard
+ones, with the positive class = anomalous (label 1):
+
+* recall = TP / (TP + FN), precision = TP / (TP + FP), accuracy = (TP + TN) / n,
+  F1 = 2 TP / (2 TP + FP + FN).
+* A metric whose denominator is zero is *undefined* and stored as ``None`` (JSON ``null``), never as a
+  made-up 0 or 1: recall and F1 when the fold holds no anomalous window (possible under the grouped
+  ``clip`` protocol with few clips), precision when nothing was predicted anomalous. The row then carries a
+  ``"note"`` saying why. (F1 stays defined -- and is 0 -- when anomalies exist but none was found.)
+* Mean and std over folds use the defined values only; ``std`` is the population std (``ddof=0``, numpy's
+  default, as in ``np.std(cross_val_score(...))``). ``metrics.json`` records in ``"n_defined"`` how many folds
+  each mean covers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tarfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ddp_vad.config import write_json_atomic
+from ddp_vad.errors import UserError
+
+METRICS = ("recall", "precision", "accuracy", "f1")
+OOF_HEADER = ("key", "clip", "start", "label", "score", "fold")
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return None if den == 0 else num / den
+
+
+def binary_metrics(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray) -> dict[str, Any]:
+    """Recall, precision, accuracy, F1 and the confusion counts of one fold (label 1 = anomalous).
+
+    Returns ``{"recall", "precision", "accuracy", "f1", "n_test", "tp", "fp", "tn", "fn"}``; undefined
+    metrics are ``None`` and then a ``"note"`` key explains why.
+    """
+    t = np.asarray(y_true).astype(np.int64).ravel()
+    p = np.asarray(y_pred).astype(np.int64).ravel()
+    if t.shape != p.shape:
+        raise ValueError(f"y_true and y_pred differ in length: {t.size} vs {p.size}")
+    bad = set(np.unique(np.concatenate([t, p])).tolist()) - {0, 1}
+    if bad:
+        raise ValueError(f"labels must be 0/1, got {sorted(bad)}")
+    tp = int(np.sum((t == 1) & (p == 1)))
+    fp = int(np.sum((t == 0) & (p == 1)))
+    tn = int(np.sum((t == 0) & (p == 0)))
+    fn = int(np.sum((t == 1) & (p == 0)))
+    n = int(t.size)
+    row: dict[str, Any] = {
+        "recall": _ratio(tp, tp + fn),
+        "precision": _ratio(tp, tp + fp),
+        "accuracy": _ratio(tp + tn, n),
+        # Undefined without positives: F1 is about finding anomalies, and there are none to find.
+        "f1": None if tp + fn == 0 else 2 * tp / (2 * tp + fp + fn),
+        "n_test": n,
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+    }
+    notes = []
+    if n == 0:
+        notes.append("empty fold: all metrics undefined")
+    else:
+        if tp + fn == 0:
+            notes.append("no anomalous windows in this fold: recall and F1 undefined")
+        if tp + fp == 0:
+            notes.append("nothing predicted anomalous: precision undefined")
+    if notes:
+        row["note"] = "; ".join(notes)
+    return row
+
+
+def _defined(values: Iterable[Any]) -> list[float]:
+    out = []
+    for v in values:
+        if v is None:
+            continue
+        v = float(v)
+        if not math.isnan(v):
+            out.append(v)
+    return out
+
+
+def summarise_folds(
+    fold_rows: Sequence[Mapping[str, Any]],
+) -> tuple[dict[str, float | None], dict[str, float | None]]:
+    """Mean and population std (``ddof=0``) of each metric over the folds where it is defined.
+
+    A metric undefined in every fold gets ``None``. Use :func:`count_defined` for the fold counts.
+    """
+    mean: dict[str, float | None] = {}
+    std: dict[str, float | None] = {}
+    for name in METRICS:
+        vals = _defined(r.get(name) for r in fold_rows)
+        mean[name] = float(np.mean(vals)) if vals else None
+        std[name] = float(np.std(vals)) if vals else None
+    return mean, std
+
+
+def count_defined(fold_rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """How many folds define each metric (the number of values behind each mean)."""
+    return {name: len(_defined(r.get(name) for r in fold_rows)) for name in METRICS}
+
+
+def _clean_fold_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    missing = [k for k in ("fold", *METRICS, "n_test") if k not in row]
+    if missing:
+        raise ValueError(f"fold row lacks {missing}: {dict(row)}")
+    out: dict[str, Any] = {"fold": int(row["fold"])}
+    for name in METRICS:
+        v = row[name]
+        out[name] = None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+    out["n_test"] = int(row["n_test"])
+    for k, v in row.items():  # keep extras (tp/fp/tn/fn, note, timings, ...) after the contract keys
+        if k not in out:
+            out[k] = v.item() if isinstance(v, np.generic) else v
+    return out
+
+
+def _oof_tuple(row: Mapping[str, Any] | Sequence[Any]) -> tuple[str, str, int, int, float, int]:
+    if isinstance(row, Mapping):
+        row = [row[k] for k in OOF_HEADER]
+    key, clip, start, label, score, fold = row
+    return str(key), str(clip), int(start), int(label), float(score), int(fold)
+
+
+def write_cv_results(
+    run_dir: str | os.PathLike,
+    method: str,
+    protocol: str,
+    fold_rows: Sequence[Mapping[str, Any]],
+    oof_rows: Iterable[Mapping[str, Any] | Sequence[Any]],
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``RUN/oof_scores.csv`` then ``RUN/metrics.json`` (each via temp file + rename).
+
+    ``fold_rows``: one mapping per fold with at least fold, recall, precision, accuracy, f1, n_test (e.g.
+    ``{"fold": k, **binary_metrics(...)}``); extra keys are kept. ``oof_rows``: mappings (or tuples in
+    header order) with key, clip, start, label, score (= anomaly probability), fold. Rows are sorted (folds by
+    index, scores by key) so the files do not depend on the order results arrived in. ``metrics.json`` is
+    written last, so its presence marks a complete run. Returns the path of ``metrics.json``.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    folds = sorted((_clean_fold_row(r) for r in fold_rows), key=lambda r: r["fold"])
+    oof = sorted((_oof_tuple(r) for r in oof_rows), key=lambda r: (r[0], r[5]))
+
+    csv_path = run_dir / "oof_scores.csv"
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(OOF_HEADER)
+        for key, clip, start, label, score, fold in oof:
+            writer.writerow([key, clip, start, label, repr(score), fold])
+    os.replace(tmp, csv_path)
+
+    mean, std = summarise_folds(folds)
+    payload: dict[str, Any] = {
+        "method": method,
+        "protocol": protocol,
+        "folds": folds,
+        "mean": mean,
+        "std": std,
+        "std_kind": "population (ddof=0) over folds where the metric is defined",
+        "n_defined": count_defined(folds),
+    }
+    if extra:
+        payload.update(extra)
+    path = run_dir / "metrics.json"
+    write_json_atomic(path, payload)
+    return path
+
+
+def read_cv_results(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read and check ``RUN/metrics.json`` (``run_dir`` may also be the file itself)."""
+    path = Path(run_dir)
+    if path.is_dir():
+        path = path / "metrics.json"
+    if not path.is_file():
+        raise UserError(f"no metrics.json in {path.parent}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"cannot parse {path}: {exc.msg} (line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    missing = [k for k in ("method", "protocol", "folds", "mean", "std") if k not in data]
+    if missing:
+        raise UserError(f"{path}: missing key(s) {', '.join(missing)}")
+    for row in data["folds"]:
+        lacking = [k for k in ("fold", *METRICS, "n_test") if k not in row]
+        if lacking:
+            raise UserError(f"{path}: a fold row lacks {', '.join(lacking)}")
+    return data
+
+
+def read_oof_scores(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read ``oof_scores.csv`` (``path`` may be the run folder) into typed dict rows."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "oof_scores.csv"
+    if not path.is_file():
+        raise UserError(f"no oof_scores.csv at {path}")
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None or tuple(header) != OOF_HEADER:
+            raise UserError(f"{path}: header must be {','.join(OOF_HEADER)}, got {header}")
+        rows = []
+        for lineno, rec in enumerate(reader, start=2):
+            try:
+                key, clip, start, label, score, fold = _oof_tuple(rec)
+            except (ValueError, TypeError):
+                raise UserError(f"{path}:{lineno}: bad row {rec}") from None
+            rows.append({"key": key, "clip": clip, "start": start, "label": label, "score": score, "fold": fold})
+    return rows
+
+
+def read_shard_frame_labels(shard_dir: str | os.PathLike) -> dict[str, list[int]]:
+    """Per-window frame labels ``{key: [0/1 x T]}`` read from the shards' json members only.
+
+    Much cheaper than materialising every window (no frames are decoded). Raises UserError when the
+    folder holds no manifest or a listed shard cannot be read.
+    """
+    from ddp_vad.shards import load_manifest, shard_paths
+
+    manifest = load_manifest(shard_dir)
+    labels: dict[str, list[int]] = {}
+    for tar_path in shard_paths(shard_dir, manifest):
+        try:
+            with tarfile.open(tar_path, mode="r|") as tar:  # one sequential pass
+                for member in tar:
+                    key, _, ext = Path(member.name).name.partition(".")
+                    if not member.isfile() or ext != "json":
+                        continue
+                    meta = json.loads(tar.extractfile(member).read())
+                    labels[key] = [int(v) for v in meta["frame_labels"]]
+        except (tarfile.TarError, OSError, KeyError, json.JSONDecodeError) as exc:
+            raise UserError(f"cannot read frame labels from {tar_path}: {exc}") from None
+    return labels
+
+
+def _frame_label_map(frame_labels: Any) -> Mapping[str, Sequence[int]]:
+    # Accept a WindowSet-like object (keys + frame_labels array) as well as a plain mapping.
+    if (
+        hasattr(frame_labels, "keys")
+        and hasattr(frame_labels, "frame_labels")
+        and not isinstance(frame_labels, Mapping)
+    ):
+        return dict(zip(list(frame_labels.keys), np.asarray(frame_labels.frame_labels).tolist(), strict=True))
+    return frame_labels
+
+
+def frame_level_scores(
+    oof_rows: Iterable[Mapping[str, Any]],
+    frame_labels: Mapping[str, Sequence[int]] | Any,
+    window: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[tuple[str, int]]]:
+    """Per-frame labels and scores from out-of-fold window scores.
+
+    ``frame_labels`` maps a window key to its per-frame labels (length ``window``), as stored in each
+    shard sample's json (see :func:`read_shard_frame_labels`); a ``WindowSet`` works too. Frame ``start + t``
+    of a clip gets the *max* score over the scored windows that cover it and the label its windows give it
+    (the max, should they ever disagree). Frames covered by no scored window are left out: with a balanced
+    set, only frames inside kept windows can be scored. ``window`` defaults to the length of the labels.
+
+    Returns ``(labels, scores, index)`` with ``index[i] = (clip, frame)`` in sorted order.
+    """
+    labels_by_key = _frame_label_map(frame_labels)
+    score: dict[tuple[str, int], float] = {}
+    label: dict[tuple[str, int], int] = {}
+    missing = 0
+    for row in oof_rows:
+        key = str(row["key"])
+        fl = labels_by_key.get(key)
+        if fl is None:
+            missing += 1
+            continue
+        t_len = len(fl) if window is None else int(window)
+        if len(fl) != t_len:
+            raise ValueError(f"window {key}: {len(fl)} frame labels, expected {t_len}")
+        clip, start, s = str(row["clip"]), int(row["start"]), float(row["score"])
+        for t in range(t_len):
+            idx = (clip, start + t)
+            score[idx] = max(score.get(idx, -math.inf), s)
+            label[idx] = max(label.get(idx, 0), int(fl[t]))
+    if missing and not score:
+        raise ValueError(f"none of the {missing} scored windows has frame labels (wrong shards?)")
+    index = sorted(score)
+    return (
+        np.array([label[i] for i in index], dtype=np.int64),
+        np.array([score[i] for i in index], dtype=np.float64),
+        index,
+    )
+
+
+def frame_level_auroc(
+    oof_rows: Iterable[Mapping[str, Any]],
+    frame_labels: Mapping[str, Sequence[int]] | Any,
+    window: int | None = None,
+) -> float | None:
+    """Frame-level AUROC (sklearn ``roc_auc_score``) of :func:`frame_level_scores`; None with one class."""
+    from sklearn.metrics import roc_auc_score
+
+    y, s, _ = frame_level_scores(oof_rows, frame_labels, window)
+    if y.size == 0 or np.unique(y).size < 2:
+        return None
+    return float(roc_auc_score(y, s))
+
+
+def window_level_auroc(oof_rows: Iterable[Mapping[str, Any]]) -> float | None:
+    """Window-level AUROC of the out-of-fold scores; ``None`` when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
+    rows = list(oof_rows)
+    y = np.array([int(r["label"]) for r in rows], dtype=np.int64)
+    if y.size == 0 or np.unique(y).size < 2:
+        return None
+    return float(roc_auc_score(y, np.array([float(r["score"]) for r in rows])))

@@ -1,0 +1,117 @@
+"""``baselines`` on tiny shards: output folders and format, fold bookkeeping, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ddp_vad.baselines import BaselinesConfig, feature_size, run_baselines, window_features
+from ddp_vad.cli import cli
+from ddp_vad.data import load_window_set
+from ddp_vad.errors import UserError
+from ddp_vad.metrics import read_oof_scores
+
+METHODS = ["logreg", "svm", "rf", "knn", "nb"]
+
+
+@pytest.fixture(scope="module")
+def synth_shards(tmp_path_factory):
+    """Shards of a tiny synthetic dataset (5 clips, 24x36, 4 folds), built once."""
+    from ddp_vad.shards import ShardConfig, build_shards
+    from ddp_vad.synth import SynthConfig, run_synth
+
+    root = tmp_path_factory.mktemp("synth")
+    run_synth(SynthConfig(out=str(root / "data"), train_clips=2, test_clips=3, frames=30, height=48, width=72, seed=0))
+    cfg = ShardConfig(data=str(root / "data"), out=str(root / "shards"), height=24, width=36, folds=4, workers=1)
+    return build_shards(cfg, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def window_run(synth_shards, tmp_path_factory):
+    """All five methods once, protocol window."""
+    out = tmp_path_factory.mktemp("baselines") / "bl"
+    run_baselines(BaselinesConfig(shards=str(synth_shards), out=str(out), rf_trees=20))
+    return out
+
+
+def test_outputs_format_and_folds(window_run, synth_shards):
+    ws = load_window_set(synth_shards)
+    fold_of = dict(zip(ws.keys, ws.fold_window.tolist(), strict=True))
+    label_of = dict(zip(ws.keys, ws.labels.tolist(), strict=True))
+    best = 0.0
+    for method in METHODS:
+        run = window_run / method
+        assert {p.name for p in run.iterdir()} >= {"metrics.json", "oof_scores.csv", "config.json"}
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["method"] == method and metrics["protocol"] == "window"
+        assert [f["fold"] for f in metrics["folds"]] == [0, 1, 2, 3]
+        for f in metrics["folds"]:
+            assert {"fold", "recall", "precision", "accuracy", "f1", "n_test"} <= set(f)
+            assert f["tp"] + f["fp"] + f["tn"] + f["fn"] == f["n_test"]
+        assert sum(f["n_test"] for f in metrics["folds"]) == len(ws) > 0
+        assert set(metrics["mean"]) == set(metrics["std"]) == {"recall", "precision", "accuracy", "f1"}
+        # 24x36 shards are smaller than 60x90: used as is, and said so.
+        assert metrics["features"]["n_features"] == 10 * 24 * 36 and "smaller than 60x90" in metrics["features"]["note"]
+
+        assert (run / "oof_scores.csv").read_text().splitlines()[0] == "key,clip,start,label,score,fold"
+        oof = read_oof_scores(run)
+        assert sorted(r["key"] for r in oof) == sorted(ws.keys)  # every window scored exactly once
+        assert all(r["fold"] == fold_of[r["key"]] and r["label"] == label_of[r["key"]] for r in oof)
+        assert all(0.0 <= r["score"] <= 1.0 for r in oof)
+        # The scores agree with the fold's confusion counts (prediction = score above 0.5).
+        tp = sum(r["label"] == 1 and r["score"] > 0.5 for r in oof)
+        assert abs(tp - sum(f["tp"] for f in metrics["folds"])) <= 1  # a 0.5 tie may fall either way
+
+        cfg = json.loads((run / "config.json").read_text())
+        assert cfg["config"]["shards"] == str(synth_shards) and cfg["method"] == method
+        best = max(best, metrics["mean"]["accuracy"])
+    assert best >= 0.8  # balanced classes: chance is 0.5
+
+
+def test_resume_skips_finished_methods(window_run, synth_shards, capsys):
+    before = (window_run / "nb" / "metrics.json").stat().st_mtime_ns
+    run_baselines(BaselinesConfig(shards=str(synth_shards), out=str(window_run), methods="nb"))
+    assert (window_run / "nb" / "metrics.json").stat().st_mtime_ns == before
+    assert "already done" in capsys.readouterr().out
+    with pytest.raises(UserError, match="protocol 'window'"):
+        run_baselines(BaselinesConfig(shards=str(synth_shards), out=str(window_run), methods="nb", protocol="clip"))
+
+
+def test_clip_protocol_undefined_fold_is_null(synth_shards, tmp_path):
+    run_baselines(BaselinesConfig(shards=str(synth_shards), out=str(tmp_path), methods="logreg", protocol="clip"))
+    metrics = json.loads((tmp_path / "logreg" / "metrics.json").read_text())
+    oof = read_oof_scores(tmp_path / "logreg")
+    clip_folds = {}
+    for r in oof:
+        clip_folds.setdefault(r["clip"], set()).add(r["fold"])
+    assert all(len(f) == 1 for f in clip_folds.values())  # no clip on both sides
+    no_anomaly = [f for f in metrics["folds"] if f["tp"] + f["fn"] == 0]
+    assert no_anomaly, "the tiny set has a fold made of a train clip only (Train002)"
+    for f in no_anomaly:
+        assert f["recall"] is None and f["f1"] is None and "no anomalous windows" in f["note"]
+    assert metrics["n_defined"]["recall"] == len(metrics["folds"]) - len(no_anomaly)
+
+
+def test_window_features_resize():
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (3, 10, 120, 182), dtype=np.uint8)
+    x = window_features(frames, 60, 90, chunk=2)
+    assert x.shape == (3, 54_000) and x.dtype == np.float32
+    assert x.min() >= 0.0 and x.max() <= 1.0
+    # A constant window stays constant after resizing.
+    flat = window_features(np.full((1, 10, 120, 182), 51, np.uint8), 60, 90)
+    assert np.allclose(flat, 51 / 255, atol=1e-6)
+    assert feature_size(120, 182, 60, 90) == (60, 90, None)
+    assert feature_size(24, 36, 60, 90)[:2] == (24, 36)
+
+
+def test_bad_config(synth_shards, tmp_path):
+    with pytest.raises(UserError, match="--methods"):
+        BaselinesConfig(shards=str(synth_shards), out=str(tmp_path), methods="logreg,tree")
+    with pytest.raises(UserError, match="--folds 5"):
+        run_baselines(BaselinesConfig(shards=str(synth_shards), out=str(tmp_path), folds=5))
+    result = CliRunner().invoke(cli, ["baselines", "--shards", str(tmp_path / "none"), "--out", str(tmp_path)])
+    assert result.exit_code == 2 and result.output.startswith("error:") and str(tmp_path / "none") in result.output
