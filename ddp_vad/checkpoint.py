@@ -1,0 +1,111 @@
+"""Resumable training state: accelerate ``save_state`` folders that appear atomically, retention, resume lookup.
+
+A checkpoint is ``RUN/checkpoints/step_0001000/``: accelerate's files (models as safetensors, optimizer/RNG states
+loaded with ``weights_only=True``) plus ``train_state.json`` (step, per-rank data-stream positions, model config).
+Every process writes into a hidden ``.tmp-step_...`` folder; once all are done the main process adds
+``train_state.json`` and renames the folder. A ``kill -9`` mid-save therefore leaves only a hidden temp folder, which
+resume ignores and the next run removes. No custom pickled objects are used (accelerate would load those with
+``weights_only=False``). Several nodes need RUN on a shared filesystem (as accelerate's own checkpoints do).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from ddp_vad.config import write_json_atomic
+from ddp_vad.errors import UserError
+
+STATE_FILE = "train_state.json"
+_NAME = re.compile(r"^step_(\d+)$")
+_TMP_PREFIX = ".tmp-"
+
+
+def checkpoint_name(step: int) -> str:
+    """Folder name of the checkpoint taken after ``step`` optimizer steps."""
+    return f"step_{step:07d}"
+
+
+def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``ckpt_dir`` as (step, path), oldest first (temp folders are ignored)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for p in ckpt_dir.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def remove_partial(ckpt_dir: str | Path) -> list[Path]:
+    """Delete temp folders left by an interrupted save (main process only); returns what was removed."""
+    ckpt_dir = Path(ckpt_dir)
+    removed = []
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.iterdir():
+            if p.name.startswith(_TMP_PREFIX) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path | None:
+    """Which checkpoint to load for ``--resume``: ``auto`` (latest if any, else none), ``latest`` (must exist),
+    ``none`` (fresh start; refused when ``ckpt_dir`` already holds checkpoints, so nothing is overwritten),
+    or the path of a checkpoint folder."""
+    existing = list_checkpoints(ckpt_dir)
+    if resume == "auto":
+        return existing[-1][1] if existing else None
+    if resume == "latest":
+        if not existing:
+            raise UserError(f"--resume latest: no checkpoint in {ckpt_dir}")
+        return existing[-1][1]
+    if resume == "none":
+        if existing:
+            raise UserError(
+                f"{ckpt_dir} already holds checkpoints (latest {existing[-1][1].name}); use --resume auto to "
+                "continue that run or choose another --out"
+            )
+        return None
+    path = Path(resume)
+    if not path.is_dir():
+        raise UserError(f"--resume: checkpoint folder not found: {path}")
+    if not (path / STATE_FILE).is_file():
+        raise UserError(f"--resume: {path} is not a complete ddp_vad checkpoint (no {STATE_FILE})")
+    return path
+
+
+def read_train_state(path: str | Path) -> dict:
+    """The ``train_state.json`` of a checkpoint folder."""
+    file = Path(path) / STATE_FILE
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {file}: {exc}") from None
+
+
+def save_checkpoint(accelerator, ckpt_dir: str | Path, step: int, train_state: dict, keep: int) -> Path:
+    """Save accelerate's state plus ``train_state`` as ``ckpt_dir/step_XXXXXXX`` atomically; keep the newest
+    ``keep`` checkpoints. Every process must call this (each writes its RNG state)."""
+    ckpt_dir = Path(ckpt_dir)
+    final = ckpt_dir / checkpoint_name(step)
+    tmp = ckpt_dir / f"{_TMP_PREFIX}{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json_atomic(tmp / STATE_FILE, {"step": step, **train_state})
+        if final.exists():  # e.g. a run resumed from an earlier checkpoint re-reaches this step
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for _, old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,129 @@
+"""Process-group sanity checks, main-process printing and seeding for Accelerate-launched stages."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import sys
+import warnings
+
+import numpy as np
+import torch
+
+from ddp_vad.errors import UserError
+
+ALLOW_NO_PG_ENV = "DDP_VAD_ALLOW_NO_PROCESS_GROUP"
+
+
+def launched_world_size() -> int:
+    """How many processes the launcher says it started (torchrun / accelerate set WORLD_SIZE), else 1."""
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        value = os.environ.get(name)
+        if value and value.isdigit():
+            return int(value)
+    return 1
+
+
+def check_process_group(num_processes: int) -> None:
+    """Refuse to run when several processes were launched but this one is not part of a process group.
+
+    ``accelerate launch --multi_gpu`` on a machine without GPUs starts N independent processes that each train
+    alone and overwrite each other's files. Set DDP_VAD_ALLOW_NO_PROCESS_GROUP=1 to only warn.
+    """
+    launched = launched_world_size()
+    if launched > 1 and num_processes == 1:
+        message = (
+            f"{launched} processes were launched (WORLD_SIZE={launched}) but no process group was initialised: "
+            "each process would train alone and overwrite the others' files. On CPU use "
+            "`torchrun --nproc_per_node N -m ddp_vad ...` (gloo); on GPUs check CUDA_VISIBLE_DEVICES and the "
+            f"accelerate config. Set {ALLOW_NO_PG_ENV}=1 to run anyway."
+        )
+        if os.environ.get(ALLOW_NO_PG_ENV, "") not in ("", "0"):
+            warnings.warn("WARNING: " + message, stacklevel=2)
+            print("WARNING: " + message, file=sys.stderr, flush=True)
+            return
+        raise UserError(message)
+
+
+def check_shard_count(num_shards: int, num_processes: int, workers: int, is_main: bool = True) -> None:
+    """Warn when shards are fewer than processes x loader workers (some workers would idle); error when
+    fewer than processes (a rank with no data would hang DDP)."""
+    if num_shards < num_processes:
+        raise UserError(
+            f"{num_shards} shard(s) for {num_processes} processes: some ranks would get no data; rebuild the "
+            "shards with a smaller --shard-size"
+        )
+    if workers > 0 and num_shards < num_processes * workers and is_main:
+        message = (
+            f"WARNING: {num_shards} shard(s) < {num_processes} processes x {workers} loader workers: some workers "
+            "get no shard (rebuild with a smaller --shard-size or use fewer --workers)"
+        )
+        warnings.warn(message, stacklevel=2)
+        print(message, file=sys.stderr, flush=True)
+
+
+def print_main(is_main: bool, *args, **kwargs) -> None:
+    """``print`` on the main process only (flushes, so logs of several processes interleave sanely)."""
+    if is_main:
+        print(*args, **kwargs, flush=True)
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed python, numpy and torch (all devices) with ``seed + rank`` (rank > 0 gives per-process streams)."""
+    s = int(seed) + int(rank)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def state_dict_sha256(module: torch.nn.Module | dict) -> str:
+    """Hash of a module's (or state dict's) tensors by name, dtype, shape and bytes: equal on every replica."""
+    state = module if isinstance(module, dict) else module.state_dict()
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def make_accelerator(mixed_precision: str | None = None, project_dir: str | None = None, **kwargs):
+    """A fresh ``Accelerator`` for one stage.
+
+    Accelerate keeps its settings in a process-wide singleton that refuses a second, different mixed precision;
+    stages run one after another in one process (``ddp_vad pipeline``, tests), so the accelerator/gradient state
+    (not the process group) is reset first. ``mixed_precision=None`` takes accelerate's config/environment.
+    Several processes on a machine without an accelerator get ``cpu=True``: accelerate only forms a gloo process
+    group (MULTI_CPU) when asked for the CPU; otherwise torchrun would start N independent trainings.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import ProjectConfiguration
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    project = ProjectConfiguration(project_dir=project_dir, automatic_checkpoint_naming=False)
+    if launched_world_size() > 1 and not has_accelerator():
+        kwargs.setdefault("cpu", True)
+    return Accelerator(mixed_precision=mixed_precision, log_with=None, project_config=project, **kwargs)
+
+
+def has_accelerator() -> bool:
+    """Whether torch sees a GPU-like device (CUDA, XPU, MPS, ...)."""
+    api = getattr(torch, "accelerator", None)
+    if api is not None and hasattr(api, "is_available"):
+        return bool(api.is_available())
+    return torch.cuda.is_available()
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm running statistics) to every rank; a no-op without a process group.
+
+    DDP broadcasts buffers at the start of each forward, so after the last step the replicas' running statistics
+    still differ; call this before exporting so every replica holds exactly what is written.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    for buf in module.buffers():
+        torch.distributed.broadcast(buf.data, src=src)

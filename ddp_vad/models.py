@@ -1,0 +1,343 @@
+"""The GAN generator and the LRCN (discriminator and classifier), their presets, and safetensors I/O.
+
+Layouts follow DESIGN.md section 4. Windows are ``[B, T, 1, H, W]`` floats in ``[0, 1]``; the generator treats the
+T frames as channels. The LRCN is ``features`` (time-distributed conv/pool x3 -> dropout -> LSTM, last step) plus
+``head`` (dropout -> dense -> ReLU -> dense 2 logits), two submodules so that transfer can keep one and replace
+the other.
+
+As discriminator the LRCN keeps its 2-way head: class 1 means "real", and the real/fake logit is the log-odds
+``logits[:, 1] - logits[:, 0]`` (:func:`real_fake_logit`), i.e. exactly the logit of the 2-way softmax. The
+classifier later gets a fresh 2-way head on the same features.
+
+Presets: ``paper`` is the method's architecture. Its generator starts with a ~110M-parameter Linear
+(100 -> 200x60x91), which is GPU work. ``demo`` runs the whole pipeline on 2 CPU cores in minutes by working at
+lower resolution inside the models while keeping their inputs/outputs at the shards' frame size: the generator's
+Linear makes a quarter-resolution map (``gen_upsample=4``) with fewer channels, its convs run at half resolution
+(``gen_conv_div=2``) and its output is resized (bilinear) to full size; the LRCN average-pools frames 2x first
+(``input_pool=2``) and is narrower (8 conv channels, LSTM 128). ``tiny`` is for tests on 24x36 frames (3x3 kernels
+so three valid conv+pool stages still fit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ddp_vad.errors import UserError
+
+GENERATOR_FILE = "generator.safetensors"
+DISCRIMINATOR_FILE = "discriminator.safetensors"
+_META_KEY = "ddp_vad_model_config"
+
+PRESETS: dict[str, dict] = {
+    "paper": dict(
+        z_dim=100,
+        gen_channels=(200, 100, 50),
+        gen_upsample=2,
+        conv_channels=(16, 16, 16),
+        conv_kernels=(7, 5, 3),
+        lstm_hidden=1024,
+        dense=256,
+    ),
+    "demo": dict(
+        z_dim=64,
+        gen_channels=(32, 16, 8),
+        gen_upsample=4,
+        conv_channels=(8, 8, 8),
+        conv_kernels=(7, 5, 3),
+        lstm_hidden=128,
+        dense=64,
+        gen_conv_div=2,
+        input_pool=2,
+    ),
+    "tiny": dict(
+        z_dim=16,
+        gen_channels=(8, 8, 4),
+        gen_upsample=2,
+        conv_channels=(4, 4, 4),
+        conv_kernels=(3, 3, 3),
+        lstm_hidden=16,
+        dense=16,
+    ),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the generator and the LRCN (window length and frame size come from the shards)."""
+
+    preset: str = "paper"
+    window: int = 10
+    height: int = 120
+    width: int = 182
+    z_dim: int = 100
+    gen_channels: tuple[int, ...] = (200, 100, 50)  # Linear output channels, then one 3x3 conv per entry after it
+    gen_upsample: int = 2  # the Linear makes a ceil(H/u) x ceil(W/u) map, upsampled (nearest) for the convs
+    gen_conv_div: int = 1  # generator convs run at ceil(H/d) x ceil(W/d); d > 1 resizes the output to H x W
+    input_pool: int = 1  # LRCN average-pools frames by this factor before its conv stack (1 = the method)
+    conv_channels: tuple[int, ...] = (16, 16, 16)
+    conv_kernels: tuple[int, ...] = (7, 5, 3)
+    lstm_hidden: int = 1024
+    dense: int = 256
+    dropout: float = 0.5
+    num_classes: int = 2
+
+    def __post_init__(self) -> None:
+        self.gen_channels = tuple(int(c) for c in self.gen_channels)
+        self.conv_channels = tuple(int(c) for c in self.conv_channels)
+        self.conv_kernels = tuple(int(k) for k in self.conv_kernels)
+        for name in (
+            "window",
+            "height",
+            "width",
+            "z_dim",
+            "gen_upsample",
+            "gen_conv_div",
+            "input_pool",
+            "lstm_hidden",
+            "dense",
+            "num_classes",
+        ):
+            if getattr(self, name) < 1:
+                raise UserError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
+        if not self.gen_channels or min(self.gen_channels) < 1:
+            raise UserError(f"model config: gen_channels must be positive, got {self.gen_channels}")
+        if len(self.conv_channels) != len(self.conv_kernels) or not self.conv_channels:
+            raise UserError(
+                f"model config: conv_channels {self.conv_channels} and conv_kernels {self.conv_kernels} "
+                "must be non-empty and of equal length"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model config: dropout must be in [0, 1), got {self.dropout}")
+        h, w = self.feature_map()
+        if h < 1 or w < 1:
+            raise UserError(
+                f"frames of {self.height}x{self.width} are too small for the '{self.preset}' preset's conv stack "
+                f"(kernels {self.conv_kernels}); use a smaller preset (tiny) or larger frames"
+            )
+
+    @property
+    def gen_map(self) -> tuple[int, int]:
+        """Spatial size of the generator's first (Linear) feature map."""
+        return math.ceil(self.height / self.gen_upsample), math.ceil(self.width / self.gen_upsample)
+
+    @property
+    def gen_conv_map(self) -> tuple[int, int]:
+        """Spatial size at which the generator's convs run."""
+        return math.ceil(self.height / self.gen_conv_div), math.ceil(self.width / self.gen_conv_div)
+
+    def feature_map(self) -> tuple[int, int]:
+        """Spatial size after the LRCN's conv(valid)+maxpool(2) stages."""
+        h, w = self.height // self.input_pool, self.width // self.input_pool
+        for k in self.conv_kernels:
+            h, w = (h - k + 1) // 2, (w - k + 1) // 2
+        return h, w
+
+    @property
+    def frame_features(self) -> int:
+        """Length of one frame's flattened conv features (the LSTM's input size)."""
+        h, w = self.feature_map()
+        return self.conv_channels[-1] * h * w
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are a UserError (a file from another version)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise UserError(f"model config has unknown field(s) {', '.join(unknown)}")
+        return cls(**data)
+
+
+def model_config_for(preset: str, manifest: dict) -> ModelConfig:
+    """The ``preset`` architecture sized for the shards described by ``manifest`` (window, height, width)."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r} (expected one of {', '.join(PRESETS)})")
+    return ModelConfig(
+        preset=preset,
+        window=int(manifest["window"]),
+        height=int(manifest["height"]),
+        width=int(manifest["width"]),
+        **PRESETS[preset],
+    )
+
+
+# ------------------------------------------------------------------------------------------ generator
+class Generator(nn.Module):
+    """z [B, z_dim] -> Linear -> C x h x w -> BN, ReLU -> upsample (nearest) -> (conv3x3 + BN + ReLU)* ->
+    conv1x1 T (-> bilinear resize to H x W when ``gen_conv_div > 1``) -> sigmoid -> window [B, T, 1, H, W]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        c0 = cfg.gen_channels[0]
+        h0, w0 = cfg.gen_map
+        self.project = nn.Linear(cfg.z_dim, c0 * h0 * w0)
+        self.bn0 = nn.BatchNorm2d(c0)
+        # Upsampling to an explicit size handles odd frame sizes (a 61-row map becomes exactly 121 rows, no crop);
+        # for 120x182 at u=2 it is exactly the method's x2 UpSampling of 60x91.
+        self.upsample = nn.Upsample(size=cfg.gen_conv_map, mode="nearest")
+        full = (cfg.height, cfg.width)
+        self.resize = nn.Identity() if cfg.gen_conv_map == full else nn.Upsample(size=full, mode="bilinear")
+        layers: list[nn.Module] = []
+        prev = c0
+        for c in cfg.gen_channels[1:]:
+            layers += [nn.Conv2d(prev, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            prev = c
+        self.body = nn.Sequential(*layers)
+        self.to_frames = nn.Conv2d(prev, cfg.window, 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        h0, w0 = cfg.gen_map
+        x = self.project(z).view(z.shape[0], cfg.gen_channels[0], h0, w0)
+        x = self.upsample(torch.relu(self.bn0(x)))
+        x = torch.sigmoid(self.resize(self.to_frames(self.body(x))))
+        return x.unsqueeze(2)  # [B, T, H, W] -> [B, T, 1, H, W]
+
+
+# --------------------------------------------------------------------------------------------- LRCN
+class FeatureExtractor(nn.Module):
+    """Time-distributed conv(valid)+ReLU+maxpool2 stages -> dropout -> LSTM; returns the last step [B, hidden].
+
+    The LSTM runs in fp32 with autocast disabled: autocast would cast it to fp16 even under bf16 (DESIGN.md 5).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        layers: list[nn.Module] = [nn.AvgPool2d(cfg.input_pool)] if cfg.input_pool > 1 else []
+        prev = 1
+        for c, k in zip(cfg.conv_channels, cfg.conv_kernels, strict=True):
+            layers += [nn.Conv2d(prev, c, k), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            prev = c
+        self.convs = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.lstm = nn.LSTM(cfg.frame_features, cfg.lstm_hidden, batch_first=True)
+        self.out_features = cfg.lstm_hidden
+
+    def frame_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, 1, H, W] -> per-frame flattened conv features [B, T, F]."""
+        b, t = x.shape[:2]
+        y = self.convs(x.reshape(b * t, *x.shape[2:]))
+        return y.reshape(b, t, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dropout(self.frame_features(x))
+        with torch.autocast(device_type=y.device.type, enabled=False):
+            out, _ = self.lstm(y.float())
+        return out[:, -1]
+
+
+class Head(nn.Module):
+    """Dropout -> Dense(dense) + ReLU -> Dense(num_classes) logits."""
+
+    def __init__(self, in_features: int, dense: int, num_classes: int = 2, dropout: float = 0.5):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(in_features, dense), nn.ReLU(inplace=True), nn.Linear(dense, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class LRCN(nn.Module):
+    """``features`` (CNN + LSTM) followed by ``head``; input [B, T, 1, H, W] in [0, 1], output logits [B, 2]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.features = FeatureExtractor(cfg)
+        self.head = Head(cfg.lstm_hidden, cfg.dense, cfg.num_classes, cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def real_fake_logit(logits: torch.Tensor) -> torch.Tensor:
+    """Discriminator logit (real = class 1) from the LRCN's 2-way logits: log p(real) - log p(fake)."""
+    return logits[:, 1] - logits[:, 0]
+
+
+def build_generator(cfg: ModelConfig) -> Generator:
+    """A freshly initialised generator for ``cfg``."""
+    return Generator(cfg)
+
+
+def build_lrcn(cfg: ModelConfig) -> LRCN:
+    """A freshly initialised LRCN (discriminator or classifier) for ``cfg``."""
+    return LRCN(cfg)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters (trainable or not)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+# ------------------------------------------------------------------------------------ safetensors I/O
+def save_model(module: nn.Module, path: str | Path, cfg: ModelConfig, kind: str | None = None) -> Path:
+    """Write ``module``'s state dict to ``path`` (safetensors) with ``cfg`` as JSON in the file's metadata.
+
+    Written to a temp name and renamed, so a reader never sees half a file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    meta = {_META_KEY: json.dumps(cfg.to_dict()), "kind": kind or type(module).__name__.lower()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig stored in a safetensors file written by :func:`save_model` (no pickle involved)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise UserError(f"cannot read {path} as safetensors: {exc}") from None
+    if _META_KEY not in meta:
+        raise UserError(f"{path} holds no ddp_vad model config (not written by ddp_vad?)")
+    return ModelConfig.from_dict(json.loads(meta[_META_KEY]))
+
+
+def load_model(path: str | Path, build) -> tuple[nn.Module, ModelConfig]:
+    """Build a module with ``build(cfg)`` from the config in ``path`` and load its weights (strict), in eval mode."""
+    cfg = load_model_config(path)
+    module = build(cfg)
+    try:
+        module.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"{path}: weights do not match the stored model config: {str(exc).splitlines()[0]}") from None
+    return module.eval(), cfg
+
+
+def _model_path(run_or_file: str | Path, name: str) -> Path:
+    p = Path(run_or_file)
+    return p if p.suffix == ".safetensors" else p / name
+
+
+def load_generator(run_dir: str | Path) -> tuple[Generator, ModelConfig]:
+    """The generator exported by a pretrain run (``RUN/generator.safetensors`` or that file's path)."""
+    return load_model(_model_path(run_dir, GENERATOR_FILE), build_generator)
+
+
+def load_discriminator(run_dir: str | Path) -> tuple[LRCN, ModelConfig]:
+    """The discriminator LRCN exported by a pretrain run (``RUN/discriminator.safetensors`` or that file's path)."""
+    return load_model(_model_path(run_dir, DISCRIMINATOR_FILE), build_lrcn)

@@ -1,0 +1,182 @@
+"""Generator / LRCN architecture (paper tables), presets, and safetensors round trips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ddp_vad.errors import UserError
+from ddp_vad.models import (
+    LRCN,
+    PRESETS,
+    Generator,
+    ModelConfig,
+    build_generator,
+    build_lrcn,
+    count_parameters,
+    load_discriminator,
+    load_generator,
+    load_model_config,
+    model_config_for,
+    real_fake_logit,
+    save_model,
+)
+
+PED1 = {"window": 10, "height": 120, "width": 182}
+TINY = {"window": 10, "height": 24, "width": 36}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The CI box is shared: one intra-op thread keeps tiny models fast and timings stable."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _output_shapes(module: torch.nn.Module, x: torch.Tensor, types: tuple) -> list[tuple]:
+    shapes = []
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
+        for m in module.modules()
+        if isinstance(m, types)
+    ]
+    with torch.no_grad():
+        module(x)
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
+def test_paper_lrcn_layer_shapes_match_the_tables():
+    cfg = model_config_for("paper", PED1)
+    lrcn = build_lrcn(cfg).eval()
+    x = torch.rand(1, 10, 1, 120, 182)
+    # time-distributed: batch 1 x 10 frames run as 10 images; the tables list (frames, H, W, channels)
+    conv_pool = _output_shapes(lrcn, x, (torch.nn.Conv2d, torch.nn.MaxPool2d))
+    got = [(s[0], s[2], s[3], s[1]) for s in conv_pool]
+    assert got == [
+        (10, 114, 176, 16),
+        (10, 57, 88, 16),
+        (10, 53, 84, 16),
+        (10, 26, 42, 16),
+        (10, 24, 40, 16),
+        (10, 12, 20, 16),
+    ]
+    assert cfg.frame_features == 16 * 12 * 20 == 3840
+    assert lrcn.features.lstm.input_size == 3840 and lrcn.features.lstm.hidden_size == 1024
+    with torch.no_grad():
+        feats = lrcn.features(x)
+        dense = lrcn.head.net[:3](feats)
+        logits = lrcn.head(feats)
+    assert feats.shape == (1, 1024) and dense.shape == (1, 256) and logits.shape == (1, 2)
+    print(
+        f"paper LRCN parameters: {count_parameters(lrcn):,} (features {count_parameters(lrcn.features):,}, "
+        f"head {count_parameters(lrcn.head):,})"
+    )
+
+
+def test_paper_generator_layer_shapes_match_the_tables():
+    cfg = model_config_for("paper", PED1)
+    gen = build_generator(cfg).eval()
+    assert gen.project.out_features == 200 * 60 * 91 == 1_092_000
+    shapes = _output_shapes(gen, torch.randn(1, 100), (torch.nn.BatchNorm2d, torch.nn.Upsample, torch.nn.Conv2d))
+    bn0, up, conv1, _, conv2, _, to_frames = shapes
+    assert bn0 == (1, 200, 60, 91) and up == (1, 200, 120, 182)
+    assert conv1 == (1, 100, 120, 182) and conv2 == (1, 50, 120, 182) and to_frames == (1, 10, 120, 182)
+    n = count_parameters(gen)
+    assert 110_000_000 < n < 111_000_000  # the ~110M-parameter Linear dominates
+    print(f"paper generator parameters: {n:,} (first Linear {count_parameters(gen.project):,})")
+
+
+@pytest.mark.parametrize(
+    "preset,frames", [("demo", PED1), ("tiny", TINY), ("demo", {**PED1, "height": 121, "width": 181})]
+)
+def test_presets_round_trip_windows_of_the_manifest_size(preset, frames):
+    cfg = model_config_for(preset, frames)
+    gen, lrcn = build_generator(cfg), build_lrcn(cfg)
+    with torch.no_grad():
+        w = gen(torch.randn(3, cfg.z_dim))
+        logits = lrcn(w)
+    assert w.shape == (3, frames["window"], 1, frames["height"], frames["width"])
+    assert w.min() >= 0.0 and w.max() <= 1.0
+    assert logits.shape == (3, 2)
+    assert torch.allclose(real_fake_logit(logits), logits.log_softmax(1)[:, 1] - logits.log_softmax(1)[:, 0], atol=1e-5)
+    print(
+        f"{preset} {frames['height']}x{frames['width']}: generator {count_parameters(gen):,}, "
+        f"LRCN {count_parameters(lrcn):,} parameters"
+    )
+
+
+def test_demo_is_much_smaller_than_paper():
+    paper, demo = model_config_for("paper", PED1), model_config_for("demo", PED1)
+    assert count_parameters(build_generator(demo)) * 20 < count_parameters(Generator(paper))
+    assert demo.input_pool == 2 and demo.feature_map() == (4, 8)
+
+
+def test_feature_extractor_and_head_are_separate_modules():
+    lrcn = build_lrcn(model_config_for("tiny", TINY))
+    assert isinstance(lrcn, LRCN)
+    assert set(dict(lrcn.named_children())) == {"features", "head"}
+    lrcn.head = torch.nn.Linear(lrcn.features.out_features, 2)  # what transfer does with a fresh head
+    assert lrcn(torch.rand(2, 10, 1, 24, 36)).shape == (2, 2)
+
+
+def test_frames_too_small_for_a_preset_is_a_user_error():
+    with pytest.raises(UserError, match="too small.*paper"):
+        model_config_for("paper", TINY)
+    with pytest.raises(UserError, match="unknown preset"):
+        model_config_for("huge", TINY)
+
+
+def test_lstm_runs_in_fp32_under_bf16_autocast():
+    lrcn = build_lrcn(model_config_for("tiny", TINY))
+    seen = []
+    lrcn.features.lstm.register_forward_hook(lambda _m, inp, out: seen.append((inp[0].dtype, out[0].dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = lrcn(torch.rand(2, 10, 1, 24, 36))
+    assert seen == [(torch.float32, torch.float32)]
+    assert torch.isfinite(logits).all()
+
+
+def test_save_and_load_round_trip_without_pickle(tmp_path):
+    cfg = model_config_for("tiny", TINY)
+    gen, disc = build_generator(cfg), build_lrcn(cfg)
+    torch.nn.init.normal_(gen.to_frames.weight)  # make sure we do not compare two fresh default inits
+    save_model(gen, tmp_path / "generator.safetensors", cfg, kind="generator")
+    save_model(disc, tmp_path / "discriminator.safetensors", cfg, kind="discriminator")
+    assert load_model_config(tmp_path / "generator.safetensors") == cfg
+    g2, cfg2 = load_generator(tmp_path)
+    d2, _ = load_discriminator(tmp_path / "discriminator.safetensors")
+    assert cfg2 == cfg and not g2.training
+    for a, b in ((gen, g2), (disc, d2)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    raw = load_file(str(tmp_path / "generator.safetensors"))  # plain tensors, nothing to unpickle
+    assert "project.weight" in raw
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_generator(tmp_path)
+    bad = tmp_path / "generator.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="generator.safetensors"):
+        load_generator(tmp_path)
+    cfg = model_config_for("tiny", TINY)
+    other = ModelConfig.from_dict({**cfg.to_dict(), "lstm_hidden": 8})
+    save_model(build_lrcn(other), tmp_path / "d.safetensors", cfg)  # config says 16, weights are 8 wide
+    with pytest.raises(UserError, match="do not match"):
+        load_discriminator(tmp_path / "d.safetensors")
+
+
+def test_config_json_round_trip_and_presets_are_valid():
+    for name in PRESETS:
+        cfg = model_config_for(name, PED1 if name != "tiny" else TINY)
+        assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(UserError, match="unknown field"):
+        ModelConfig.from_dict({"bogus": 1})
