@@ -139,9 +139,7 @@ def shard_group() -> None:
 )
 @click.option("--folds", default=10, type=click.IntRange(min=2), help="Number of CV folds to assign.")
 @click.option("--seed", default=0, type=int, help="Seed for balancing and fold assignment.")
-@click.option(
-    "--workers", default=None, type=click.IntRange(min=1), help="Decoding processes (default: cores)."
-)
+@click.option("--workers", default=None, type=click.IntRange(min=1), help="Decoding processes (default: cores).")
 @click.option("--shard-size", default=200, type=click.IntRange(min=1), help="Samples per tar shard.")
 @click.option(
     "--anomaly-types",
@@ -212,32 +210,60 @@ def evaluate_cmd(runs: tuple[str, ...], out: str) -> None:
 @command(cli, "pretrain")
 @click.option("--shards", required=True, type=click.Path(file_okay=False), help="Shard folder (with manifest.json).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (RUN).")
-@click.option("--preset", default="paper", type=click.Choice(["paper", "demo", "tiny"]),
-              help="Model size: paper (GPU), demo (CPU in minutes), tiny (tests).")
+@click.option(
+    "--preset",
+    default="paper",
+    type=click.Choice(["paper", "demo", "tiny"]),
+    help="Model size: paper (GPU), demo (CPU in minutes), tiny (tests).",
+)
 @click.option("--steps", default=2000, type=click.IntRange(min=1), help="Total optimizer steps (G and D each).")
 @click.option("--batch-size", default=32, type=click.IntRange(min=1), help="Real windows per step per process.")
 @click.option("--lr", default=2e-4, type=float, help="Adam learning rate (generator; also D unless --lr-d).")
 @click.option("--lr-d", default=None, type=float, help="Discriminator learning rate (default: --lr).")
 @click.option("--beta1", default=0.5, type=float, help="Adam beta1 (DCGAN's 0.5).")
-@click.option("--checkpoint-every", default=500, type=click.IntRange(min=0),
-              help="Save a resumable checkpoint every N steps (and at the end); 0 = only at the end.")
+@click.option(
+    "--checkpoint-every",
+    default=500,
+    type=click.IntRange(min=0),
+    help="Save a resumable checkpoint every N steps (and at the end); 0 = only at the end.",
+)
 @click.option("--keep-checkpoints", default=3, type=click.IntRange(min=0), help="Newest checkpoints kept; 0 = all.")
-@click.option("--similarity-every", default=100, type=click.IntRange(min=0),
-              help="Cosine/L2 of generated vs real windows every N steps (similarity.csv); 0 = off.")
+@click.option(
+    "--similarity-every",
+    default=100,
+    type=click.IntRange(min=0),
+    help="Cosine/L2 of generated vs real windows every N steps (similarity.csv); 0 = off.",
+)
 @click.option("--similarity-samples", default=30, type=click.IntRange(min=1), help="Window pairs per similarity.")
-@click.option("--image-every", default=500, type=click.IntRange(min=0),
-              help="TensorBoard image of real vs generated windows every N steps; 0 = off.")
-@click.option("--log-every", default=10, type=click.IntRange(min=1),
-              help="Reduce and log losses every N steps (also when NaN/inf is checked).")
+@click.option(
+    "--image-every",
+    default=500,
+    type=click.IntRange(min=0),
+    help="TensorBoard image of real vs generated windows every N steps; 0 = off.",
+)
+@click.option(
+    "--log-every",
+    default=10,
+    type=click.IntRange(min=1),
+    help="Reduce and log losses every N steps (also when NaN/inf is checked).",
+)
 @click.option("--resume", default="auto", help="auto (latest checkpoint if any) | latest | none | PATH.")
 @click.option("--seed", default=0, type=int, help="Seed for weights, noise and data order.")
 @click.option("--workers", default=1, type=click.IntRange(min=0), help="Shard-reading workers per process.")
 @click.option("--shuffle-buffer", default=1000, type=click.IntRange(min=1), help="Sample shuffle buffer.")
 @click.option("--cache/--no-cache", default=False, help="Keep decoded shards in memory across epochs.")
-@click.option("--mixed-precision", default=None, type=click.Choice(["no", "bf16", "fp16"]),
-              help="Override accelerate's mixed-precision setting.")
-@click.option("--debug-keys", is_flag=True, envvar="DDP_VAD_DEBUG_KEYS",
-              help="Write RUN/debug/keys_rank*.txt and weight hashes per rank (for checks).")
+@click.option(
+    "--mixed-precision",
+    default=None,
+    type=click.Choice(["no", "bf16", "fp16"]),
+    help="Override accelerate's mixed-precision setting.",
+)
+@click.option(
+    "--debug-keys",
+    is_flag=True,
+    envvar="DDP_VAD_DEBUG_KEYS",
+    help="Write RUN/debug/keys_rank*.txt and weight hashes per rank (for checks).",
+)
 @click.option("--progress/--no-progress", default=True, help="Progress bar on the main process.")
 def pretrain_cmd(**kwargs) -> None:
     """Pretrain the GAN (generator vs LRCN discriminator) on shards; also under `accelerate launch`/`torchrun`."""
@@ -247,10 +273,18 @@ def pretrain_cmd(**kwargs) -> None:
 # ---------------------------------------------------------------------------------------- predict
 @command(cli, "predict")
 @click.argument("clip_dir", type=click.Path())
-@click.option("--model", required=True, type=click.Path(),
-              help="A transfer run folder (its fold models are averaged) or one model.safetensors.")
-@click.option("--out", default=None, type=click.Path(dir_okay=False),
-              help="CSV of per-frame scores (default: <clip>_scores.csv beside CLIP_DIR); a PNG goes beside it.")
+@click.option(
+    "--model",
+    required=True,
+    type=click.Path(),
+    help="A transfer run folder (its fold models are averaged) or one model.safetensors.",
+)
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="CSV of per-frame scores (default: <clip>_scores.csv beside CLIP_DIR); a PNG goes beside it.",
+)
 @click.option("--fold", default=None, type=click.IntRange(min=0), help="Use only this fold's model.")
 @click.option("--batch-size", default=64, type=click.IntRange(min=1), help="Windows per forward pass.")
 @click.option("--threshold", default=0.5, type=click.FloatRange(0, 1), help="Score at which a frame is flagged.")
@@ -261,17 +295,26 @@ def predict_cmd(**kwargs) -> None:
 
 # --------------------------------------------------------------------------------------- pipeline
 @command(cli, "pipeline")
-@click.option("--data", default=None, type=click.Path(),
-              help="A UCSD-style dataset; without it synthetic data is generated into OUT/data.")
+@click.option(
+    "--data",
+    default=None,
+    type=click.Path(),
+    help="A UCSD-style dataset; without it synthetic data is generated into OUT/data.",
+)
 @click.option("--dataset", default=None, help="UCSDped1 or UCSDped2 when --data holds both.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Pipeline folder (resumable).")
-@click.option("--preset", default="demo", type=click.Choice(["tiny", "demo", "paper"]),
-              help="Model size and run lengths: demo runs on 2 CPU cores in minutes; paper is the full method.")
+@click.option(
+    "--preset",
+    default="demo",
+    type=click.Choice(["tiny", "demo", "paper"]),
+    help="Model size and run lengths: demo runs on 2 CPU cores in minutes; paper is the full method.",
+)
 @click.option("--seed", default=0, type=int, help="Seed of every stage.")
 @click.option("--folds", default=None, type=click.IntRange(min=2), help="CV folds (default: the preset's).")
 @click.option("--protocol", default="window", type=click.Choice(["window", "clip"]), help="Fold protocol.")
-@click.option("--train", default="head", type=click.Choice(["head", "head+lstm", "all"]),
-              help="What transfer fine-tunes.")
+@click.option(
+    "--train", default="head", type=click.Choice(["head", "head+lstm", "all"]), help="What transfer fine-tunes."
+)
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="GAN steps (default: the preset's).")
 @click.option("--epochs", default=None, type=click.IntRange(min=1), help="Fine-tuning epochs per fold.")
 @click.option("--batch-size", default=None, type=click.IntRange(min=1), help="GAN batch size per process.")
@@ -280,6 +323,69 @@ def predict_cmd(**kwargs) -> None:
 def pipeline_cmd(**kwargs) -> None:
     """Everything: synth (no --data) -> shards -> pretrain -> transfer (GAN and scratch) -> baselines -> evaluate."""
     _call("pipeline", "run_pipeline", "PipelineConfig", **kwargs)
+
+
+# -------------------------------------------------------------------------------------- transfer
+@command(cli, "transfer")
+@click.option("--shards", required=True, type=click.Path(file_okay=False), help="Shard folder (with manifest.json).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (RUN).")
+@click.option(
+    "--from",
+    "source",
+    required=True,
+    help="A pretrain run folder (GAN+LRCN: its discriminator's features) or 'scratch' (LRCN).",
+)
+@click.option(
+    "--train",
+    default="head",
+    type=click.Choice(["head", "head+lstm", "all"]),
+    help="What is fine-tuned: the head (features frozen, computed once), head + LSTM, or all.",
+)
+@click.option(
+    "--folds",
+    default=None,
+    type=click.IntRange(min=2),
+    help="Must match the shards' fold count (default: the shards').",
+)
+@click.option(
+    "--protocol",
+    default="window",
+    type=click.Choice(["window", "clip"]),
+    help="Folds over windows (the method's) or grouped by clip (no leakage).",
+)
+@click.option("--epochs", default=10, type=click.IntRange(min=1), help="Training epochs per fold.")
+@click.option(
+    "--preset",
+    default=None,
+    type=click.Choice(["paper", "demo", "tiny"]),
+    help="Architecture for --from scratch (default: paper); a GAN run brings its own.",
+)
+@click.option("--batch-size", default=32, type=click.IntRange(min=1), help="Windows per step (each fold alone).")
+@click.option("--lr", default=1e-3, type=click.FloatRange(min=0, min_open=True), help="Adam learning rate.")
+@click.option("--seed", default=0, type=int, help="Seed of heads, dropout and data order (per fold).")
+@click.option(
+    "--resume",
+    default="auto",
+    type=click.Choice(["auto", "none"]),
+    help="auto: skip finished folds, continue unfinished ones; none: refuse a non-empty --out.",
+)
+@click.option(
+    "--holdout-type", default=None, help="Leave this anomaly type out of every training fold and report accuracy on it."
+)
+@click.option(
+    "--mixed-precision",
+    default=None,
+    type=click.Choice(["no", "bf16", "fp16"]),
+    help="Override accelerate's mixed-precision setting.",
+)
+@click.option("--method", default=None, help="Name in metrics.json (default: GAN+LRCN, or LRCN from scratch).")
+@click.option("--progress/--no-progress", default=True, help="Progress bar on the main process.")
+def transfer_cmd(**kwargs) -> None:
+    """Fine-tune the LRCN classifier with k-fold CV, folds spread over processes (fold k on process k % P).
+
+    Also under `accelerate launch -m ddp_vad transfer ...` / `torchrun -m ddp_vad transfer ...`.
+    """
+    _call("transfer", "run_transfer", "TransferConfig", **kwargs)
 
 
 def main() -> None:

@@ -167,21 +167,16 @@ def _decoded_clips(clips: list[Clip], cfg: ShardConfig, show_progress: bool) -> 
     """Yield (index, frames) for each clip, decoded in ``cfg.workers`` processes."""
     jobs = [(c, cfg.height, cfg.width) for c in clips]
     bar = tqdm(total=sum(c.n_frames for c in clips), desc="decode", unit="frame", disable=not show_progress)
-    if cfg.workers == 1:
-        results = map(_decode_clip, jobs)
-        pool = None
-    else:
-        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-        pool = ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx)
-        results = pool.map(_decode_clip, jobs, chunksize=1)
+    # Even with one worker, decoding runs in a separate process so that writing overlaps with it.
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+    pool = ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx)
     try:
-        for i, frames in enumerate(results):
+        for i, frames in enumerate(pool.map(_decode_clip, jobs, chunksize=1)):
             bar.update(len(frames))
             yield i, frames
     finally:
         bar.close()
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+        pool.shutdown(cancel_futures=True)
 
 
 def _write_shard(path: Path, samples: list[dict]) -> str:
@@ -213,6 +208,74 @@ def _prepare_output(out: Path, overwrite: bool) -> Path:
     return stage
 
 
+# Clips are decoded in worker processes and written group by group: while the main process writes the shards of
+# one group the workers decode the next, and only a few clips are held in memory at once. Each group's windows are
+# shuffled (seeded) before they fill shards, so every shard mixes several clips of both splits.
+CLIPS_PER_GROUP = 8
+
+
+def _make_sample(dataset: UCSDDataset, plan: WindowPlan, cfg: ShardConfig, pos: int, frames: np.ndarray) -> dict:
+    """The webdataset sample of kept window ``pos`` (``frames``: its clip, decoded)."""
+    w = plan.kept[pos]
+    clip = dataset.clips[plan.clip_index[w]]
+    start = int(plan.start[w])
+    meta = {
+        "clip": clip.name,
+        "start": start,
+        "frame_labels": clip.frame_labels[start : start + cfg.window].astype(int).tolist(),
+        "anomaly_types": dataset.anomaly_types.get(clip.name, []) if clip.split == "test" else [],
+        "split": clip.split,
+        "fold_window": int(plan.fold_window[pos]),
+        "fold_clip": int(plan.fold_clip[pos]),
+    }
+    return {
+        "__key__": f"{clip.name}_{start:04d}",
+        "frames.npy": _npy_parts(frames[start : start + cfg.window]),
+        "cls": str(int(plan.label[w])).encode(),
+        "json": json.dumps(meta).encode(),
+    }
+
+
+def _write_all_shards(
+    dataset: UCSDDataset, plan: WindowPlan, cfg: ShardConfig, stage: Path, show_progress: bool
+) -> list[dict]:
+    """Decode the clips that have kept windows and write every shard into ``stage``; returns the shard entries."""
+    rng = np.random.default_rng(cfg.seed)
+    clip_of = plan.clip_index[plan.kept]
+    needed = sorted(set(clip_of.tolist()))
+    clip_order = [needed[i] for i in rng.permutation(len(needed))]
+    positions = {c: np.flatnonzero(clip_of == c) for c in needed}
+    left = {c: len(positions[c]) for c in needed}  # windows of each clip not yet written
+    frames_by_clip: dict[int, np.ndarray] = {}
+    pending: list[int] = []
+    group: list[int] = []
+    shards: list[dict] = []
+    bar = tqdm(total=len(plan.kept), desc="write", unit="window", disable=not show_progress)
+    clips = [dataset.clips[c] for c in clip_order]
+    for i, frames in _decoded_clips(clips, cfg, show_progress):
+        frames_by_clip[clip_order[i]] = frames
+        group.append(clip_order[i])
+        last = i == len(clip_order) - 1
+        if len(group) < CLIPS_PER_GROUP and not last:
+            continue
+        pending += rng.permutation(np.concatenate([positions[c] for c in group])).tolist()
+        group = []
+        while len(pending) >= cfg.shard_size or (last and pending):
+            chunk, pending = pending[: cfg.shard_size], pending[cfg.shard_size :]
+            samples = [_make_sample(dataset, plan, cfg, pos, frames_by_clip[clip_of[pos]]) for pos in chunk]
+            shard_name = f"{dataset.name}-{len(shards):06d}.tar"
+            sha = _write_shard(stage / shard_name, samples)
+            shards.append({"name": shard_name, "samples": len(samples), "sha256": sha})
+            bar.update(len(samples))
+            for pos in chunk:  # free a clip's frames once all its windows are written
+                c = int(clip_of[pos])
+                left[c] -= 1
+                if left[c] == 0:
+                    del frames_by_clip[c]
+    bar.close()
+    return shards
+
+
 def build_shards(cfg: ShardConfig, show_progress: bool = True) -> Path:
     """Build the shard set described by ``cfg``; returns the output folder."""
     t0 = time.perf_counter()
@@ -221,48 +284,7 @@ def build_shards(cfg: ShardConfig, show_progress: bool = True) -> Path:
     out = Path(cfg.out)
     stage = _prepare_output(out, cfg.overwrite)
 
-    kept = plan.kept
-    # Shards hold a seeded random order of windows so that every shard mixes clips and classes.
-    order = np.random.default_rng(cfg.seed).permutation(len(kept))
-    needed = sorted(set(plan.clip_index[kept].tolist()))
-    frames_by_clip: dict[int, np.ndarray] = {}
-    for i, frames in _decoded_clips([dataset.clips[c] for c in needed], cfg, show_progress):
-        frames_by_clip[needed[i]] = frames
-
-    name = dataset.name
-    shards = []
-    n_shards = (len(order) + cfg.shard_size - 1) // cfg.shard_size
-    bar = tqdm(total=len(order), desc="write", unit="window", disable=not show_progress)
-    for s in range(n_shards):
-        samples = []
-        for pos in order[s * cfg.shard_size : (s + 1) * cfg.shard_size]:
-            w = kept[pos]
-            clip = dataset.clips[plan.clip_index[w]]
-            start = int(plan.start[w])
-            meta = {
-                "clip": clip.name,
-                "start": start,
-                "frame_labels": clip.frame_labels[start : start + cfg.window].astype(int).tolist(),
-                "anomaly_types": dataset.anomaly_types.get(clip.name, []) if clip.split == "test" else [],
-                "split": clip.split,
-                "fold_window": int(plan.fold_window[pos]),
-                "fold_clip": int(plan.fold_clip[pos]),
-            }
-            window = frames_by_clip[plan.clip_index[w]][start : start + cfg.window]
-            samples.append(
-                {
-                    "__key__": f"{clip.name}_{start:04d}",
-                    "frames.npy": _npy_parts(window),
-                    "cls": str(int(plan.label[w])).encode(),
-                    "json": json.dumps(meta).encode(),
-                }
-            )
-        shard_name = f"{name}-{s:06d}.tar"
-        sha = _write_shard(stage / shard_name, samples)
-        shards.append({"name": shard_name, "samples": len(samples), "sha256": sha})
-        bar.update(len(samples))
-    bar.close()
-
+    shards = _write_all_shards(dataset, plan, cfg, stage, show_progress)
     manifest = _manifest(cfg, dataset, plan, shards, time.perf_counter() - t0)
     write_json_atomic(stage / MANIFEST, manifest)
     _swap_in(stage, out)
