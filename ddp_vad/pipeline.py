@@ -185,15 +185,16 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         _log(f"pretrain: reusing {dirs['gan']}")
     state.wait_for_everyone()
 
-    for name, source in (("lrcn-gan", str(dirs["gan"])), ("lrcn-scratch", "scratch")):
+    # The GAN-initialised classifier fine-tunes what --train says; the scratch LRCN has nothing to keep frozen.
+    for name, source, train in (("lrcn-gan", str(dirs["gan"]), cfg.train), ("lrcn-scratch", "scratch", "all")):
         if not (dirs[name] / "metrics.json").is_file():
-            _log(f"transfer --from {source} -> {dirs[name]}")
+            _log(f"transfer --from {source} --train {train} -> {dirs[name]}")
             run_transfer(
                 TransferConfig(
                     shards=shards,
                     out=str(dirs[name]),
                     source=source,
-                    train=cfg.train,
+                    train=train,
                     folds=plan["folds"],
                     protocol=cfg.protocol,
                     epochs=plan["epochs"],
@@ -221,9 +222,6 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         _log(f"evaluate -> {dirs['report']}")
         runs = (dirs["lrcn-gan"], dirs["lrcn-scratch"], dirs["baselines"], dirs["gan"])
         run_evaluate(EvaluateConfig(runs=tuple(str(r) for r in runs), out=str(dirs["report"])))
-        report = dirs["report"] / "report.md"
-        print()
-        print(report.read_text())
-        _log(f"done: {report}")
+        _log(f"done: {dirs['report'] / 'report.md'}")
     state.wait_for_everyone()
     return dirs["report"]

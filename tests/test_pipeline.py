@@ -1,0 +1,75 @@
+"""The whole chain end to end (tiny preset), its resume, and predict on its output."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ddp_vad.cli import cli
+from ddp_vad.pipeline import PipelineConfig, run_pipeline
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pipe") / "run"
+    result = CliRunner().invoke(cli, ["pipeline", "--out", str(out), "--preset", "tiny", "--methods", "logreg,nb"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_layout_and_report(pipeline_dir):
+    for name in ("data", "shards", "gan", "lrcn-gan", "lrcn-scratch", "baselines/logreg", "baselines/nb", "report"):
+        assert (pipeline_dir / name).is_dir(), name
+    assert (pipeline_dir / "gan" / "generator.safetensors").is_file()
+    methods = {
+        json.loads((pipeline_dir / r / "metrics.json").read_text())["method"]
+        for r in ("lrcn-gan", "lrcn-scratch", "baselines/logreg", "baselines/nb")
+    }
+    assert methods == {"GAN+LRCN", "LRCN", "logreg", "nb"}
+    report = (pipeline_dir / "report" / "report.md").read_text()
+    for method in ("GAN+LRCN", "LRCN", "logreg", "nb"):
+        assert f"| {method} |" in report
+    for fig in ("fig2_accuracy_by_fold.png", "fig3_similarity.png", "fig4_real_vs_fake.png"):
+        assert (pipeline_dir / "report" / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((pipeline_dir / "config.json").read_text())
+    assert config["config"]["preset"] == "tiny" and config["plan"]["folds"] == 3
+
+
+def test_rerun_resumes_instead_of_starting_over(pipeline_dir, capsys):
+    before = {
+        p: p.stat().st_mtime_ns
+        for p in (
+            pipeline_dir / "gan" / "generator.safetensors",
+            pipeline_dir / "lrcn-gan" / "metrics.json",
+            pipeline_dir / "shards" / "manifest.json",
+        )
+    }
+    run_pipeline(PipelineConfig(out=str(pipeline_dir), preset="tiny", methods="logreg,nb"))
+    log = capsys.readouterr().out
+    assert "reusing" in log and "pretrain:" in log
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_predict_scores_every_frame_and_draws_a_plot(pipeline_dir, tmp_path):
+    clip = next((pipeline_dir / "data").glob("*/Test/Test001"))
+    out = tmp_path / "scores.csv"
+    result = CliRunner().invoke(
+        cli, ["predict", str(clip), "--model", str(pipeline_dir / "lrcn-gan"), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == len(list(clip.glob("*.tif")))
+    assert [int(r["frame"]) for r in rows] == list(range(1, len(rows) + 1))
+    assert all(0.0 <= float(r["score"]) <= 1.0 for r in rows)
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_predict_without_a_model_is_a_one_line_error(pipeline_dir, tmp_path):
+    clip = next((pipeline_dir / "data").glob("*/Test/Test001"))
+    result = CliRunner().invoke(cli, ["predict", str(clip), "--model", str(tmp_path / "nope")])
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("error:") and "nope" in result.output
