@@ -379,6 +379,11 @@ def pipeline_cmd(**kwargs) -> None:
     help="Override accelerate's mixed-precision setting.",
 )
 @click.option("--method", default=None, help="Name in metrics.json (default: GAN+LRCN, or LRCN from scratch).")
+@click.option(
+    "--standardize/--no-standardize",
+    default=True,
+    help="--train head: standardise the frozen features per fold (folded into the saved head).",
+)
 @click.option("--progress/--no-progress", default=True, help="Progress bar on the main process.")
 def transfer_cmd(**kwargs) -> None:
     """Fine-tune the LRCN classifier with k-fold CV, folds spread over processes (fold k on process k % P).
