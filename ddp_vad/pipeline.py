@@ -32,6 +32,7 @@ PRESET_PLAN: dict[str, dict] = {
         steps=20,
         batch_size=8,
         epochs=2,
+        scratch_epochs=2,
         similarity_every=10,
         checkpoint_every=10,
     ),
@@ -47,6 +48,7 @@ PRESET_PLAN: dict[str, dict] = {
         steps=300,
         batch_size=16,
         epochs=15,
+        scratch_epochs=6,
         similarity_every=50,
         checkpoint_every=100,
     ),
@@ -62,6 +64,7 @@ PRESET_PLAN: dict[str, dict] = {
         steps=5000,
         batch_size=32,
         epochs=30,
+        scratch_epochs=30,
         similarity_every=100,
         checkpoint_every=500,
     ),
@@ -100,6 +103,8 @@ class PipelineConfig:
         for name in ("folds", "steps", "epochs", "batch_size"):
             if getattr(self, name) is not None:
                 plan[name] = getattr(self, name)
+        if self.epochs is not None:
+            plan["scratch_epochs"] = self.epochs
         return plan
 
 
@@ -186,7 +191,13 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     state.wait_for_everyone()
 
     # The GAN-initialised classifier fine-tunes what --train says; the scratch LRCN has nothing to keep frozen.
-    for name, source, train in (("lrcn-gan", str(dirs["gan"]), cfg.train), ("lrcn-scratch", "scratch", "all")):
+    # Training everything costs far more per epoch than a head on cached features: the demo preset gives the
+    # scratch LRCN fewer epochs (PRESET_PLAN["demo"]["scratch_epochs"]) to stay within minutes on a CPU.
+    stages = (
+        ("lrcn-gan", str(dirs["gan"]), cfg.train, plan["epochs"]),
+        ("lrcn-scratch", "scratch", "all", plan["scratch_epochs"]),
+    )
+    for name, source, train, epochs in stages:
         if not (dirs[name] / "metrics.json").is_file():
             _log(f"transfer --from {source} --train {train} -> {dirs[name]}")
             run_transfer(
@@ -197,7 +208,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
                     train=train,
                     folds=plan["folds"],
                     protocol=cfg.protocol,
-                    epochs=plan["epochs"],
+                    epochs=epochs,
                     preset=cfg.preset,
                     seed=cfg.seed,
                     resume="auto",
