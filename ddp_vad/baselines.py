@@ -257,16 +257,11 @@ def run_baselines(cfg: BaselinesConfig) -> dict[str, Path]:
     Returns ``{method: metrics.json path}``.
     """
     from ddp_vad.data import load_window_set
-    from ddp_vad.shards import load_manifest
+    from ddp_vad.shards import fold_count, load_manifest
 
     out = Path(cfg.out)
     manifest = load_manifest(cfg.shards)
-    n_folds = int(manifest["folds"])
-    if cfg.folds is not None and int(cfg.folds) != n_folds:
-        raise UserError(
-            f"--folds {cfg.folds}: the shards in {cfg.shards} were built with {n_folds} folds "
-            f"(rebuild them with --folds {cfg.folds}, or leave --folds out)"
-        )
+    n_folds = fold_count(manifest, cfg.folds, cfg.shards)
     results = {m: out / m / "metrics.json" for m in cfg.method_list}
     todo = [m for m in cfg.method_list if not results[m].is_file()]
     for m in cfg.method_list:

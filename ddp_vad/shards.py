@@ -364,6 +364,17 @@ def load_manifest(shard_dir: str | Path) -> dict:
     return manifest
 
 
+def fold_count(manifest: dict, requested: int | None, shard_dir: str | Path) -> int:
+    """The shards' fold count; a different ``--folds`` request is a UserError (folds are fixed at build time)."""
+    n_folds = int(manifest["folds"])
+    if requested is not None and int(requested) != n_folds:
+        raise UserError(
+            f"--folds {requested}: the shards in {shard_dir} were built with {n_folds} folds "
+            f"(rebuild them with --folds {requested}, or leave --folds out)"
+        )
+    return n_folds
+
+
 def shard_paths(shard_dir: str | Path, manifest: dict | None = None) -> list[str]:
     """Paths of the shards listed in the manifest, in manifest order."""
     manifest = manifest or load_manifest(shard_dir)

@@ -73,7 +73,7 @@ from ddp_vad.models import (
     model_config_for,
     save_model,
 )
-from ddp_vad.shards import load_manifest
+from ddp_vad.shards import fold_count, load_manifest
 
 SCRATCH = "scratch"
 TRAIN_SCOPES = ("head", "head+lstm", "all")
@@ -705,12 +705,7 @@ def run_transfer(cfg: TransferConfig) -> Path:
     t_start = time.perf_counter()
     run_dir = Path(cfg.out)
     manifest = load_manifest(cfg.shards)
-    n_folds = int(manifest["folds"])
-    if cfg.folds is not None and int(cfg.folds) != n_folds:
-        raise UserError(
-            f"--folds {cfg.folds}: the shards in {cfg.shards} were built with {n_folds} folds "
-            f"(rebuild them with --folds {cfg.folds}, or leave --folds out)"
-        )
+    n_folds = fold_count(manifest, cfg.folds, cfg.shards)
     model_cfg, features_state, notes = resolve_model(cfg, manifest)
     if cfg.source == SCRATCH and cfg.train != "all":
         notes.append(
