@@ -22,9 +22,7 @@ def window_starts(n_frames: int, window: int, stride: int) -> np.ndarray:
     return np.arange(0, n_frames - window + 1, stride, dtype=np.int64)
 
 
-def window_labels(
-    frame_labels: np.ndarray, starts: np.ndarray, window: int, min_anomalous: int
-) -> np.ndarray:
+def window_labels(frame_labels: np.ndarray, starts: np.ndarray, window: int, min_anomalous: int) -> np.ndarray:
     """1 when at least ``min_anomalous`` of the window's frames are anomalous, else 0."""
     if not 1 <= min_anomalous <= window:
         raise UserError(f"min_anomalous must be in 1..{window}, got {min_anomalous}")
@@ -108,7 +106,5 @@ def fold_summary(labels: np.ndarray, folds: np.ndarray, k: int) -> list[dict]:
     for f in range(k):
         sel = folds == f
         n_anom = int(labels[sel].sum())
-        out.append(
-            {"fold": f, "windows": int(sel.sum()), "anomalous": n_anom, "normal": int(sel.sum()) - n_anom}
-        )
+        out.append({"fold": f, "windows": int(sel.sum()), "anomalous": n_anom, "normal": int(sel.sum()) - n_anom})
     return out

@@ -46,9 +46,7 @@ def write_ucsd(
         by_number = {int(c[4:]): clips[c][1] for c in tests}
         for k in range(1, last + 1):
             ranges = by_number.get(k) or [(1, 2)]  # entries for absent clips exist in the real file too
-            gt_lines.append(
-                "TestVideoFile{end+1}.gt_frame = [" + ", ".join(f"{a}:{b}" for a, b in ranges) + "];"
-            )
+            gt_lines.append("TestVideoFile{end+1}.gt_frame = [" + ", ".join(f"{a}:{b}" for a, b in ranges) + "];")
         (ds / "Test" / f"{name}.m").write_text("\n".join(gt_lines) + "\n")
     return ds
 
@@ -76,9 +74,7 @@ def tiny_shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
     data = write_ucsd(root / "data", TINY_CLIPS)
     return build_shards(
-        ShardConfig(
-            data=str(data), out=str(root / "shards"), height=24, width=36, folds=4, workers=1, shard_size=8
-        ),
+        ShardConfig(data=str(data), out=str(root / "shards"), height=24, width=36, folds=4, workers=1, shard_size=8),
         show_progress=False,
     )
 

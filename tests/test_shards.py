@@ -185,7 +185,5 @@ def test_cli_build_with_config_file_and_flag_override(tiny_data, tmp_path):
     assert (manifest["height"], manifest["min_anomalous"], manifest["folds"]) == (24, 6, 2)
     bad = tmp_path / "bad.yaml"
     bad.write_text("heigth: 3\n")
-    result = CliRunner().invoke(
-        cli, ["shard", "build", str(tiny_data), "--out", str(out), "--config", str(bad)]
-    )
+    result = CliRunner().invoke(cli, ["shard", "build", str(tiny_data), "--out", str(out), "--config", str(bad)])
     assert result.exit_code == 2 and "heigth" in result.output

@@ -158,9 +158,7 @@ def test_different_clip_lengths_and_frame_sizes(tmp_path):
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
-    result = CliRunner().invoke(
-        cli, ["shard", "build", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]
-    )
+    result = CliRunner().invoke(cli, ["shard", "build", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "missing" in lines[0]
