@@ -288,6 +288,18 @@ class Case:
         )
 
 
+def _optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler) -> None:
+    """Backward + step, through the fp16 GradScaler when there is one."""
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+
+
 def _timed(step: Callable[[], torch.Tensor], warmup: int, steps: int, device: torch.device) -> tuple[float, list]:
     """Seconds for ``steps`` calls after ``warmup`` calls (device synchronised at both ends), and the outputs."""
     outs = [step() for _ in range(warmup)]
@@ -343,14 +355,7 @@ def run_finetune(case: Case, cfg: ModelConfig, data: Data, args) -> dict:
         with acc.autocast():
             logits = forward(x)
         loss = F.cross_entropy(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        _optimizer_step(loss, opt, scaler)
         return loss.detach()
 
     seconds, outs = _timed(step, _warmup(case, args), args.steps, device)
@@ -406,14 +411,7 @@ def run_head(case: Case, cfg: ModelConfig, data: Data, args, keep: dict) -> dict
         with acc.autocast():
             logits = forward(feats[idx])
         loss = F.cross_entropy(logits.float(), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        _optimizer_step(loss, opt, scaler)
         return loss.detach()
 
     seconds, outs = _timed(step, _warmup(case, args), args.steps * 10, device)  # tiny steps: time more of them

@@ -34,6 +34,18 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+def read_json_object(path: str | os.PathLike, what: str = "file") -> dict:
+    """Read a JSON file that must hold an object; bad JSON or another type is a UserError naming the path."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{what} {path} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path} must hold a JSON object")
+    return data
+
+
 def to_jsonable(obj: Any) -> Any:
     """Dataclasses, paths, tuples and numpy values -> plain JSON values."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ddp_vad.config import write_json_atomic
+from ddp_vad.config import read_json_object, write_json_atomic
 from ddp_vad.errors import UserError
 
 METRICS = ("recall", "precision", "accuracy", "f1")
@@ -189,12 +189,7 @@ def read_cv_results(run_dir: str | os.PathLike) -> dict[str, Any]:
         path = path / "metrics.json"
     if not path.is_file():
         raise UserError(f"no metrics.json in {path.parent}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"cannot parse {path}: {exc.msg} (line {exc.lineno})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
+    data = read_json_object(path, "metrics file")
     missing = [k for k in ("method", "protocol", "folds", "mean", "std") if k not in data]
     if missing:
         raise UserError(f"{path}: missing key(s) {', '.join(missing)}")

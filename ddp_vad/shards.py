@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ddp_vad import __version__
-from ddp_vad.config import to_jsonable, write_json_atomic
+from ddp_vad.config import read_json_object, to_jsonable, write_json_atomic
 from ddp_vad.errors import UserError
 from ddp_vad.ucsd import Clip, UCSDDataset, discover, read_clip
 from ddp_vad.windows import (
@@ -354,10 +354,7 @@ def load_manifest(shard_dir: str | Path) -> dict:
         raise UserError(f"shard folder not found: {shard_dir}")
     if not path.is_file():
         raise UserError(f"no {MANIFEST} in {shard_dir} (build shards with `ddp_vad shard build`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
+    manifest = read_json_object(path, "shard manifest")
     for key in ("window", "height", "width", "folds", "shards"):
         if key not in manifest:
             raise UserError(f"{path} lacks the '{key}' field; rebuild the shards")

@@ -11,7 +11,6 @@ Clips are found by name, never by position: entry k of the .m file belongs to cl
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ddp_vad.config import read_json_object
 from ddp_vad.errors import UserError
 
 FRAME_SUFFIXES = (".tif", ".tiff")
@@ -145,12 +145,7 @@ def load_anomaly_types(path: str | Path) -> dict[str, list[str]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"anomaly types file not found: {path}")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"anomaly types file {path} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"anomaly types file {path} must map clip names to lists of types")
+    raw = read_json_object(path, "anomaly types file")  # {clip: [types]}
     return {str(k): [v] if isinstance(v, str) else [str(t) for t in v] for k, v in raw.items()}
 
 
