@@ -397,7 +397,16 @@ def main() -> None:
     """Console-script entry point."""
     # Keep thread oversubscription in check when several processes share a CPU box.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cli(prog_name="ddp_vad")
+    clean = False
+    try:
+        cli(prog_name="ddp_vad")
+    except SystemExit as exc:
+        clean = exc.code in (None, 0)
+        raise
+    finally:
+        from ddp_vad.distributed import shutdown_process_group
+
+        shutdown_process_group(clean)
 
 
 if __name__ == "__main__":

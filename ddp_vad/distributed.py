@@ -117,6 +117,22 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
+def shutdown_process_group(clean: bool = True) -> None:
+    """Destroy every process group this process joined (a no-op without one).
+
+    Left to interpreter exit, gloo's worker threads can be torn down while still joinable and the process dies
+    with SIGABRT ("terminate called without an active exception") after its work is done. ``clean`` first waits
+    for every rank, so none tears its group down while a peer still talks to it; after an error only this
+    process's groups go (a barrier could wait for a rank that already failed).
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Copy rank ``src``'s buffers (BatchNorm running statistics) to every rank; a no-op without a process group.
 
