@@ -104,9 +104,24 @@ def make_accelerator(mixed_precision: str | None = None, project_dir: str | None
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     project = ProjectConfiguration(project_dir=project_dir, automatic_checkpoint_naming=False)
-    if launched_world_size() > 1 and not has_accelerator():
+    if _needs_cpu_group():
         kwargs.setdefault("cpu", True)
     return Accelerator(mixed_precision=mixed_precision, log_with=None, project_config=project, **kwargs)
+
+
+def process_state():
+    """accelerate's ``PartialState`` (rank, main process, barriers) under the same CPU rule as
+    :func:`make_accelerator`; refuses several launched processes that form no group."""
+    from accelerate import PartialState
+
+    state = PartialState(**({"cpu": True} if _needs_cpu_group() else {}))
+    check_process_group(state.num_processes)
+    return state
+
+
+def _needs_cpu_group() -> bool:
+    """Several processes on a machine without an accelerator: only a CPU (gloo) state joins them."""
+    return launched_world_size() > 1 and not has_accelerator()
 
 
 def has_accelerator() -> bool:
@@ -115,6 +130,34 @@ def has_accelerator() -> bool:
     if api is not None and hasattr(api, "is_available"):
         return bool(api.is_available())
     return torch.cuda.is_available()
+
+
+_PATIENT_GROUPS: dict[int, object] = {}
+
+
+def patient_group():
+    """A gloo group with a 24 h timeout over every process (None without a process group).
+
+    For waits that may outlast the default (NCCL) timeout: ranks whose folds finish early, or ranks waiting while
+    the main process builds shards or fits baselines. A process that fails makes torchrun / accelerate launch stop
+    the others, so nobody waits that long for a dead peer.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    key = id(dist.group.WORLD)  # one per process group (``ddp_vad pipeline`` runs several stages in one)
+    if key not in _PATIENT_GROUPS:
+        from datetime import timedelta
+
+        _PATIENT_GROUPS[key] = dist.new_group(backend="gloo", timeout=timedelta(hours=24))
+    return _PATIENT_GROUPS[key]
+
+
+def patient_barrier() -> None:
+    """Wait for every process on :func:`patient_group` (a no-op without a process group)."""
+    group = patient_group()
+    if group is not None:
+        torch.distributed.barrier(group=group)
 
 
 def shutdown_process_group(clean: bool = True) -> None:
@@ -129,8 +172,9 @@ def shutdown_process_group(clean: bool = True) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return
     if clean:
-        dist.barrier()
+        patient_barrier()
     dist.destroy_process_group()
+    _PATIENT_GROUPS.clear()
 
 
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:

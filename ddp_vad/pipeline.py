@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddp_vad.config import write_resolved_config
+from ddp_vad.distributed import patient_barrier, process_state
 from ddp_vad.errors import UserError
 
 # Per preset: how big the synthetic data, the shards and the training runs are. ``demo`` finishes in minutes on
@@ -28,6 +29,7 @@ PRESET_PLAN: dict[str, dict] = {
         synth_width=72,
         height=24,
         width=36,
+        shard_size=8,
         folds=3,
         steps=20,
         batch_size=8,
@@ -44,6 +46,7 @@ PRESET_PLAN: dict[str, dict] = {
         synth_width=238,
         height=120,
         width=182,
+        shard_size=200,
         folds=5,
         steps=300,
         batch_size=16,
@@ -60,6 +63,7 @@ PRESET_PLAN: dict[str, dict] = {
         synth_width=238,
         height=120,
         width=182,
+        shard_size=200,
         folds=10,
         steps=5000,
         batch_size=32,
@@ -108,14 +112,13 @@ class PipelineConfig:
         return plan
 
 
-def _log(msg: str) -> None:
-    print(f"[pipeline {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+def _log(msg: str, main: bool = True) -> None:
+    if main:
+        print(f"[pipeline {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def run_pipeline(cfg: PipelineConfig) -> Path:
     """Run (or resume) every stage; returns the report folder."""
-    from accelerate import PartialState
-
     from ddp_vad.baselines import BaselinesConfig, run_baselines
     from ddp_vad.evaluate import EvaluateConfig, run_evaluate
     from ddp_vad.pretrain import PretrainConfig, run_pretrain
@@ -123,7 +126,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     from ddp_vad.synth import SynthConfig, run_synth
     from ddp_vad.transfer import TransferConfig, run_transfer
 
-    state = PartialState()
+    state = process_state()
     main = state.is_main_process
     out = Path(cfg.out)
     plan = cfg.plan()
@@ -161,17 +164,18 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
                     height=plan["height"],
                     width=plan["width"],
                     folds=plan["folds"],
+                    shard_size=plan["shard_size"],
                     seed=cfg.seed,
                     workers=cfg.workers,
                 )
             )
         else:
             _log(f"shard build: reusing {dirs['shards']}")
-    state.wait_for_everyone()
+    patient_barrier()
 
     shards = str(dirs["shards"])
     if not (dirs["gan"] / "generator.safetensors").is_file():
-        _log(f"pretrain ({cfg.preset}, {plan['steps']} steps) -> {dirs['gan']}")
+        _log(f"pretrain ({cfg.preset}, {plan['steps']} steps) -> {dirs['gan']}", main)
         run_pretrain(
             PretrainConfig(
                 shards=shards,
@@ -188,7 +192,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         )
     elif main:
         _log(f"pretrain: reusing {dirs['gan']}")
-    state.wait_for_everyone()
+    patient_barrier()
 
     # The GAN-initialised classifier fine-tunes what --train says; the scratch LRCN has nothing to keep frozen.
     # Training everything costs far more per epoch than a head on cached features: the demo preset gives the
@@ -199,7 +203,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     )
     for name, source, train, epochs in stages:
         if not (dirs[name] / "metrics.json").is_file():
-            _log(f"transfer --from {source} --train {train} -> {dirs[name]}")
+            _log(f"transfer --from {source} --train {train} -> {dirs[name]}", main)
             run_transfer(
                 TransferConfig(
                     shards=shards,
@@ -216,7 +220,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
             )
         elif main:
             _log(f"transfer --from {source}: reusing {dirs[name]}")
-        state.wait_for_everyone()
+        patient_barrier()
 
     if main:
         _log(f"baselines ({cfg.methods}) -> {dirs['baselines']}")
@@ -234,5 +238,5 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         runs = (dirs["lrcn-gan"], dirs["lrcn-scratch"], dirs["baselines"], dirs["gan"])
         run_evaluate(EvaluateConfig(runs=tuple(str(r) for r in runs), out=str(dirs["report"])))
         _log(f"done: {dirs['report'] / 'report.md'}")
-    state.wait_for_everyone()
+    patient_barrier()
     return dirs["report"]

@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from ddp_vad.config import write_json_atomic, write_resolved_config
 from ddp_vad.data import WindowSet, frames_to_float, load_window_set
-from ddp_vad.distributed import check_process_group, make_accelerator, print_main
+from ddp_vad.distributed import check_process_group, make_accelerator, patient_group, print_main
 from ddp_vad.errors import UserError
 from ddp_vad.metrics import binary_metrics, write_cv_results
 from ddp_vad.models import (
@@ -333,23 +333,10 @@ def compute_cache(
 
 
 # ---------------------------------------------------------------------------------------- collectives
-_GROUPS: dict[int, Any] = {}
-
-
 def _object_group(world: int):
-    """A gloo group with a long timeout for gathering Python objects: ranks whose folds finish early wait at the
-    final gather while others still train, which may outlast the default (NCCL) timeout. A process that fails
-    makes torchrun / accelerate launch stop the others, so nobody waits that long for a dead peer."""
-    if world == 1:
-        return None
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    key = id(dist.group.WORLD)  # one per process group (``ddp_vad pipeline`` runs transfer twice in one)
-    if key not in _GROUPS:
-        _GROUPS[key] = dist.new_group(backend="gloo", timeout=timedelta(hours=24))
-    return _GROUPS[key]
+    """The long-timeout gloo group for gathering Python objects: ranks whose folds finish early wait at the final
+    gather while others still train."""
+    return None if world == 1 else patient_group()
 
 
 def _all_gather(obj: Any, group, world: int) -> list[Any]:

@@ -210,3 +210,22 @@ def test_chain_transfer_fold_parallel_matches_one_process(transfer_runs):
         assert result["rank"] == k % NPROC
     config = json.loads((parallel / "config.json").read_text())
     assert config["world_size"] == NPROC and config["source"].endswith("discriminator.safetensors")
+
+
+@pytest.mark.slow
+def test_pipeline_under_torchrun_prepares_data_once_and_trains_on_both_processes(tmp_path):
+    # Data preparation is main-process work: a second process that also ran synth / shard build would race it on
+    # the same files; the training stages must form one 2-process group (not two single-process runs).
+    out = tmp_path / "run"
+    result = _launch(["-m", "ddp_vad", "pipeline", "--out", str(out), "--preset", "tiny", "--methods", "nb"],
+                     cwd=tmp_path)  # fmt: skip
+    _check_ok(result)
+    log = result.stdout
+    assert log.count("] synth -> ") == 1 and log.count("] shard build -> ") == 1, log[-3000:]
+    assert log.count("] pretrain (tiny") == 1, log[-3000:]
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    assert len(manifest["shards"]) >= NPROC
+    assert json.loads((out / "gan" / "config.json").read_text())["world_size"] == NPROC
+    for run in ("lrcn-gan", "lrcn-scratch"):
+        assert json.loads((out / run / "metrics.json").read_text())["world_size"] == NPROC
+    assert "| GAN+LRCN |" in (out / "report" / "report.md").read_text()
