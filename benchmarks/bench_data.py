@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -89,9 +90,7 @@ def bench_reading(shards: Path, data: Path, workers: int, batch: int, limit: int
     }
 
 
-def bench_building(data: Path, workers: int, height: int, width: int) -> dict:
-    ds = discover(data)
-    jobs = [(p, height, width) for c in ds.clips for p in c.frame_paths]
+def _time_bare(jobs: list, workers: int) -> float:
     t0 = time.perf_counter()
     if workers <= 1:
         for job in jobs:
@@ -99,20 +98,37 @@ def bench_building(data: Path, workers: int, height: int, width: int) -> dict:
     else:
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
             list(pool.map(_decode_resize, jobs, chunksize=64))
-    bare = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def _time_build(data: Path, workers: int, height: int, width: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         build_shards(
             ShardConfig(data=str(data), out=f"{tmp}/s", height=height, width=width, workers=max(1, workers)),
             show_progress=False,
         )
-        build = time.perf_counter() - t0
+        return time.perf_counter() - t0
+
+
+def bench_building(data: Path, workers: int, height: int, width: int, repeats: int = 5) -> dict:
+    """Median of ``repeats`` alternating runs of each (one run of either is ~1 s: a single pair is mostly noise)."""
+    ds = discover(data)
+    jobs = [(p, height, width) for c in ds.clips for p in c.frame_paths]
+    bare, build = [], []
+    for _ in range(repeats):
+        bare.append(_time_bare(jobs, workers))
+        build.append(_time_build(data, workers, height, width))
+    bare_s, build_s = statistics.median(bare), statistics.median(build)
     return {
         "workers": max(1, workers),
         "frames": len(jobs),
-        "bare_decode_resize_s": bare,
-        "build_s": build,
-        "ratio": build / bare,
+        "repeats": repeats,
+        "bare_decode_resize_s": bare_s,
+        "build_s": build_s,
+        "ratio": build_s / bare_s,
+        "bare_runs_s": bare,
+        "build_runs_s": build,
     }
 
 
@@ -124,13 +140,14 @@ def main() -> None:
     parser.add_argument("--plain-limit", type=int, default=640, help="Samples timed for the slow baseline.")
     parser.add_argument("--height", type=int, default=120)
     parser.add_argument("--width", type=int, default=182)
+    parser.add_argument("--repeats", type=int, default=5, help="Alternating build/bare runs (median reported).")
     parser.add_argument("--json", default=str(Path(__file__).parent / "results" / "data.json"))
     args = parser.parse_args()
     data = Path(args.data)
 
     results = {"reading": [], "building": [], "date": time.strftime("%Y-%m-%d"), "data": str(data)}
     for w in sorted({max(1, w) for w in args.workers}):
-        results["building"].append(bench_building(data, w, args.height, args.width))
+        results["building"].append(bench_building(data, w, args.height, args.width, args.repeats))
     with tempfile.TemporaryDirectory() as tmp:
         shards = build_shards(
             ShardConfig(data=str(data), out=f"{tmp}/s", height=args.height, width=args.width), show_progress=False
@@ -145,7 +162,8 @@ def main() -> None:
         print(
             f"| {r['workers']} | {r['shard_samples_per_s']:.0f} | {r['plain_samples_per_s']:.0f} | {r['ratio']:.1f}x |"
         )
-    print(f"\nShard building vs bare decode+resize of the same frames ({args.height}x{args.width}):\n")
+    print(f"\nShard building vs bare decode+resize of the same frames ({args.height}x{args.width}, "
+          f"median of {args.repeats}):\n")  # fmt: skip
     print("| processes | frames | bare decode+resize (s) | shard build (s) | ratio |")
     print("|---:|---:|---:|---:|---:|")
     for r in results["building"]:

@@ -210,8 +210,10 @@ def _prepare_output(out: Path, overwrite: bool) -> Path:
 
 # Clips are decoded in worker processes and written group by group: while the main process writes the shards of
 # one group the workers decode the next, and only a few clips are held in memory at once. Each group's windows are
-# shuffled (seeded) before they fill shards, so every shard mixes several clips of both splits.
-CLIPS_PER_GROUP = 8
+# shuffled (seeded) before they fill shards, so every shard mixes several clips of both splits. A group is only
+# written once all its clips are decoded: smaller groups start writing sooner and leave a shorter write after the
+# last decode (8 -> 4 clips: build/decode ratio 1.69 -> 1.44 on the 10-clip sample, median of 4).
+CLIPS_PER_GROUP = 4
 
 
 def _make_sample(dataset: UCSDDataset, plan: WindowPlan, cfg: ShardConfig, pos: int, frames: np.ndarray) -> dict:
