@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddp_vad.config import write_resolved_config
-from ddp_vad.distributed import patient_barrier, process_state
+from ddp_vad.distributed import patient_barrier, print_main, process_state
 from ddp_vad.errors import UserError
 
 # Per preset: how big the synthetic data, the shards and the training runs are. ``demo`` finishes in minutes on
@@ -113,8 +113,7 @@ class PipelineConfig:
 
 
 def _log(msg: str, main: bool = True) -> None:
-    if main:
-        print(f"[pipeline {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    print_main(main, f"[pipeline {time.strftime('%H:%M:%S')}] {msg}")
 
 
 def run_pipeline(cfg: PipelineConfig) -> Path:

@@ -4,14 +4,37 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = Path(os.environ.get("DDP_VAD_SAMPLE", REPO.parent / "shared" / "data" / "ucsd-ped1-sample"))
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` intra-op threads, as each torchrun worker does with OMP_NUM_THREADS=n: numbers then compare
+    bitwise with a multi-process run, and tiny models run far faster than with threads contending for shared cores.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """:func:`torch_threads` (1) around one test; modules opt in with ``pytest.mark.usefixtures``."""
+    with torch_threads(1):
+        yield
 
 
 def write_ucsd(

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CLIPS, write_ucsd
+from conftest import TINY_CLIPS, torch_threads, write_ucsd
 
 from ddp_vad.distributed import (
     ALLOW_NO_PG_ENV,
@@ -176,13 +176,9 @@ def transfer_runs(chain) -> tuple[Path, Path]:
     )  # fmt: skip
     _check_ok(result)
     assert result.stdout.count("transfer: GAN+LRCN recall") == 1  # the main process reports, once
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # like each torchrun worker (OMP_NUM_THREADS=1): same kernels, same float sums
-    try:
+    with torch_threads(1):  # like each torchrun worker (OMP_NUM_THREADS=1): same kernels, same float sums
         run_transfer(TransferConfig(shards=options["shards"], out=str(single), source=options["from"], train="head",
                                     epochs=2, batch_size=8, seed=0, progress=False))  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
     return parallel, single
 
 

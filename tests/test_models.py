@@ -29,13 +29,7 @@ PED1 = {"window": 10, "height": 120, "width": 182}
 TINY = {"window": 10, "height": 24, "width": 36}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI box is shared: one intra-op thread keeps tiny models fast and timings stable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.torch_threads
 
 
 def _output_shapes(module: torch.nn.Module, x: torch.Tensor, types: tuple) -> list[tuple]:

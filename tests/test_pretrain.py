@@ -49,13 +49,7 @@ SCALARS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the CI box is shared, and bit-exact comparisons need the same thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.torch_threads
 
 
 def config(shards: Path, out: Path, **kw) -> PretrainConfig:

@@ -66,14 +66,7 @@ def gan_run(typed_shards, tmp_path_factory) -> Path:
     return run_pretrain(cfg)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread, as the torchrun workers (OMP_NUM_THREADS=1): numbers compare bitwise, and tiny models run far
-    faster than with threads contending for shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.torch_threads
 
 
 def _cfg(shards, out, source, **kw) -> TransferConfig:
