@@ -104,8 +104,12 @@ def tiny_shards(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
+    """The real Ped1 excerpt: skipped where it is absent (a clone outside the team's workspace), required in CI."""
     if not (SAMPLE / "UCSDped1").is_dir():
-        pytest.fail(f"real UCSD Ped1 sample not found at {SAMPLE} (set DDP_VAD_SAMPLE)")
+        message = f"real UCSD Ped1 sample not found at {SAMPLE} (set DDP_VAD_SAMPLE to its folder)"
+        if os.environ.get("DDP_VAD_REQUIRE_SAMPLE", "") not in ("", "0"):
+            pytest.fail(message)
+        pytest.skip(message)
     return SAMPLE
 
 

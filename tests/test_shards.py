@@ -113,7 +113,8 @@ def test_counts_on_the_real_sample_follow_its_gt_file(sample_dir, tmp_path):
             windows += 1
             anomalous += int(flags[s : s + 10].sum() >= 5)
     c = manifest["counts"]
-    assert (c["clips"], c["windows"], c["anomalous"]) == (10, windows, anomalous)
+    assert (c["clips"], c["windows"], c["anomalous"]) == (16, windows, anomalous)
+    assert (c["windows"], c["anomalous"], c["kept"]) == (3056, 1325, 2650)  # the sample's README
     assert c["kept_anomalous"] == c["kept_normal"] == min(anomalous, windows - anomalous)
     assert sum(s["samples"] for s in manifest["shards"]) == c["kept"]
     assert verify_shards(out, show_progress=False) == []

@@ -36,9 +36,15 @@ def test_sample_clips_and_labels_follow_the_gt_file(sample_dir):
         "Test001",
         "Test003",
         "Test004",
+        "Test005",
+        "Test009",
+        "Test012",
         "Test014",
+        "Test019",
         "Test024",
+        "Test029",
         "Test032",
+        "Test033",
     ]
     gt = _gt_ranges_by_clip(ds.gt_path)
     for clip in ds.clips:
