@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ddp_vad.data import load_window_set, stream_batches
-from ddp_vad.shards import ShardConfig, build_shards, load_manifest
-from ddp_vad.ucsd import discover, read_frame, resize_frame
+from ddp_vad.data.reader import load_window_set, stream_batches
+from ddp_vad.data.shards import ShardConfig, build_shards, load_manifest
+from ddp_vad.data.sources.ucsd import discover, read_frame, resize_frame
 
 
 class FolderWindows(Dataset):

@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ddp_vad.data import frames_to_float, load_window_set
+from ddp_vad.data.reader import frames_to_float, load_window_set
+from ddp_vad.data.shards import ShardConfig, build_shards
+from ddp_vad.data.synth import SynthConfig, run_synth
 from ddp_vad.models import build_generator, build_lrcn, model_config_for, real_fake_logit
-from ddp_vad.pretrain import PretrainConfig, run_pretrain
-from ddp_vad.shards import ShardConfig, build_shards
-from ddp_vad.synth import SynthConfig, run_synth
+from ddp_vad.train.pretrain import PretrainConfig, run_pretrain
 
 
 def synthetic_shards(root: Path, height: int, width: int) -> Path:

@@ -21,7 +21,7 @@ Measures, for one process on one device (the per-GPU figure; DDP/fold-parallel r
     python benchmarks/gpu.py --out benchmarks/results/gpu            # CUDA machine: paper preset, 120x182
     python benchmarks/gpu.py --quick --out /tmp/gpu-quick            # any machine, tiny sizes, ~1 minute on CPU
 
-Without ``--shards`` it builds a small synthetic shard set (``ddp_vad.synth``) in a temp folder. Writes
+Without ``--shards`` it builds a small synthetic shard set (``ddp_vad.data.synth``) in a temp folder. Writes
 ``OUT/gpu_benchmark.json`` and ``OUT/gpu_benchmark.md`` and prints the markdown. Rows that need CUDA say
 ``skipped`` on other machines; a row that fails (e.g. out of memory) says ``failed`` and the run goes on.
 """
@@ -50,11 +50,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from ddp_vad.data import frames_to_float, infinite_batches, load_window_set  # noqa: E402
-from ddp_vad.distributed import make_accelerator, seed_everything  # noqa: E402
+from ddp_vad.data.reader import frames_to_float, infinite_batches, load_window_set  # noqa: E402
+from ddp_vad.data.shards import ShardConfig, build_shards, load_manifest  # noqa: E402
 from ddp_vad.models import ModelConfig, build_generator, build_lrcn, model_config_for  # noqa: E402
-from ddp_vad.pretrain import _gan_step  # noqa: E402  (the toolkit's own step, not a copy)
-from ddp_vad.shards import ShardConfig, build_shards, load_manifest  # noqa: E402
+from ddp_vad.train.distributed import make_accelerator, seed_everything  # noqa: E402
+from ddp_vad.train.pretrain import _gan_step  # noqa: E402  (the toolkit's own step, not a copy)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _ACCEL_MP = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -225,7 +225,7 @@ class Data:
 
 def make_synthetic_shards(root: Path, quick: bool, height: int, width: int) -> Path:
     """A small synthetic UCSD-style dataset -> shards of the benchmark's frame size (balance none: all windows)."""
-    from ddp_vad.synth import SynthConfig, run_synth
+    from ddp_vad.data.synth import SynthConfig, run_synth
 
     clips = (2, 3, 30) if quick else (4, 8, 80)  # train clips, test clips, frames per clip
     data = run_synth(

@@ -103,7 +103,7 @@ def command(group: click.Group, name: str, **settings) -> Callable:
 @click.option("--overwrite", is_flag=True, help="Replace an existing dataset in OUT.")
 def synth_cmd(**kwargs) -> None:
     """Write a synthetic UCSD-style dataset (walkway scenes with five anomaly types) to OUT."""
-    _call("synth", "run_synth", "SynthConfig", **kwargs)
+    _call("data.synth", "run_synth", "SynthConfig", **kwargs)
 
 
 # ----------------------------------------------------------------------------------------- shard
@@ -152,7 +152,7 @@ def shard_build_cmd(**kwargs) -> None:
     """Cut clips in DATA (UCSD layout) into labelled windows and write tar shards + manifest.json."""
     if kwargs["out"] is None:
         kwargs["out"] = str(DEFAULT_SHARDS / (kwargs["dataset"] or Path(kwargs["data"]).resolve().name))
-    _call("shards", "build_shards", "ShardConfig", **kwargs)
+    _call("data.shards", "build_shards", "ShardConfig", **kwargs)
 
 
 @command(shard_group, "info")
@@ -160,7 +160,7 @@ def shard_build_cmd(**kwargs) -> None:
 @click.option("--verify", is_flag=True, help="Re-read every shard; check sample counts and sha256.")
 def shard_info_cmd(directory: str, verify: bool) -> None:
     """Print counts and class balance of a shard set; --verify checks every shard against the manifest."""
-    _call("shards", "print_info", directory=directory, verify=verify)
+    _call("data.shards", "print_info", directory=directory, verify=verify)
 
 
 # ------------------------------------------------------------------------------------- baselines
@@ -191,7 +191,7 @@ def baselines_cmd(**kwargs) -> None:
 
     A method whose OUT/<method>/metrics.json exists is skipped, so a re-run resumes.
     """
-    _call("baselines", "run_baselines", "BaselinesConfig", **kwargs)
+    _call("eval.baselines", "run_baselines", "BaselinesConfig", **kwargs)
 
 
 # -------------------------------------------------------------------------------------- evaluate
@@ -203,7 +203,7 @@ def evaluate_cmd(runs: tuple[str, ...], out: str) -> None:
 
     RUN may be a transfer run, a baselines folder (its methods are expanded) or a pretrain run.
     """
-    _call("evaluate", "run_evaluate", "EvaluateConfig", runs=runs, out=out)
+    _call("eval.report", "run_evaluate", "EvaluateConfig", runs=runs, out=out)
 
 
 # -------------------------------------------------------------------------------------- pretrain
@@ -267,7 +267,7 @@ def evaluate_cmd(runs: tuple[str, ...], out: str) -> None:
 @click.option("--progress/--no-progress", default=True, help="Progress bar on the main process.")
 def pretrain_cmd(**kwargs) -> None:
     """Pretrain the GAN (generator vs LRCN discriminator) on shards; also under `accelerate launch`/`torchrun`."""
-    _call("pretrain", "run_pretrain", "PretrainConfig", **kwargs)
+    _call("train.pretrain", "run_pretrain", "PretrainConfig", **kwargs)
 
 
 # ---------------------------------------------------------------------------------------- predict
@@ -290,7 +290,7 @@ def pretrain_cmd(**kwargs) -> None:
 @click.option("--threshold", default=0.5, type=click.FloatRange(0, 1), help="Score at which a frame is flagged.")
 def predict_cmd(**kwargs) -> None:
     """Per-frame anomaly scores (CSV + score-over-time PNG) for CLIP_DIR, a folder of numbered frames."""
-    _call("predict", "run_predict", "PredictConfig", **kwargs)
+    _call("eval.predict", "run_predict", "PredictConfig", **kwargs)
 
 
 # --------------------------------------------------------------------------------------- pipeline
@@ -390,7 +390,7 @@ def transfer_cmd(**kwargs) -> None:
 
     Also under `accelerate launch -m ddp_vad transfer ...` / `torchrun -m ddp_vad transfer ...`.
     """
-    _call("transfer", "run_transfer", "TransferConfig", **kwargs)
+    _call("train.transfer", "run_transfer", "TransferConfig", **kwargs)
 
 
 def main() -> None:
@@ -404,7 +404,7 @@ def main() -> None:
         clean = exc.code in (None, 0)
         raise
     finally:
-        from ddp_vad.distributed import shutdown_process_group
+        from ddp_vad.train.distributed import shutdown_process_group
 
         shutdown_process_group(clean)
 

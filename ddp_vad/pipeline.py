@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddp_vad.config import write_resolved_config
-from ddp_vad.distributed import patient_barrier, print_main, process_state
 from ddp_vad.errors import UserError
+from ddp_vad.train.distributed import patient_barrier, print_main, process_state
 
 # Per preset: how big the synthetic data, the shards and the training runs are. ``demo`` finishes in minutes on
 # 2 CPU cores; ``paper`` is the method at full size (GPU work); ``tiny`` is for tests.
@@ -118,12 +118,12 @@ def _log(msg: str, main: bool = True) -> None:
 
 def run_pipeline(cfg: PipelineConfig) -> Path:
     """Run (or resume) every stage; returns the report folder."""
-    from ddp_vad.baselines import BaselinesConfig, run_baselines
-    from ddp_vad.evaluate import EvaluateConfig, run_evaluate
-    from ddp_vad.pretrain import PretrainConfig, run_pretrain
-    from ddp_vad.shards import MANIFEST, ShardConfig, build_shards
-    from ddp_vad.synth import SynthConfig, run_synth
-    from ddp_vad.transfer import TransferConfig, run_transfer
+    from ddp_vad.data.shards import MANIFEST, ShardConfig, build_shards
+    from ddp_vad.data.synth import SynthConfig, run_synth
+    from ddp_vad.eval.baselines import BaselinesConfig, run_baselines
+    from ddp_vad.eval.report import EvaluateConfig, run_evaluate
+    from ddp_vad.train.pretrain import PretrainConfig, run_pretrain
+    from ddp_vad.train.transfer import TransferConfig, run_transfer
 
     state = process_state()
     main = state.is_main_process

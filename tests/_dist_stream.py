@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ddp_vad.data import stream_batches
+from ddp_vad.data.reader import stream_batches
 
 if __name__ == "__main__":
     shards, out = sys.argv[1], Path(sys.argv[2])

@@ -92,7 +92,7 @@ def tiny_data(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> Path:
     """Shards of the tiny dataset at 24x36, 4 folds, small shards (read-only for tests)."""
-    from ddp_vad.shards import ShardConfig, build_shards
+    from ddp_vad.data.shards import ShardConfig, build_shards
 
     root = tmp_path_factory.mktemp("tiny")
     data = write_ucsd(root / "data", TINY_CLIPS)

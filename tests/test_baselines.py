@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ddp_vad.baselines import BaselinesConfig, feature_size, run_baselines, window_features
 from ddp_vad.cli import cli
-from ddp_vad.data import load_window_set
+from ddp_vad.data.reader import load_window_set
 from ddp_vad.errors import UserError
-from ddp_vad.metrics import read_oof_scores
+from ddp_vad.eval.baselines import BaselinesConfig, feature_size, run_baselines, window_features
+from ddp_vad.eval.metrics import read_oof_scores
 
 METHODS = ["logreg", "svm", "rf", "knn", "nb"]
 
@@ -20,8 +20,8 @@ METHODS = ["logreg", "svm", "rf", "knn", "nb"]
 @pytest.fixture(scope="module")
 def synth_shards(tmp_path_factory):
     """Shards of a tiny synthetic dataset (5 clips, 24x36, 4 folds), built once."""
-    from ddp_vad.shards import ShardConfig, build_shards
-    from ddp_vad.synth import SynthConfig, run_synth
+    from ddp_vad.data.shards import ShardConfig, build_shards
+    from ddp_vad.data.synth import SynthConfig, run_synth
 
     root = tmp_path_factory.mktemp("synth")
     run_synth(SynthConfig(out=str(root / "data"), train_clips=2, test_clips=3, frames=30, height=48, width=72, seed=0))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddp_vad.data import frames_to_float, infinite_batches, load_window_set, stream_batches
+from ddp_vad.data.reader import frames_to_float, infinite_batches, load_window_set, stream_batches
 
 
 def _keys(batches):

@@ -25,14 +25,14 @@ import pytest
 import torch
 from conftest import TINY_CLIPS, torch_threads, write_ucsd
 
-from ddp_vad.distributed import (
+from ddp_vad.errors import UserError
+from ddp_vad.train.distributed import (
     ALLOW_NO_PG_ENV,
     check_process_group,
     check_shard_count,
     seed_everything,
     state_dict_sha256,
 )
-from ddp_vad.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 NPROC = 2
@@ -89,7 +89,7 @@ def _check_ok(result: subprocess.CompletedProcess) -> None:
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory) -> dict[str, Path]:
     """Uneven shards, then a 2-process GAN pretraining run on them through `torchrun -m ddp_vad pretrain`."""
-    from ddp_vad.shards import ShardConfig, build_shards
+    from ddp_vad.data.shards import ShardConfig, build_shards
 
     root = tmp_path_factory.mktemp("chain")
     data = write_ucsd(root / "data", TINY_CLIPS)
@@ -116,7 +116,7 @@ def _keys_by_epoch(path: Path) -> list[tuple[int, str]]:
 
 @pytest.mark.slow
 def test_pretrain_ranks_read_disjoint_shards(chain):
-    from ddp_vad.data import epoch_shards, iter_tar
+    from ddp_vad.data.reader import epoch_shards, iter_tar
 
     debug = chain["gan"] / "debug"
     seen = {r: _keys_by_epoch(debug / f"keys_rank{r}.txt") for r in range(NPROC)}
@@ -164,7 +164,7 @@ def test_pretrain_replicas_identical_after_ddp_steps(chain):
 def transfer_runs(chain) -> tuple[Path, Path]:
     """(2-process run, 1-process run) of `transfer --from GAN --train head` on the 2-process GAN run: the frozen
     features are computed in two chunks (one per rank) and gathered; 3 folds give rank 0 two folds, rank 1 one."""
-    from ddp_vad.transfer import TransferConfig, run_transfer
+    from ddp_vad.train.transfer import TransferConfig, run_transfer
 
     root, parallel, single = chain["root"], chain["root"] / "transfer-p2", chain["root"] / "transfer-p1"
     options = {"shards": str(chain["shards"]), "from": str(chain["gan"]), "train": "head", "epochs": "2",

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from ddp_vad.cli import cli
 from ddp_vad.errors import UserError
-from ddp_vad.evaluate import EvaluateConfig, run_evaluate
+from ddp_vad.eval.report import EvaluateConfig, run_evaluate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HEADER = "key,clip,start,label,score,fold\n"
@@ -162,8 +162,8 @@ def test_cli_missing_run_exits_2(tmp_path):
 
 
 def test_pretrain_run_figures(tiny_shards, tmp_path):
+    from ddp_vad.data.shards import load_manifest
     from ddp_vad.models import build_generator, model_config_for, save_model
-    from ddp_vad.shards import load_manifest
 
     gan = tmp_path / "gan"
     gan.mkdir()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ddp_vad.errors import UserError
-from ddp_vad.metrics import (
+from ddp_vad.eval.metrics import (
     OOF_HEADER,
     binary_metrics,
     frame_level_auroc,

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ddp_vad import shards as shards_mod
 from ddp_vad.cli import cli
-from ddp_vad.data import load_window_set
+from ddp_vad.data import shards as shards_mod
+from ddp_vad.data.reader import load_window_set
+from ddp_vad.data.shards import ShardConfig, build_shards, load_manifest, verify_shards
+from ddp_vad.data.sources.ucsd import discover, read_clip
 from ddp_vad.errors import UserError
-from ddp_vad.shards import ShardConfig, build_shards, load_manifest, verify_shards
-from ddp_vad.ucsd import discover, read_clip
 
 
 def _cfg(data, out, **kw):

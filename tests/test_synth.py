@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from ddp_vad import synth
+from ddp_vad.data import synth
+from ddp_vad.data.synth import ANOMALY_TYPES, SynthConfig, run_synth
 from ddp_vad.errors import UserError
-from ddp_vad.synth import ANOMALY_TYPES, SynthConfig, run_synth
 
 H, W, FRAMES = 48, 72, 30
 GT_FIRST = "TestVideoFile = {};"
@@ -119,7 +119,7 @@ def test_scene_has_people_and_texture(dataset: Path) -> None:
 
 
 def test_reader_reads_synthetic_data(dataset: Path) -> None:
-    from ddp_vad import ucsd
+    from ddp_vad.data.sources import ucsd
 
     ds = ucsd.discover(dataset.parent)
     assert ds.name == "SynthPed"

@@ -18,14 +18,14 @@ from click.testing import CliRunner
 from conftest import TINY_CLIPS, write_ucsd
 from safetensors.torch import load_file
 
-from ddp_vad import transfer
 from ddp_vad.cli import cli
-from ddp_vad.data import load_window_set
+from ddp_vad.data.reader import load_window_set
+from ddp_vad.data.shards import load_manifest
 from ddp_vad.errors import UserError
-from ddp_vad.metrics import OOF_HEADER, read_oof_scores
+from ddp_vad.eval.metrics import OOF_HEADER, read_oof_scores
 from ddp_vad.models import build_lrcn, load_model, model_config_for, save_model
-from ddp_vad.shards import load_manifest
-from ddp_vad.transfer import (
+from ddp_vad.train import transfer
+from ddp_vad.train.transfer import (
     TransferConfig,
     build_classifier,
     compute_cache,
@@ -42,7 +42,7 @@ TYPES = {"Test001": ["biker"], "Test002": ["cart"], "Test004": ["biker", "skater
 @pytest.fixture(scope="module")
 def typed_shards(tmp_path_factory) -> Path:
     """The tiny dataset at 24x36, 4 folds, with anomaly types per test clip."""
-    from ddp_vad.shards import ShardConfig, build_shards
+    from ddp_vad.data.shards import ShardConfig, build_shards
 
     root = tmp_path_factory.mktemp("transfer")
     data = write_ucsd(root / "data", TINY_CLIPS)
@@ -56,7 +56,7 @@ def typed_shards(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def gan_run(typed_shards, tmp_path_factory) -> Path:
-    from ddp_vad.pretrain import PretrainConfig, run_pretrain
+    from ddp_vad.train.pretrain import PretrainConfig, run_pretrain
 
     out = tmp_path_factory.mktemp("gan") / "run"
     cfg = PretrainConfig(

@@ -12,8 +12,8 @@ from conftest import copy_clips, write_ucsd
 from PIL import Image
 
 from ddp_vad.cli import cli
+from ddp_vad.data.sources.ucsd import discover, parse_gt_file, read_clip, resolve_dataset_dir
 from ddp_vad.errors import UserError
-from ddp_vad.ucsd import discover, parse_gt_file, read_clip, resolve_dataset_dir
 
 
 def _gt_ranges_by_clip(m_file):

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ddp_vad.errors import UserError
-from ddp_vad.windows import (
+from ddp_vad.data.windows import (
     grouped_stratified_folds,
     stratified_folds,
     undersample,
     window_labels,
     window_starts,
 )
+from ddp_vad.errors import UserError
 
 
 def test_window_starts_stay_inside_the_clip():

@@ -1,7 +1,7 @@
 """Classic ML baselines (scikit-learn) on flattened 60x90 windows, on the same folds as ``transfer``.
 
 For each method, ``OUT/<method>/`` gets ``config.json``, ``oof_scores.csv`` and ``metrics.json`` in the
-format of :mod:`ddp_vad.metrics`. A method whose ``metrics.json`` exists is skipped (resume).
+format of :mod:`ddp_vad.eval.metrics`. A method whose ``metrics.json`` exists is skipped (resume).
 
 Memory plan for the full Ped1 set (~8k windows x 54,000 features = ~1.7 GB float32): the windows are
 resized chunk by chunk into one preallocated float32 matrix (the uint8 frames are dropped afterwards);
@@ -25,7 +25,7 @@ import numpy as np
 
 from ddp_vad.config import write_resolved_config
 from ddp_vad.errors import UserError
-from ddp_vad.metrics import binary_metrics, read_cv_results, write_cv_results
+from ddp_vad.eval.metrics import binary_metrics, read_cv_results, write_cv_results
 
 METHODS = ("logreg", "svm", "rf", "knn", "nb")
 PROTOCOLS = ("window", "clip")
@@ -256,8 +256,8 @@ def run_baselines(cfg: BaselinesConfig) -> dict[str, Path]:
     Folds are the shards' (``fold_window`` or ``fold_clip``), so the split matches ``transfer`` exactly.
     Returns ``{method: metrics.json path}``.
     """
-    from ddp_vad.data import load_window_set
-    from ddp_vad.shards import fold_count, load_manifest
+    from ddp_vad.data.reader import load_window_set
+    from ddp_vad.data.shards import fold_count, load_manifest
 
     out = Path(cfg.out)
     manifest = load_manifest(cfg.shards)

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddp_vad.data.sources.ucsd import Clip, frame_files, read_clip
 from ddp_vad.errors import UserError
 from ddp_vad.models import build_lrcn, load_model
-from ddp_vad.ucsd import Clip, frame_files, read_clip
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 

@@ -23,8 +23,8 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
+from ddp_vad.data.shards import load_manifest, shard_paths
 from ddp_vad.errors import UserError
-from ddp_vad.shards import load_manifest, shard_paths
 
 
 # ------------------------------------------------------------------------------------------ samples

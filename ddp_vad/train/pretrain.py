@@ -31,18 +31,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ddp_vad.checkpoint import list_checkpoints, read_train_state, remove_partial, resolve_resume, save_checkpoint
 from ddp_vad.config import write_resolved_config
-from ddp_vad.data import frames_to_float, infinite_batches, iter_tar
-from ddp_vad.distributed import (
-    broadcast_buffers,
-    check_process_group,
-    check_shard_count,
-    make_accelerator,
-    print_main,
-    seed_everything,
-    state_dict_sha256,
-)
+from ddp_vad.data.reader import frames_to_float, infinite_batches, iter_tar
+from ddp_vad.data.shards import load_manifest, shard_paths
 from ddp_vad.errors import UserError
 from ddp_vad.models import (
     DISCRIMINATOR_FILE,
@@ -55,7 +46,16 @@ from ddp_vad.models import (
     real_fake_logit,
     save_model,
 )
-from ddp_vad.shards import load_manifest, shard_paths
+from ddp_vad.train.checkpoint import list_checkpoints, read_train_state, remove_partial, resolve_resume, save_checkpoint
+from ddp_vad.train.distributed import (
+    broadcast_buffers,
+    check_process_group,
+    check_shard_count,
+    make_accelerator,
+    print_main,
+    seed_everything,
+    state_dict_sha256,
+)
 
 SIMILARITY_CSV = "similarity.csv"
 DEBUG_ENV = "DDP_VAD_DEBUG_KEYS"

@@ -58,10 +58,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ddp_vad.config import write_json_atomic, write_resolved_config
-from ddp_vad.data import WindowSet, frames_to_float, load_window_set
-from ddp_vad.distributed import check_process_group, make_accelerator, patient_group, print_main
+from ddp_vad.data.reader import WindowSet, frames_to_float, load_window_set
+from ddp_vad.data.shards import fold_count, load_manifest
 from ddp_vad.errors import UserError
-from ddp_vad.metrics import binary_metrics, write_cv_results
+from ddp_vad.eval.metrics import binary_metrics, write_cv_results
 from ddp_vad.models import (
     DISCRIMINATOR_FILE,
     LRCN,
@@ -73,7 +73,7 @@ from ddp_vad.models import (
     model_config_for,
     save_model,
 )
-from ddp_vad.shards import fold_count, load_manifest
+from ddp_vad.train.distributed import check_process_group, make_accelerator, patient_group, print_main
 
 SCRATCH = "scratch"
 TRAIN_SCOPES = ("head", "head+lstm", "all")

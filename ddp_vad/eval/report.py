@@ -30,7 +30,7 @@ import numpy as np
 
 from ddp_vad.config import write_json_atomic, write_resolved_config
 from ddp_vad.errors import UserError
-from ddp_vad.metrics import (
+from ddp_vad.eval.metrics import (
     METRICS,
     frame_level_auroc,
     read_cv_results,
@@ -334,8 +334,8 @@ def fig_similarity(curves: list[tuple[str, dict[str, list[float]]]]):
 
 def real_windows(shard_dir: Path, n: int) -> list[tuple[str, np.ndarray]]:
     """The first ``n`` windows of a shard set (key, uint8 [T, H, W]), read lazily from the first shards."""
-    from ddp_vad.data import iter_tar
-    from ddp_vad.shards import load_manifest, shard_paths
+    from ddp_vad.data.reader import iter_tar
+    from ddp_vad.data.shards import load_manifest, shard_paths
 
     out: list[tuple[str, np.ndarray]] = []
     for path in shard_paths(shard_dir, load_manifest(shard_dir)):

@@ -25,9 +25,8 @@ from tqdm import tqdm
 
 from ddp_vad import __version__
 from ddp_vad.config import read_json_object, to_jsonable, write_json_atomic
-from ddp_vad.errors import UserError
-from ddp_vad.ucsd import Clip, UCSDDataset, discover, read_clip
-from ddp_vad.windows import (
+from ddp_vad.data.sources.ucsd import Clip, UCSDDataset, discover, read_clip
+from ddp_vad.data.windows import (
     fold_summary,
     grouped_stratified_folds,
     stratified_folds,
@@ -35,6 +34,7 @@ from ddp_vad.windows import (
     window_labels,
     window_starts,
 )
+from ddp_vad.errors import UserError
 
 MANIFEST = "manifest.json"
 

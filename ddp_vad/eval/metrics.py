@@ -228,7 +228,7 @@ def read_shard_frame_labels(shard_dir: str | os.PathLike) -> dict[str, list[int]
     Much cheaper than materialising every window (no frames are decoded). Raises UserError when the
     folder holds no manifest or a listed shard cannot be read.
     """
-    from ddp_vad.shards import load_manifest, shard_paths
+    from ddp_vad.data.shards import load_manifest, shard_paths
 
     manifest = load_manifest(shard_dir)
     labels: dict[str, list[int]] = {}
