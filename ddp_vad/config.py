@@ -1,9 +1,8 @@
-"""Config files (TOML or YAML, keys = CLI option names) and resolved-config writing."""
+"""Config files (TOML or YAML, keys = CLI option names), JSON-ready values and resolved-config writing."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import tomllib
 import yaml
 
 from ddp_vad.errors import UserError
+from ddp_vad.files import write_json_atomic
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -34,18 +34,6 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def read_json_object(path: str | os.PathLike, what: str = "file") -> dict:
-    """Read a JSON file that must hold an object; bad JSON or another type is a UserError naming the path."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{what} {path} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{what} {path} must hold a JSON object")
-    return data
-
-
 def to_jsonable(obj: Any) -> Any:
     """Dataclasses, paths, tuples and numpy values -> plain JSON values."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -61,15 +49,6 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     return obj
-
-
-def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
-    """Write JSON to ``path`` via a temp file + rename, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(to_jsonable(payload), indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
 
 
 def write_resolved_config(run_dir: str | os.PathLike, config: Any, extra: dict | None = None) -> Path:

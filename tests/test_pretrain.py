@@ -21,9 +21,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import ddp_vad.train.pretrain as pretrain
 from ddp_vad.cli import cli
-from ddp_vad.config import write_json_atomic
 from ddp_vad.data.reader import load_window_set
 from ddp_vad.errors import UserError
+from ddp_vad.files import write_json_atomic
 from ddp_vad.models import load_discriminator, load_generator
 from ddp_vad.train.checkpoint import list_checkpoints, read_train_state
 from ddp_vad.train.distributed import check_process_group, check_shard_count, state_dict_sha256

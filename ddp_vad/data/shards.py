@@ -12,7 +12,6 @@ import io
 import json
 import multiprocessing as mp
 import os
-import shutil
 import tarfile
 import time
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ddp_vad import __version__
-from ddp_vad.config import read_json_object, to_jsonable, write_json_atomic
+from ddp_vad.config import to_jsonable
 from ddp_vad.data.sources.ucsd import Clip, UCSDDataset, discover, read_clip
 from ddp_vad.data.windows import (
     fold_summary,
@@ -35,6 +34,7 @@ from ddp_vad.data.windows import (
     window_starts,
 )
 from ddp_vad.errors import UserError
+from ddp_vad.files import atomic_path, read_json_object, sha256_file, staging_folder, swap_in, write_json_atomic
 
 MANIFEST = "manifest.json"
 
@@ -181,14 +181,12 @@ def _decoded_clips(clips: list[Clip], cfg: ShardConfig, show_progress: bool) -> 
 
 def _write_shard(path: Path, samples: list[dict]) -> str:
     """Write one tar under a temporary name, rename it when complete, return its sha256."""
-    tmp = path.with_name(path.name + ".tmp")
-    writer = TarShardWriter(tmp)
-    for sample in samples:
-        writer.write_sample(sample)
-    sha = writer.close()
-    # The rename makes the tar visible only once it is whole (a kill before it leaves just the .tmp).
-    os.replace(tmp, path)
-    return sha
+    # The rename makes the tar visible only once it is whole (a kill before it leaves just the temp file).
+    with atomic_path(path) as tmp:
+        writer = TarShardWriter(tmp)
+        for sample in samples:
+            writer.write_sample(sample)
+        return writer.close()
 
 
 def _prepare_output(out: Path, overwrite: bool) -> Path:
@@ -201,11 +199,7 @@ def _prepare_output(out: Path, overwrite: bool) -> Path:
                 raise UserError(f"{out} is not empty; refusing to overwrite (pass --overwrite to replace it)")
             if not (out / MANIFEST).is_file():
                 raise UserError(f"{out} is not a shard set (no {MANIFEST}); refusing to replace it")
-    stage = out.parent / f".{out.name}.partial"
-    if stage.exists():
-        shutil.rmtree(stage)  # left behind by a killed build
-    stage.mkdir(parents=True)
-    return stage
+    return staging_folder(out)
 
 
 # Clips are decoded in worker processes and written group by group: while the main process writes the shards of
@@ -289,7 +283,7 @@ def build_shards(cfg: ShardConfig, show_progress: bool = True) -> Path:
     shards = _write_all_shards(dataset, plan, cfg, stage, show_progress)
     manifest = _manifest(cfg, dataset, plan, shards, time.perf_counter() - t0)
     write_json_atomic(stage / MANIFEST, manifest)
-    _swap_in(stage, out)
+    swap_in(stage, out)
     return out
 
 
@@ -337,18 +331,6 @@ def _manifest(cfg: ShardConfig, dataset: UCSDDataset, plan: WindowPlan, shards: 
     }
 
 
-def _swap_in(stage: Path, out: Path) -> None:
-    """Replace ``out`` with the finished staging folder (the old set survives until the new one is whole)."""
-    old = out.parent / f".{out.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(stage, out)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def load_manifest(shard_dir: str | Path) -> dict:
     """Read ``shard_dir/manifest.json``; a missing or broken manifest is a UserError naming the path."""
     path = Path(shard_dir) / MANIFEST
@@ -393,11 +375,7 @@ def verify_shards(shard_dir: str | Path, show_progress: bool = True) -> list[str
         if not path.is_file():
             problems.append(f"{entry['name']}: missing")
             continue
-        sha = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                sha.update(block)
-        if sha.hexdigest() != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             problems.append(f"{entry['name']}: sha256 mismatch")
             continue
         try:

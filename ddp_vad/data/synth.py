@@ -36,8 +36,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ddp_vad.config import write_json_atomic, write_resolved_config
+from ddp_vad.config import write_resolved_config
 from ddp_vad.errors import UserError
+from ddp_vad.files import write_json_atomic
 
 DATASET_NAME = "SynthPed"
 ANOMALY_TYPES = ("biker", "skater", "cart", "wheelchair", "grass")

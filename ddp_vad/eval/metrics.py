@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from ddp_vad.config import read_json_object, write_json_atomic
 from ddp_vad.errors import UserError
+from ddp_vad.files import atomic_path, read_json_object, write_json_atomic
 
 METRICS = ("recall", "precision", "accuracy", "f1")
 OOF_HEADER = ("key", "clip", "start", "label", "score", "fold")
@@ -157,13 +157,11 @@ def write_cv_results(
     oof = sorted((_oof_tuple(r) for r in oof_rows), key=lambda r: (r[0], r[5]))
 
     csv_path = run_dir / "oof_scores.csv"
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(OOF_HEADER)
         for key, clip, start, label, score, fold in oof:
             writer.writerow([key, clip, start, label, repr(score), fold])
-    os.replace(tmp, csv_path)
 
     mean, std = summarise_folds(folds)
     payload: dict[str, Any] = {

@@ -21,14 +21,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ddp_vad.config import write_json_atomic, write_resolved_config
+from ddp_vad.config import write_resolved_config
 from ddp_vad.errors import UserError
 from ddp_vad.eval.metrics import (
     METRICS,
@@ -39,6 +38,7 @@ from ddp_vad.eval.metrics import (
     summarise_folds,
     window_level_auroc,
 )
+from ddp_vad.files import atomic_path, write_json_atomic, write_text_atomic
 
 _MAX_DEPTH = 2  # pipeline/ -> baselines/ -> <method>/
 
@@ -261,9 +261,8 @@ def _new_figure(width: float, height: float):
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, format="png", bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
     return path
 
 
@@ -563,9 +562,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         _save(fig, out / f"{name}.png")
         report["figures"].append(f"{name}.png")
     markdown = _markdown(report)
-    tmp = out / ".report.md.tmp"
-    tmp.write_text(markdown)
-    os.replace(tmp, out / "report.md")
+    write_text_atomic(out / "report.md", markdown)
     write_json_atomic(out / "report.json", report)
     _log_tensorboard(out / "tb", report, figures, markdown)
     if entries:

@@ -15,8 +15,8 @@ import re
 import shutil
 from pathlib import Path
 
-from ddp_vad.config import write_json_atomic
 from ddp_vad.errors import UserError
+from ddp_vad.files import write_json_atomic
 
 STATE_FILE = "train_state.json"
 _NAME = re.compile(r"^step_(\d+)$")

@@ -35,6 +35,7 @@ from ddp_vad.config import write_resolved_config
 from ddp_vad.data.reader import frames_to_float, infinite_batches, iter_tar
 from ddp_vad.data.shards import load_manifest, shard_paths
 from ddp_vad.errors import UserError
+from ddp_vad.files import write_text_atomic
 from ddp_vad.models import (
     DISCRIMINATOR_FILE,
     GENERATOR_FILE,
@@ -188,9 +189,7 @@ def _write_similarity_rows(path: Path, rows: list[list]) -> None:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["step", "cosine", "l2"])
     writer.writerows(rows)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    write_text_atomic(path, buf.getvalue())
 
 
 def _gan_step(accelerator, gen, disc, opt_g, opt_d, real: torch.Tensor, z_dim: int) -> torch.Tensor:

@@ -45,7 +45,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,11 +56,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ddp_vad.config import write_json_atomic, write_resolved_config
+from ddp_vad.config import write_resolved_config
 from ddp_vad.data.reader import WindowSet, frames_to_float, load_window_set
 from ddp_vad.data.shards import fold_count, load_manifest
 from ddp_vad.errors import UserError
 from ddp_vad.eval.metrics import binary_metrics, write_cv_results
+from ddp_vad.files import atomic_path, sha256_file, write_json_atomic
 from ddp_vad.models import (
     DISCRIMINATOR_FILE,
     LRCN,
@@ -378,9 +378,8 @@ def save_fold_checkpoint(ckpt_dir: Path, epoch: int, state: dict) -> Path:
     """Write ``ckpt_dir/epoch_XXXX.pt`` atomically (temp file + rename) and remove the older ones."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / f"epoch_{epoch:04d}.pt"
-    tmp = ckpt_dir / f".{path.name}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
     for e, old in _checkpoints(ckpt_dir):
         if e < epoch:
             old.unlink(missing_ok=True)
@@ -403,11 +402,7 @@ def _fingerprint(cfg: TransferConfig, manifest: dict, model_cfg: ModelConfig, mi
     shards = hashlib.sha256("".join(s.get("sha256", s["name"]) for s in manifest["shards"]).encode()).hexdigest()
     source = SCRATCH
     if cfg.source != SCRATCH:
-        h = hashlib.sha256()
-        with open(discriminator_file(cfg.source), "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        source = f"sha256:{h.hexdigest()}"
+        source = f"sha256:{sha256_file(discriminator_file(cfg.source))}"
     return {
         "shards": shards,
         "source": source,
@@ -636,7 +631,7 @@ def _fold_status(run_dir: Path, k: int, fingerprint: dict) -> tuple[str, Any, st
             return "new", None, f"{result_path} was made with other settings ({diff}); use another --out"
         return "done", result, None
     ckpt_dir = run_dir / "checkpoints" / name
-    for tmp in ckpt_dir.glob(".*.tmp") if ckpt_dir.is_dir() else []:
+    for tmp in ckpt_dir.glob(".*.tmp.pt") if ckpt_dir.is_dir() else []:
         tmp.unlink(missing_ok=True)  # left by a kill during a save
     ckpts = _checkpoints(ckpt_dir)
     if not ckpts:

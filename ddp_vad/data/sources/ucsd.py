@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ddp_vad.config import read_json_object
 from ddp_vad.errors import UserError
+from ddp_vad.files import read_json_object
 
 FRAME_SUFFIXES = (".tif", ".tiff")
 _CLIP_DIR = re.compile(r"^(Train|Test)(\d+)$")

@@ -1,0 +1,97 @@
+"""Files that appear whole or not at all: atomic file writes, staged folders, checksums and JSON objects.
+
+Every file the toolkit writes goes through :func:`atomic_path` (a hidden temp name in the same folder, renamed when
+complete), and every folder that is built as a whole (a shard set, a synthetic dataset, a report) through
+:func:`staging_folder` + :func:`swap_in`. A ``kill -9`` therefore leaves at most a hidden temp file or staging
+folder, never a torn one under the real name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ddp_vad.errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a hidden temp path beside ``path``; rename it onto ``path`` when the block succeeds, else remove it.
+
+    The temp name keeps the suffix (``.x.tmp.png``) so that writers that pick a format by suffix still work.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically; returns the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
+    """Write ``payload`` (dataclasses, paths and numpy values allowed) as indented JSON, atomically."""
+    from ddp_vad.config import to_jsonable
+
+    return write_text_atomic(path, json.dumps(to_jsonable(payload), indent=2, sort_keys=False) + "\n")
+
+
+def read_json_object(path: str | os.PathLike, what: str = "file") -> dict:
+    """Read a JSON file that must hold an object; bad JSON or another type is a UserError naming the path."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{what} {path} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not a text file") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path} must hold a JSON object")
+    return data
+
+
+def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def staging_folder(out: str | os.PathLike) -> Path:
+    """A fresh, empty hidden folder beside ``out`` to build it in (one left by a killed build is removed first)."""
+    out = Path(out)
+    stage = out.parent / f".{out.name}.partial"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    return stage
+
+
+def swap_in(stage: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Replace ``out`` with the finished ``stage`` folder; the old ``out`` survives until the new one is in place."""
+    stage, out = Path(stage), Path(out)
+    old = out.parent / f".{out.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(stage, out)
+    if old.exists():
+        shutil.rmtree(old)
+    return out
