@@ -13,7 +13,6 @@ would make a float64 copy). Peak ~2x the feature matrix.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
@@ -25,10 +24,10 @@ import numpy as np
 
 from ddp_vad.config import write_resolved_config
 from ddp_vad.errors import UserError
-from ddp_vad.eval.metrics import binary_metrics, read_cv_results, write_cv_results
+from ddp_vad.eval.metrics import binary_metrics, read_cv_results
+from ddp_vad.train.crossval import PROTOCOLS, CVWindows, finish_cv, fold_split, score_fold
 
 METHODS = ("logreg", "svm", "rf", "knn", "nb")
-PROTOCOLS = ("window", "clip")
 
 
 @dataclass
@@ -177,17 +176,27 @@ def _n_jobs(n_jobs: int | None) -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _fit_predict(method: str, cfg: BaselinesConfig, x_train, y_train, x_test, seen_warnings: dict) -> tuple:
+    """Scores, predictions and a note for one fold; warnings of the fit are collected (de-duplicated)."""
+    train_classes = np.unique(y_train)
+    if train_classes.size < 2:
+        # Nothing to learn from one class: predict it, and say so rather than crash.
+        only = int(train_classes[0]) if train_classes.size else 0
+        note = f"training folds hold class {only} only: constant prediction"
+        return np.full(len(x_test), float(only)), np.full(len(x_test), only, dtype=np.int64), note
+    model = make_estimator(method, cfg.seed, _n_jobs(cfg.n_jobs), cfg.rf_trees, cfg.rf_max_depth)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x_train, y_train)
+        y_pred = np.asarray(model.predict(x_test), dtype=np.int64)
+        score = anomaly_scores(model, x_test)
+    for w in caught:
+        seen_warnings[f"{w.category.__name__}: {str(w.message).splitlines()[0]}"] = None
+    return score, y_pred, None
+
+
 def _run_method(
-    method: str,
-    cfg: BaselinesConfig,
-    x: np.ndarray,
-    labels: np.ndarray,
-    fold_of: np.ndarray,
-    n_folds: int,
-    keys: list[str],
-    clips: list[str],
-    starts: np.ndarray,
-    buf: np.ndarray,
+    method: str, cfg: BaselinesConfig, x: np.ndarray, cv: CVWindows, n_folds: int, buf: np.ndarray
 ) -> tuple[list[dict], list[dict], list[str]]:
     """k-fold CV of one method. Returns fold rows, out-of-fold rows and de-duplicated fit warnings."""
     from tqdm.auto import tqdm
@@ -196,11 +205,9 @@ def _run_method(
     oof_rows: list[dict] = []
     seen_warnings: dict[str, None] = {}
     for k in tqdm(range(n_folds), desc=f"{method} folds", unit="fold", leave=False):
-        test_idx = np.flatnonzero(fold_of == k)
-        train_idx = np.flatnonzero(fold_of != k)
+        train_idx, test_idx, _ = fold_split(cv, k)
         if test_idx.size == 0:
-            row = {"fold": k, **binary_metrics([], []), "seconds": 0.0}
-            fold_rows.append(row)
+            fold_rows.append({"fold": k, **binary_metrics([], []), "seconds": 0.0})
             continue
         t0 = time.perf_counter()
         x_train = buf[: train_idx.size]
@@ -209,45 +216,14 @@ def _run_method(
         _standardise_(x_train, mean, std)
         x_test = x[test_idx]  # a copy (fancy indexing): safe to standardise in place
         _standardise_(x_test, mean, std)
-        y_train = labels[train_idx]
-        note = None
-        train_classes = np.unique(y_train)
-        if train_classes.size < 2:
-            # Nothing to learn from one class: predict it, and say so rather than crash.
-            only = int(train_classes[0]) if train_classes.size else 0
-            y_pred = np.full(test_idx.size, only, dtype=np.int64)
-            score = np.full(test_idx.size, float(only))
-            note = f"training folds hold class {only} only: constant prediction"
-        else:
-            model = make_estimator(method, cfg.seed, _n_jobs(cfg.n_jobs), cfg.rf_trees, cfg.rf_max_depth)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                model.fit(x_train, y_train)
-                y_pred = np.asarray(model.predict(x_test), dtype=np.int64)
-                score = anomaly_scores(model, x_test)
-            for w in caught:
-                seen_warnings[f"{w.category.__name__}: {str(w.message).splitlines()[0]}"] = None
-        row = {"fold": k, **binary_metrics(labels[test_idx], y_pred)}
+        score, y_pred, note = _fit_predict(method, cfg, x_train, cv.labels[train_idx], x_test, seen_warnings)
+        row, oof = score_fold(cv, k, test_idx, score, y_pred)
         if note:
             row["note"] = f"{row['note']}; {note}" if "note" in row else note
         row["seconds"] = round(time.perf_counter() - t0, 3)
         fold_rows.append(row)
-        for i, s in zip(test_idx.tolist(), score.tolist(), strict=True):
-            oof_rows.append(
-                {
-                    "key": keys[i],
-                    "clip": clips[i],
-                    "start": int(starts[i]),
-                    "label": int(labels[i]),
-                    "score": s,
-                    "fold": k,
-                }
-            )
+        oof_rows += oof
     return fold_rows, oof_rows, list(seen_warnings)
-
-
-def _fmt(v: float | None) -> str:
-    return "  n/a" if v is None else f"{v:.3f}"
 
 
 def run_baselines(cfg: BaselinesConfig) -> dict[str, Path]:
@@ -284,9 +260,7 @@ def run_baselines(cfg: BaselinesConfig) -> dict[str, Path]:
         raise UserError(f"--shards {cfg.shards}: no windows")
     height, width, size_note = feature_size(frame_h, frame_w, int(cfg.height), int(cfg.width))
     x = window_features(ws.frames, height, width)
-    labels = np.asarray(ws.labels, dtype=np.int64)
-    fold_of = np.asarray(ws.folds(cfg.protocol), dtype=np.int64)
-    keys, clips, starts = list(ws.keys), list(ws.clips), np.asarray(ws.starts, dtype=np.int64)
+    cv = CVWindows.from_window_set(ws, cfg.protocol)
     del ws  # the uint8 frames are no longer needed
     load_seconds = time.perf_counter() - t_load
     features = {
@@ -305,7 +279,7 @@ def run_baselines(cfg: BaselinesConfig) -> dict[str, Path]:
         f"{n_folds} folds, protocol {cfg.protocol}, loaded in {load_seconds:.1f}s"
     )
     # One training buffer reused by every fold and method (the largest training split).
-    max_train = max(int(np.sum(fold_of != k)) for k in range(n_folds))
+    max_train = max(int(np.sum(cv.fold_of != k)) for k in range(n_folds))
     buf = np.empty((max_train, x.shape[1]), dtype=np.float32)
 
     for method in todo:
@@ -318,29 +292,16 @@ def run_baselines(cfg: BaselinesConfig) -> dict[str, Path]:
             extra={"method": method, "features": features, "estimator": repr(estimator)},
         )
         t0 = time.perf_counter()
-        fold_rows, oof_rows, fit_warnings = _run_method(
-            method, cfg, x, labels, fold_of, n_folds, keys, clips, starts, buf
-        )
+        fold_rows, oof_rows, fit_warnings = _run_method(method, cfg, x, cv, n_folds, buf)
         seconds = time.perf_counter() - t0
-        write_cv_results(
-            run_dir,
-            method,
-            cfg.protocol,
-            fold_rows,
-            oof_rows,
-            extra={
-                "n_folds": n_folds,
-                "features": features,
-                "estimator": repr(estimator),
-                "seconds": round(seconds, 2),
-                "warnings": fit_warnings,
-            },
-        )
-        summary = json.loads(results[method].read_text())["mean"]
-        print(
-            f"baselines: {method:6s} recall {_fmt(summary['recall'])} precision {_fmt(summary['precision'])} "
-            f"accuracy {_fmt(summary['accuracy'])} F1 {_fmt(summary['f1'])}  ({seconds:.1f}s) -> {run_dir}"
-        )
+        extra = {
+            "n_folds": n_folds,
+            "features": features,
+            "estimator": repr(estimator),
+            "seconds": round(seconds, 2),
+            "warnings": fit_warnings,
+        }
+        finish_cv(run_dir, method, cfg.protocol, fold_rows, oof_rows, extra, seconds, "baselines")
     return results
 
 

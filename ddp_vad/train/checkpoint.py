@@ -1,4 +1,5 @@
-"""Resumable training state: accelerate ``save_state`` folders that appear atomically, retention, resume lookup.
+"""Resumable training state: GAN steps (accelerate ``save_state`` folders that appear atomically, retention, resume
+lookup) and transfer folds (one file per fold and epoch, see the bottom of this module).
 
 A checkpoint is ``RUN/checkpoints/step_0001000/``: accelerate's files (models as safetensors, optimizer/RNG states
 loaded with ``weights_only=True``) plus ``train_state.json`` (step, per-rank data-stream positions, model config).
@@ -15,8 +16,10 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
+
 from ddp_vad.errors import UserError
-from ddp_vad.files import write_json_atomic
+from ddp_vad.files import atomic_path, write_json_atomic
 
 STATE_FILE = "train_state.json"
 _NAME = re.compile(r"^step_(\d+)$")
@@ -109,3 +112,52 @@ def save_checkpoint(accelerator, ckpt_dir: str | Path, step: int, train_state: d
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+# ------------------------------------------------------------------------------------- fold checkpoints
+# A fold of ``transfer`` trains alone on one process, outside accelerate's state: its checkpoint is one file,
+# ``RUN/checkpoints/fold_XX/epoch_XXXX.pt`` (model, optimizer, RNG state, history), holding plain tensors and types
+# only so that it loads with ``weights_only=True``.
+FOLD_CHECKPOINT_FORMAT = "ddp_vad-transfer-checkpoint/1"
+
+
+def list_fold_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    """Fold checkpoints in ``ckpt_dir`` as (epoch, path), oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for p in ckpt_dir.glob("epoch_*.pt"):
+        stem = p.stem.removeprefix("epoch_")
+        if stem.isdigit():
+            found.append((int(stem), p))
+    return sorted(found)
+
+
+def save_fold_checkpoint(ckpt_dir: str | Path, epoch: int, state: dict) -> Path:
+    """Write ``ckpt_dir/epoch_XXXX.pt`` atomically and remove the older ones."""
+    path = Path(ckpt_dir) / f"epoch_{epoch:04d}.pt"
+    with atomic_path(path) as tmp:
+        torch.save({"format": FOLD_CHECKPOINT_FORMAT, **state}, tmp)
+    for e, old in list_fold_checkpoints(ckpt_dir):
+        if e < epoch:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_fold_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by :func:`save_fold_checkpoint` (no pickled objects: ``weights_only=True``)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file: say which one
+        raise UserError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(state, dict) or state.get("format") != FOLD_CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a ddp_vad transfer checkpoint")
+    return state
+
+
+def remove_partial_fold_saves(ckpt_dir: str | Path) -> None:
+    """Delete temp files left by a kill during a fold checkpoint save."""
+    ckpt_dir = Path(ckpt_dir)
+    for tmp in ckpt_dir.glob(".*.tmp.pt") if ckpt_dir.is_dir() else []:
+        tmp.unlink(missing_ok=True)

@@ -7,6 +7,7 @@ import os
 import random
 import sys
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -187,3 +188,25 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
         return
     for buf in module.buffers():
         torch.distributed.broadcast(buf.data, src=src)
+
+
+def object_group(world: int):
+    """The group for gathering Python objects between stages' ranks: the long-timeout gloo group (ranks whose work
+    ends early wait there while others still train), or None for one process."""
+    return None if world == 1 else patient_group()
+
+
+def all_gather_objects(obj: Any, group, world: int) -> list[Any]:
+    """Every process's ``obj``, in rank order (every process must call this)."""
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, obj, group=group)
+    return out
+
+
+def raise_agreed(error: str | None, group, world: int) -> None:
+    """Raise the first error any process found, on every process, so none is left waiting at a collective alone."""
+    errors = [e for e in all_gather_objects(error, group, world) if e]
+    if errors:
+        raise UserError(errors[0])

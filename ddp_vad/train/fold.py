@@ -1,0 +1,237 @@
+"""One fold of ``transfer``: build the classifier, train it on the other folds' windows, score its own, save it.
+
+A fold trains alone on the process that owns it (never DDP-wrapped: ranks train different folds). Its seed, initial
+weights and data order depend only on ``(seed, fold)``, so its numbers do not depend on how many processes share
+the folds. Files: ``RUN/tb/fold_XX/`` (loss/train, accuracy/test_fold, lr per epoch), ``RUN/checkpoints/fold_XX/``
+(the latest epoch), and when the fold finishes ``RUN/folds/fold_XX/model.safetensors`` + ``result.json`` (metrics
+and out-of-fold scores; written last, so its presence marks the fold finished).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ddp_vad.data.reader import WindowSet, frames_to_float
+from ddp_vad.errors import NonFiniteLossError, UserError
+from ddp_vad.files import write_json_atomic
+from ddp_vad.models import LRCN, ModelConfig, save_model
+from ddp_vad.train.checkpoint import list_fold_checkpoints, save_fold_checkpoint
+from ddp_vad.train.classifier import (
+    CHUNK,
+    build_classifier,
+    compute_cache,
+    feature_standardization,
+    fold_seed,
+    fold_standardization_into_head,
+    frozen_part,
+    train_mode,
+    trainable_forward,
+)
+from ddp_vad.train.crossval import CVWindows, fold_split, score_fold
+from ddp_vad.train.fold_store import MODEL_FILE, RESULT_FILE, fold_name
+
+
+@dataclass
+class FoldRun:
+    """What every fold of one transfer run shares (``cfg`` is the run's TransferConfig)."""
+
+    cfg: Any
+    run_dir: Any
+    ws: WindowSet
+    cv: CVWindows
+    held_out: np.ndarray  # bool [N]: windows of the held-out anomaly type (never trained on)
+    model_cfg: ModelConfig
+    features_state: dict[str, torch.Tensor] | None
+    shared_cache: torch.Tensor | None  # frozen output of every window when it is the same for every fold
+    fingerprint: dict
+    accelerator: Any
+    scaler_needed: bool
+
+
+@torch.no_grad()
+def predict(model: LRCN, forward, get_inputs, idx: np.ndarray, autocast) -> tuple[np.ndarray, np.ndarray]:
+    """Anomaly probabilities (float64) and predicted classes of the windows ``idx`` (eval mode)."""
+    model.eval()
+    scores, preds = [], []
+    for lo in range(0, len(idx), CHUNK):
+        with autocast():
+            logits = forward(get_inputs(idx[lo : lo + CHUNK])).float()
+        scores.append(torch.softmax(logits, dim=1)[:, 1].double().cpu())
+        preds.append(logits.argmax(dim=1).cpu())
+    if not scores:
+        return np.zeros(0, np.float64), np.zeros(0, np.int64)
+    return torch.cat(scores).numpy(), torch.cat(preds).numpy().astype(np.int64)
+
+
+def _holdout_part(run: FoldRun, test_idx: np.ndarray, preds: np.ndarray, n_excluded: int) -> dict | None:
+    if run.cfg.holdout_type is None:
+        return None
+    sel = run.held_out[test_idx]
+    labels, pred = run.cv.labels[test_idx][sel], preds[sel]
+    return {
+        "n": int(sel.sum()),
+        "n_anomalous": int(labels.sum()),
+        "correct": int((pred == labels).sum()),
+        "predicted_anomalous": int(pred.sum()),
+        "detected": int(((pred == 1) & (labels == 1)).sum()),
+        "excluded_from_training": n_excluded,
+    }
+
+
+def _restore(resume_state: dict, model, optimizer, scaler, device) -> tuple[int, list]:
+    """Load a fold checkpoint into the live objects; returns (epochs done, history)."""
+    model.load_state_dict(resume_state["model"])
+    optimizer.load_state_dict(resume_state["optimizer"])
+    if scaler is not None and resume_state.get("scaler"):
+        scaler.load_state_dict(resume_state["scaler"])
+    torch.set_rng_state(resume_state["rng_cpu"])
+    if device.type == "cuda" and resume_state.get("rng_device") is not None:
+        torch.cuda.set_rng_state(resume_state["rng_device"], device)
+    return int(resume_state["epoch"]), json.loads(resume_state["history"])
+
+
+def _input_fn(run: FoldRun, model: LRCN, train_idx: np.ndarray) -> tuple[Callable, tuple | None]:
+    """``get_inputs(idx)`` for the trainable part (frames, or the cached frozen output) and the per-fold feature
+    standardisation (``--train head``), computed from the fold's training windows only."""
+    cfg, device, autocast = run.cfg, run.accelerator.device, run.accelerator.autocast
+    frozen = frozen_part(model, cfg.train)
+    if frozen is None:
+        return (lambda idx: frames_to_float(torch.from_numpy(run.ws.frames[idx]).to(device))), None
+    cache = run.shared_cache
+    if cache is None:  # from scratch: this fold's own frozen weights
+        model.eval()
+        cache = compute_cache(frozen, run.ws.frames, device, autocast)
+    if cfg.train == "head":  # [N, hidden] is small: keep it on the device; conv maps stay in host memory
+        cache = cache.to(device)
+    norm = feature_standardization(cache, train_idx) if cfg.train == "head" and cfg.standardize else None
+
+    def get_inputs(idx: np.ndarray) -> torch.Tensor:
+        x = cache[torch.from_numpy(idx).to(cache.device)].to(device)
+        return x if norm is None else (x - norm[0]) / norm[1]
+
+    return get_inputs, norm
+
+
+def _train_epoch(run: FoldRun, k: int, epoch: int, order: np.ndarray, model, forward, get_inputs, optimizer, scaler):
+    """One pass over the fold's training windows; returns the mean loss."""
+    device, autocast, batch = run.accelerator.device, run.accelerator.autocast, run.cfg.batch_size
+    labels = torch.from_numpy(run.cv.labels)
+    train_mode(model, run.cfg.train)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for lo in range(0, order.size, batch):
+        b = order[lo : lo + batch]
+        with autocast():
+            logits = forward(get_inputs(b))
+        loss = F.cross_entropy(logits.float(), labels[b].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        total += loss.detach().double() * b.size
+    epoch_loss = (total / order.size).item()
+    if not math.isfinite(epoch_loss):
+        done = list_fold_checkpoints(run.run_dir / "checkpoints" / fold_name(k))
+        where = f"last good checkpoint: {done[-1][1]}" if done else "no checkpoint was written yet"
+        raise NonFiniteLossError(
+            f"fold {k}: non-finite training loss in epoch {epoch} ({epoch_loss}); stopped without saving; "
+            f"{where}. Lower --lr or use --mixed-precision no/bf16, then --resume auto"
+        )
+    return epoch_loss
+
+
+def _checkpoint_state(run: FoldRun, k: int, epoch: int, model, optimizer, scaler, history: list) -> dict:
+    device = run.accelerator.device
+    return {
+        "fold": k,
+        "epoch": epoch,
+        "fingerprint": json.dumps(run.fingerprint, sort_keys=True),
+        "model": {n: t.detach().cpu() for n, t in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "rng_cpu": torch.get_rng_state(),
+        "rng_device": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "history": json.dumps(history),
+    }
+
+
+def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None) -> dict:
+    """Train and score fold ``k`` on this process; writes the fold's files and returns its result.
+
+    ``resume_state``: the fold's latest checkpoint, to continue from.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    cfg, acc = run.cfg, run.accelerator
+    t0 = time.perf_counter()
+    train_idx, test_idx, excluded = fold_split(run.cv, k, run.held_out)
+    if train_idx.size == 0:
+        raise UserError(f"fold {k} has no training windows (too few windows, or --holdout-type removed them all)")
+    notes = (
+        [f"training windows of fold {k} hold one class only"] if np.unique(run.cv.labels[train_idx]).size < 2 else []
+    )
+
+    model = build_classifier(run.model_cfg, cfg.train, fold_seed(cfg.seed, k), run.features_state).to(acc.device)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    scaler = torch.amp.GradScaler(acc.device.type) if run.scaler_needed else None
+    start_epoch, history = 0, []
+    if resume_state is not None:
+        start_epoch, history = _restore(resume_state, model, optimizer, scaler, acc.device)
+    get_inputs, norm = _input_fn(run, model, train_idx)
+    forward = trainable_forward(model, cfg.train)
+
+    name = fold_name(k)
+    writer = SummaryWriter(str(run.run_dir / "tb" / name), purge_step=start_epoch + 1 if start_epoch else None)
+    last = None
+    try:
+        for epoch in range(start_epoch + 1, cfg.epochs + 1):
+            order = train_idx[np.random.default_rng([abs(cfg.seed), k, epoch]).permutation(train_idx.size)]
+            loss = _train_epoch(run, k, epoch, order, model, forward, get_inputs, optimizer, scaler)
+            last = predict(model, forward, get_inputs, test_idx, acc.autocast)
+            test_acc = float((last[1] == run.cv.labels[test_idx]).mean()) if test_idx.size else float("nan")
+            # Logged for watching only: nothing (epoch, threshold) is chosen on the test fold.
+            writer.add_scalar("loss/train", loss, epoch)
+            writer.add_scalar("accuracy/test", test_acc, epoch)
+            writer.add_scalar("lr", optimizer.param_groups[0]["lr"], epoch)
+            history.append({"epoch": epoch, "loss": loss, "test_accuracy": test_acc})
+            state = _checkpoint_state(run, k, epoch, model, optimizer, scaler, history)
+            save_fold_checkpoint(run.run_dir / "checkpoints" / name, epoch, state)
+            if pbar is not None:
+                pbar.update(1)
+                pbar.set_postfix(fold=k, loss=f"{loss:.3f}", acc=f"{test_acc:.3f}")
+    finally:
+        writer.close()
+    if last is None:  # resumed from the final epoch's checkpoint
+        last = predict(model, forward, get_inputs, test_idx, acc.autocast)
+    scores, preds = last
+    row, oof = score_fold(run.cv, k, test_idx, scores, preds, n_train=int(train_idx.size))
+    if "note" in row:
+        notes.append(f"fold {k}: {row['note']}")
+    result = {
+        "fold": k,
+        "fingerprint": run.fingerprint,
+        "metrics": row,
+        "oof": oof,
+        "holdout": _holdout_part(run, test_idx, preds, int(excluded.size)),
+        "history": history,
+        "notes": notes,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "rank": int(acc.process_index),
+    }
+    fold_dir = run.run_dir / "folds" / name
+    export = model if norm is None else fold_standardization_into_head(model, *norm)
+    save_model(export, fold_dir / MODEL_FILE, run.model_cfg, kind="classifier")
+    write_json_atomic(fold_dir / RESULT_FILE, result)  # last: its presence marks the fold finished
+    return result

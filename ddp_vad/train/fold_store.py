@@ -1,0 +1,94 @@
+"""What a transfer run folder already holds, and whether it may be reused.
+
+Per fold: ``RUN/folds/fold_XX/result.json`` (finished) or ``RUN/checkpoints/fold_XX/epoch_*.pt`` (resumable). Every
+file carries the run's *fingerprint* (everything a fold's numbers depend on); files of a run with another
+fingerprint are refused with the differing settings named, never mixed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from ddp_vad.errors import UserError
+from ddp_vad.files import read_json_object, sha256_file
+from ddp_vad.models import ModelConfig
+from ddp_vad.train.checkpoint import list_fold_checkpoints, load_fold_checkpoint, remove_partial_fold_saves
+from ddp_vad.train.classifier import SCRATCH, discriminator_file
+
+MODEL_FILE, RESULT_FILE = "model.safetensors", "result.json"
+FINGERPRINT_KEYS = ("train", "protocol", "epochs", "batch_size", "lr", "seed", "holdout_type")
+
+
+def fold_name(fold: int) -> str:
+    """``fold_XX`` (the per-fold folder name under tb/, checkpoints/ and folds/)."""
+    return f"fold_{fold:02d}"
+
+
+def fingerprint(cfg: Any, manifest: dict, model_cfg: ModelConfig, mixed_precision: str) -> dict:
+    """Everything a fold's numbers depend on (``cfg`` is the transfer config)."""
+    shards = hashlib.sha256("".join(s.get("sha256", s["name"]) for s in manifest["shards"]).encode()).hexdigest()
+    source = SCRATCH if cfg.source == SCRATCH else f"sha256:{sha256_file(discriminator_file(cfg.source))}"
+    return {
+        "shards": shards,
+        "source": source,
+        "model": model_cfg.to_dict(),
+        **{k: getattr(cfg, k) for k in FINGERPRINT_KEYS},
+        "standardize": bool(cfg.standardize and cfg.train == "head"),
+        "mixed_precision": mixed_precision,
+    }
+
+
+def differences(new: dict, old: dict) -> str:
+    """The settings in which two fingerprints differ, as ``key: old -> new`` (long values only named)."""
+    keys = [k for k in sorted(set(new) | set(old)) if new.get(k) != old.get(k)]
+    brief = ("model", "shards", "source")
+    return ", ".join(k if k in brief else f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
+
+
+def fold_status(run_dir: Path, k: int, fp: dict) -> tuple[str, Any, str | None]:
+    """("done", result) / ("resume", checkpoint state) / ("new", None) for fold ``k``, plus an error message."""
+    name = fold_name(k)
+    result_path = run_dir / "folds" / name / RESULT_FILE
+    if result_path.is_file():
+        try:
+            result = read_json_object(result_path, "fold result")
+        except UserError as exc:
+            return "new", None, str(exc)
+        if result.get("fingerprint") != fp:
+            diff = differences(fp, result.get("fingerprint") or {})
+            return "new", None, f"{result_path} was made with other settings ({diff}); use another --out"
+        return "done", result, None
+    ckpt_dir = run_dir / "checkpoints" / name
+    remove_partial_fold_saves(ckpt_dir)
+    ckpts = list_fold_checkpoints(ckpt_dir)
+    if not ckpts:
+        return "new", None, None
+    try:
+        state = load_fold_checkpoint(ckpts[-1][1])
+    except UserError as exc:
+        return "new", None, str(exc)
+    if json.loads(state["fingerprint"]) != fp:
+        diff = differences(fp, json.loads(state["fingerprint"]))
+        return "new", None, f"{ckpts[-1][1]} was made with other settings ({diff}); use another --out"
+    return "resume", state, None
+
+
+def run_level_error(resume: str, run_dir: Path, fp: dict) -> str | None:
+    """Why ``run_dir`` may not take this run (another stage's or another setting's files), or None."""
+    if resume == "none" and run_dir.is_dir() and any(run_dir.iterdir()):
+        return f"--out {run_dir} is not empty: use --resume auto to continue that run, or choose another --out"
+    config_path = run_dir / "config.json"
+    if config_path.is_file():
+        try:
+            old = read_json_object(config_path, "run config")
+        except UserError:
+            return f"cannot parse {config_path}: choose another --out"
+        if old.get("stage") != "transfer":
+            return f"--out {run_dir} holds another kind of run ({config_path}); choose another --out"
+        if old.get("fingerprint") != fp:
+            diff = differences(fp, old.get("fingerprint") or {})
+            return f"--out {run_dir} holds a transfer run with other settings ({diff}); choose another --out"
+    return None
