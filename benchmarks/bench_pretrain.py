@@ -3,7 +3,7 @@
 Both train the same generator and LRCN discriminator (same preset, frame size, batch and step order: D step on
 real vs detached fake, then G step through the frozen D, Adam). They differ in everything around the step:
 
-- toolkit: ``ddp_vad.pretrain.run_pretrain`` (Accelerate, shard streaming + uint8 -> float on the fly, per-step
+- toolkit: ``ddp_vad.train.pretrain.run_pretrain`` (Accelerate, shard streaming + uint8 -> float on the fly, per-step
   loss bookkeeping, reduction + NaN check + TensorBoard every ``--log-every`` steps; checkpoints, similarity and
   images off). Its steps/s comes from the run's own ``throughput/samples_per_s`` events after the warmup interval,
   so start-up and the final export are excluded.

@@ -2,7 +2,7 @@
 
 Measures, for one process on one device (the per-GPU figure; DDP/fold-parallel runs multiply it):
 
-- ``gan``: the pretraining step (``ddp_vad.pretrain._gan_step``: D step on real + fake, G step through the frozen D),
+- ``gan``: the pretraining step (``ddp_vad.train.gan.gan_step``: D step on real + fake, G step through the frozen D),
   through an ``Accelerator`` exactly as ``ddp_vad pretrain`` prepares it; samples = real windows.
 - ``finetune``: the classifier step of ``ddp_vad transfer --train all`` (LRCN forward/backward, cross-entropy, Adam,
   autocast as transfer does it).
@@ -54,7 +54,7 @@ from ddp_vad.data.reader import frames_to_float, infinite_batches, load_window_s
 from ddp_vad.data.shards import ShardConfig, build_shards, load_manifest  # noqa: E402
 from ddp_vad.models import ModelConfig, build_generator, build_lrcn, model_config_for  # noqa: E402
 from ddp_vad.train.distributed import make_accelerator, seed_everything  # noqa: E402
-from ddp_vad.train.pretrain import _gan_step  # noqa: E402  (the toolkit's own step, not a copy)
+from ddp_vad.train.gan import gan_step  # noqa: E402  (the toolkit's own step, not a copy)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _ACCEL_MP = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -328,7 +328,7 @@ def run_gan(case: Case, cfg: ModelConfig, data: Data, args) -> dict:
 
     def step() -> torch.Tensor:
         real, _ = next(source)
-        stats = _gan_step(acc, gen, disc, opt_g, opt_d, real, cfg.z_dim)
+        stats = gan_step(acc, gen, disc, opt_g, opt_d, real, cfg.z_dim)
         if acc.scaler is not None:
             skipped[0] += int(opt_d.step_was_skipped) + int(opt_g.step_was_skipped)
         return stats

@@ -22,18 +22,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import ddp_vad.train.pretrain as pretrain
 from ddp_vad.cli import cli
 from ddp_vad.data.reader import load_window_set
-from ddp_vad.errors import UserError
+from ddp_vad.errors import NonFiniteLossError, UserError
 from ddp_vad.files import write_json_atomic
 from ddp_vad.models import load_discriminator, load_generator
 from ddp_vad.train.checkpoint import list_checkpoints, read_train_state
 from ddp_vad.train.distributed import check_process_group, check_shard_count, state_dict_sha256
-from ddp_vad.train.pretrain import (
-    NonFiniteLossError,
-    PretrainConfig,
-    run_pretrain,
-    sample_real_windows,
-    window_similarity,
-)
+from ddp_vad.train.gan_monitor import sample_real_windows, window_similarity
+from ddp_vad.train.pretrain import PretrainConfig, run_pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 SCALARS = {
@@ -365,14 +360,14 @@ def test_bf16_autocast_on_cpu_runs_with_the_lstm_in_fp32(tiny_shards, tmp_path, 
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny_shards, tmp_path, monkeypatch):
-    real_step, calls = pretrain._gan_step, []
+    real_step, calls = pretrain.gan_step, []
 
     def poisoned(*args, **kwargs):
         out = real_step(*args, **kwargs)
         calls.append(1)
         return out * float("nan") if len(calls) == 5 else out
 
-    monkeypatch.setattr(pretrain, "_gan_step", poisoned)
+    monkeypatch.setattr(pretrain, "gan_step", poisoned)
     run = tmp_path / "nan"
     with pytest.raises(NonFiniteLossError, match="step 5 .*last good checkpoint: .*step_0000004"):
         run_pretrain(config(tiny_shards, run, steps=20, checkpoint_every=2, keep_checkpoints=5, log_every=3))

@@ -24,7 +24,8 @@ from ddp_vad.data.shards import load_manifest
 from ddp_vad.errors import UserError
 from ddp_vad.eval.metrics import OOF_HEADER, read_oof_scores
 from ddp_vad.models import build_lrcn, load_model, model_config_for, save_model
-from ddp_vad.train import fold, transfer
+from ddp_vad.train import fold as fold_module
+from ddp_vad.train import transfer
 from ddp_vad.train.classifier import build_classifier, compute_cache, fold_seed, frozen_part, trainable_forward
 from ddp_vad.train.transfer import TransferConfig, run_transfer
 
@@ -228,7 +229,7 @@ def test_killed_run_resumes_skips_finished_folds_and_matches_an_uninterrupted_ru
     cfg = {"source": gan_run, "train": "head+lstm"}  # dropout before the LSTM: the RNG state must be restored
     reference = run_transfer(_cfg(typed_shards, tmp_path / "ref", **cfg))
 
-    real_save = fold.save_fold_checkpoint
+    real_save = fold_module.save_fold_checkpoint
 
     def crash_after_fold1_epoch1(ckpt_dir, epoch, state):
         path = real_save(ckpt_dir, epoch, state)
@@ -236,7 +237,7 @@ def test_killed_run_resumes_skips_finished_folds_and_matches_an_uninterrupted_ru
             raise RuntimeError("simulated kill")
         return path
 
-    monkeypatch.setattr(fold, "save_fold_checkpoint", crash_after_fold1_epoch1)
+    monkeypatch.setattr(fold_module, "save_fold_checkpoint", crash_after_fold1_epoch1)
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="simulated kill"):
         run_transfer(_cfg(typed_shards, run, **cfg))

@@ -1,0 +1,143 @@
+"""Watching the GAN from the main process: real-vs-generated similarity (``RUN/similarity.csv`` and TensorBoard),
+sample images, and the per-step losses reduced over every rank.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ddp_vad.data.reader import frames_to_float, iter_tar
+from ddp_vad.data.shards import shard_paths
+from ddp_vad.errors import UserError
+from ddp_vad.files import write_text_atomic
+from ddp_vad.train.gan import generate_windows
+
+SIMILARITY_CSV = "similarity.csv"
+REAL_POOL = 256  # real windows kept (main process) for similarity and images, chosen once (seeded)
+IMAGE_ROWS = 4
+
+
+def window_similarity(fake: torch.Tensor, real: torch.Tensor) -> tuple[float, float]:
+    """Mean cosine similarity and mean L2 distance between paired windows (flattened), as in the method."""
+    f = fake.detach().flatten(1).double().cpu()
+    r = real.detach().flatten(1).double().cpu()
+    return F.cosine_similarity(f, r, dim=1).mean().item(), (f - r).norm(dim=1).mean().item()
+
+
+def sample_real_windows(shard_dir: str | Path, manifest: dict, n: int, seed: int) -> np.ndarray:
+    """``n`` real windows (uint8 [n, T, H, W]) drawn uniformly (seeded) from the whole shard set; reads only the
+    shards that hold them."""
+    counts = [int(s["samples"]) for s in manifest["shards"]]
+    total = sum(counts)
+    if total == 0:
+        raise UserError(f"{shard_dir} holds no samples")
+    picks = np.sort(np.random.default_rng([seed, 7]).choice(total, size=min(n, total), replace=False))
+    out = np.empty((len(picks), manifest["window"], manifest["height"], manifest["width"]), np.uint8)
+    starts = np.cumsum([0, *counts])
+    j = 0
+    for shard, path in enumerate(shard_paths(shard_dir, manifest)):
+        wanted = set((picks[(picks >= starts[shard]) & (picks < starts[shard + 1])] - starts[shard]).tolist())
+        if not wanted:
+            continue
+        for i, sample in enumerate(iter_tar(path)):
+            if i in wanted:
+                out[j] = sample["frames"]
+                j += 1
+    if j != len(picks):
+        raise UserError(f"{shard_dir}: shards hold fewer samples than the manifest lists")
+    return out
+
+
+def seeded_cpu_generator(*parts: int) -> torch.Generator:
+    seed = int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0])
+    return torch.Generator().manual_seed(seed)
+
+
+def windows_image(real: torch.Tensor, fake: torch.Tensor, gap: int = 2) -> np.ndarray:
+    """Grayscale grid [1, H', W'] in [0, 1]: one window per row (frames left to right), real rows above fake ones."""
+    rows = [*real, *fake]  # each [T, 1, H, W]
+    t, _, h, w = rows[0].shape
+    img = np.ones((len(rows) * (h + gap) + gap * 3, t * (w + gap)), np.float32)
+    for r, window in enumerate(rows):
+        y = r * (h + gap) + (gap * 3 if r >= len(real) else 0)  # a wider gap between real and fake
+        for k in range(t):
+            img[y : y + h, k * (w + gap) : k * (w + gap) + w] = window[k, 0].detach().float().cpu().numpy()
+    return img[None]
+
+
+def _read_similarity_rows(path: Path, up_to_step: int) -> list[list[str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    return [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= up_to_step]
+
+
+def _write_similarity_rows(path: Path, rows: list[list]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["step", "cosine", "l2"])
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+
+
+class GanMonitor:
+    """Main-process TensorBoard writer + similarity CSV + sample images of one pretrain run.
+
+    ``start_step`` > 0 (a resume) drops events and CSV rows that a crashed run logged after that step.
+    """
+
+    def __init__(self, run_dir: Path, cfg, manifest: dict, z_dim: int, device: torch.device, start_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.cfg, self.z_dim, self.device = cfg, z_dim, device
+        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else 0)
+        self.real_pool = self.fixed_z = None
+        if cfg.similarity_every or cfg.image_every:
+            self.real_pool = sample_real_windows(cfg.shards, manifest, REAL_POOL, cfg.seed)
+            self.fixed_z = torch.randn(IMAGE_ROWS, z_dim, generator=seeded_cpu_generator(cfg.seed, 11))
+        self.sim_path = run_dir / SIMILARITY_CSV
+        kept = _read_similarity_rows(self.sim_path, start_step) if start_step else []
+        _write_similarity_rows(self.sim_path, kept)
+
+    def similarity(self, generator: torch.nn.Module, step: int) -> None:
+        """Cosine / L2 of ``similarity_samples`` generated windows against as many real ones (seeded per step)."""
+        n = self.cfg.similarity_samples
+        rng = np.random.default_rng([self.cfg.seed, step, 3])
+        idx = rng.choice(len(self.real_pool), size=n, replace=len(self.real_pool) < n)
+        z = torch.randn(n, self.z_dim, generator=seeded_cpu_generator(self.cfg.seed, step, 5)).to(self.device)
+        fake = generate_windows(generator, z)
+        real = frames_to_float(torch.from_numpy(self.real_pool[idx]))
+        cos, l2 = window_similarity(fake, real)
+        self.writer.add_scalar("similarity/cosine", cos, step)
+        self.writer.add_scalar("similarity/l2", l2, step)
+        with self.sim_path.open("a") as f:
+            f.write(f"{step},{cos:.6f},{l2:.6f}\n")
+
+    def image(self, generator: torch.nn.Module, step: int) -> None:
+        """Real windows above generated ones (fixed noise), one window per row."""
+        fake = generate_windows(generator, self.fixed_z.to(self.device))
+        real = frames_to_float(torch.from_numpy(self.real_pool[:IMAGE_ROWS]))
+        self.writer.add_image("samples/real_top_generated_bottom", windows_image(real, fake), step)
+
+    def losses(self, rows: np.ndarray, first_step: int) -> None:
+        """Per-step [loss_d, loss_g, D(real), D(fake)] rows starting at ``first_step``."""
+        for i, (ld, lg, pr, pf) in enumerate(rows):
+            self.writer.add_scalar("loss/d", ld, first_step + i)
+            self.writer.add_scalar("loss/g", lg, first_step + i)
+            self.writer.add_scalar("d/real", pr, first_step + i)
+            self.writer.add_scalar("d/fake", pf, first_step + i)
+
+    def scalars(self, step: int, **values: float) -> None:
+        """Other scalars at ``step`` (names with ``__`` become ``/``: ``lr__g`` -> ``lr/g``)."""
+        for name, value in values.items():
+            self.writer.add_scalar(name.replace("__", "/"), value, step)
+
+    def close(self) -> None:
+        self.writer.close()
