@@ -1,0 +1,206 @@
+"""The runs a report is made of: finding them, and summarising each cross-validated run's numbers.
+
+A cross-validated run holds ``metrics.json`` + ``oof_scores.csv`` (``transfer``, ``baselines/<method>``); a pretrain
+run holds ``similarity.csv`` + ``generator.safetensors``; a folder holding such runs (``baselines/``, a pipeline
+folder) is expanded. Frame-level AUROC needs each window's frame labels: they are read from the shards recorded in
+the run's ``config.json``; when the shards are gone, the AUROC is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from ddp_vad.errors import UserError
+from ddp_vad.eval.metrics import (
+    METRICS,
+    binary_metrics,
+    frame_level_auroc,
+    read_cv_results,
+    read_oof_scores,
+    read_shard_frame_labels,
+    summarise_folds,
+    window_level_auroc,
+)
+from ddp_vad.files import read_json_object
+
+MAX_DEPTH = 2  # pipeline/ -> baselines/ -> <method>/
+
+
+def is_cv_run(path: Path) -> bool:
+    """A cross-validated run (transfer or one baseline method)."""
+    return (path / "metrics.json").is_file()
+
+
+def is_pretrain_run(path: Path) -> bool:
+    """A GAN pretrain run with its exported generator and similarity curve."""
+    return (path / "similarity.csv").is_file() and (path / "generator.safetensors").is_file()
+
+
+def _expand(path: Path, depth: int) -> tuple[list[Path], list[Path]]:
+    if is_cv_run(path):
+        return [path], []
+    if is_pretrain_run(path):
+        return [], [path]
+    cv, pre = [], []
+    if depth < MAX_DEPTH:
+        for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+            c, p = _expand(sub, depth + 1)
+            cv += c
+            pre += p
+    return cv, pre
+
+
+def discover_runs(paths: tuple[str, ...] | list[str]) -> tuple[list[Path], list[Path]]:
+    """Split the given folders into (cross-validated runs, pretrain runs); parent folders are expanded."""
+    cv_runs: list[Path] = []
+    pretrain_runs: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.is_dir():
+            raise UserError(f"run folder not found: {raw}")
+        cv, pre = _expand(path, 0)
+        if not cv and not pre:
+            raise UserError(
+                f"{raw}: not a run folder (no metrics.json; not a pretrain run with similarity.csv and "
+                "generator.safetensors; no such runs inside)"
+            )
+        cv_runs += [p for p in cv if p not in cv_runs]
+        pretrain_runs += [p for p in pre if p not in pretrain_runs]
+    return cv_runs, pretrain_runs
+
+
+def run_shards(run_dir: Path) -> Path | None:
+    """The shard folder recorded in ``RUN/config.json`` (``config.shards``), if it still exists."""
+    cfg_path = run_dir / "config.json"
+    try:
+        shards = read_json_object(cfg_path, "run config")["config"]["shards"]
+    except (OSError, UserError, KeyError, TypeError):
+        return None
+    if not shards:
+        return None
+    for candidate in (Path(shards), run_dir / shards):  # as given (cwd-relative), then run-relative
+        if (candidate / "manifest.json").is_file():
+            return candidate
+    return None
+
+
+def _confusion(folds: list[dict], oof: list[dict] | None) -> tuple[dict[str, int] | None, str | None]:
+    if folds and all(all(k in f for k in ("tp", "fp", "tn", "fn")) for f in folds):
+        return {k: int(sum(int(f[k]) for f in folds)) for k in ("tp", "fp", "tn", "fn")}, "folds"
+    if oof:  # older/foreign runs: rebuild from the scores at the argmax threshold
+        counts = binary_metrics([r["label"] for r in oof], [int(r["score"] > 0.5) for r in oof])
+        return {k: counts[k] for k in ("tp", "fp", "tn", "fn")}, "oof scores > 0.5"
+    return None, None
+
+
+def _undefined_notes(folds: list[dict]) -> list[str]:
+    notes = []
+    n = len(folds)
+    for name in METRICS:
+        missing = [int(f["fold"]) for f in folds if f.get(name) is None]
+        if missing:
+            notes.append(
+                f"{name} defined in {n - len(missing)} of {n} folds (undefined in fold(s) "
+                f"{', '.join(map(str, missing))})"
+            )
+    reasons = sorted({part for f in folds if f.get("note") for part in str(f["note"]).split("; ")})
+    if reasons:
+        notes.append("why: " + "; ".join(reasons))
+    return notes
+
+
+def summarise_run(run_dir: Path, frame_label_cache: dict[str, Any]) -> dict[str, Any]:
+    """Everything the report says about one cross-validated run."""
+    data = read_cv_results(run_dir)
+    folds = sorted(data["folds"], key=lambda f: int(f["fold"]))
+    # Recomputed from the folds so every method in the table uses the same (population) std.
+    mean, std = summarise_folds(folds)
+    notes = _undefined_notes(folds)
+    oof = None
+    if (run_dir / "oof_scores.csv").is_file():
+        oof = read_oof_scores(run_dir)
+    else:
+        notes.append("no oof_scores.csv: AUROC skipped")
+    run_notes = data.get("notes")
+    if isinstance(run_notes, list):  # notes the writer recorded (e.g. transfer's)
+        notes += [str(n) for n in run_notes if n]
+    confusion, confusion_source = _confusion(folds, oof)
+    window_auc = window_level_auroc(oof) if oof else None
+    frame_auc = None
+    if oof:
+        shards = run_shards(run_dir)
+        if shards is None:
+            notes.append("shards recorded in config.json not found: frame-level AUROC skipped")
+        else:
+            cache_key = str(shards.resolve())
+            if cache_key not in frame_label_cache:
+                frame_label_cache[cache_key] = read_shard_frame_labels(shards)
+            try:
+                frame_auc = frame_level_auroc(oof, frame_label_cache[cache_key])
+                if frame_auc is None:
+                    notes.append("frame-level AUROC undefined: scored frames hold one class only")
+            except ValueError as exc:
+                notes.append(f"frame-level AUROC skipped: {exc}")
+        if window_auc is None:
+            notes.append("window-level AUROC undefined: one class only")
+    return {
+        "run": str(run_dir),
+        "method": str(data["method"]),
+        "protocol": str(data["protocol"]),
+        "n_folds": len(folds),
+        "mean": mean,
+        "std": std,
+        "n_defined": {k: sum(f.get(k) is not None for f in folds) for k in METRICS},
+        "folds": folds,
+        "confusion": confusion,
+        "confusion_source": confusion_source,
+        "window_auroc": window_auc,
+        "frame_auroc": frame_auc,
+        "notes": notes,
+        # A few writer extras worth carrying into the report (absent keys are left out).
+        "extra": {k: data[k] for k in ("source", "train", "holdout", "seconds", "features") if k in data},
+    }
+
+
+def display_labels(entries: list[dict]) -> list[str]:
+    """Display names: the method, disambiguated (by protocol, then run folder, then path) when names clash."""
+    suffixes = (
+        lambda e: e["protocol"],
+        lambda e: Path(e["run"]).name,
+        lambda e: f"{Path(e['run']).parent.name}/{Path(e['run']).name}",
+        lambda e: e["run"],
+    )
+    labels = []
+    for e in entries:
+        group = [o for o in entries if o["method"] == e["method"]]
+        label = e["method"]
+        if len(group) > 1:
+            for suffix in suffixes:
+                if len({suffix(o) for o in group}) == len(group):
+                    label = f"{e['method']} ({suffix(e)})"
+                    break
+            else:
+                label = f"{e['method']} ({e['run']} #{group.index(e)})"
+        labels.append(label)
+    return labels
+
+
+def read_similarity(run_dir: Path) -> dict[str, list[float]]:
+    """``similarity.csv`` (step, cosine, l2) as columns."""
+    path = run_dir / "similarity.csv"
+    cols: dict[str, list[float]] = {"step": [], "cosine": [], "l2": []}
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields = {f.strip().lower(): f for f in (reader.fieldnames or [])}
+        missing = [k for k in cols if k not in fields]
+        if missing:
+            raise UserError(f"{path}: missing column(s) {', '.join(missing)} (expected step,cosine,l2)")
+        for row in reader:
+            try:
+                for k in cols:
+                    cols[k].append(float(row[fields[k]]))
+            except (TypeError, ValueError):
+                raise UserError(f"{path}: bad row {row}") from None
+    return cols
