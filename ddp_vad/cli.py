@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +10,12 @@ import click
 
 from ddp_vad.config import load_config_file
 from ddp_vad.errors import UserError
+from ddp_vad.eval.baselines import BaselinesConfig, run_baselines
+from ddp_vad.eval.report import EvaluateConfig, run_evaluate
+from ddp_vad.options import click_params
+from ddp_vad.pipeline import PipelineConfig, run_pipeline
+from ddp_vad.train.pretrain import PretrainConfig, run_pretrain
+from ddp_vad.train.transfer import TransferConfig, run_transfer
 
 DEFAULT_SHARDS = Path(__file__).resolve().parent.parent / "shards"
 
@@ -91,6 +96,17 @@ def command(group: click.Group, name: str, **settings) -> Callable:
     return decorate
 
 
+def stage_command(group: click.Group, name: str, config_cls: type) -> Callable:
+    """A command whose options are the fields of ``config_cls`` (declared there once, see ddp_vad.options)."""
+
+    def decorate(func: Callable) -> click.Command:
+        cmd = command(group, name)(func)
+        cmd.params.extend(click_params(config_cls))
+        return cmd
+
+    return decorate
+
+
 # ----------------------------------------------------------------------------------------- synth
 @command(cli, "synth")
 @click.argument("out", type=click.Path(file_okay=False))
@@ -164,110 +180,30 @@ def shard_info_cmd(directory: str, verify: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------- baselines
-@command(cli, "baselines")
-@click.option("--shards", required=True, type=click.Path(file_okay=False), help="Shard folder.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Writes OUT/<method>/ files.")
-@click.option("--methods", default="logreg,svm,rf,knn,nb", help="Comma-separated: logreg,svm,rf,knn,nb.")
-@click.option(
-    "--protocol",
-    default="window",
-    type=click.Choice(["window", "clip"]),
-    help="Folds over windows (the method's) or grouped by clip (no leakage).",
-)
-@click.option(
-    "--folds",
-    default=None,
-    type=click.IntRange(min=2),
-    help="Must match the shards' fold count (default: the shards').",
-)
-@click.option("--seed", default=0, type=int, help="Seed of the estimators.")
-@click.option("--height", default=60, type=click.IntRange(min=1), help="Feature height (no upsampling).")
-@click.option("--width", default=90, type=click.IntRange(min=1), help="Feature width (no upsampling).")
-@click.option("--n-jobs", default=None, type=int, help="Parallel jobs for rf/knn (default: all cores).")
-@click.option("--rf-trees", default=100, type=click.IntRange(min=1), help="Random-forest trees.")
-@click.option("--rf-max-depth", default=20, type=click.IntRange(min=1), help="Random-forest depth limit.")
+@stage_command(cli, "baselines", BaselinesConfig)
 def baselines_cmd(**kwargs) -> None:
     """Cross-validate classic ML baselines on flattened 60x90 windows (same folds as transfer).
 
     A method whose OUT/<method>/metrics.json exists is skipped, so a re-run resumes.
     """
-    _call("eval.baselines", "run_baselines", "BaselinesConfig", **kwargs)
+    run_baselines(BaselinesConfig(**kwargs))
 
 
 # -------------------------------------------------------------------------------------- evaluate
-@command(cli, "evaluate")
-@click.argument("runs", nargs=-1, required=True, type=click.Path())
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Report folder.")
-def evaluate_cmd(runs: tuple[str, ...], out: str) -> None:
+@stage_command(cli, "evaluate", EvaluateConfig)
+def evaluate_cmd(**kwargs) -> None:
     """Report (Table 5, per-fold accuracy, confusion matrices, AUROC, GAN figures) for RUN folders.
 
     RUN may be a transfer run, a baselines folder (its methods are expanded) or a pretrain run.
     """
-    _call("eval.report", "run_evaluate", "EvaluateConfig", runs=runs, out=out)
+    run_evaluate(EvaluateConfig(**kwargs))
 
 
 # -------------------------------------------------------------------------------------- pretrain
-@command(cli, "pretrain")
-@click.option("--shards", required=True, type=click.Path(file_okay=False), help="Shard folder (with manifest.json).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (RUN).")
-@click.option(
-    "--preset",
-    default="paper",
-    type=click.Choice(["paper", "demo", "tiny"]),
-    help="Model size: paper (GPU), demo (CPU in minutes), tiny (tests).",
-)
-@click.option("--steps", default=2000, type=click.IntRange(min=1), help="Total optimizer steps (G and D each).")
-@click.option("--batch-size", default=32, type=click.IntRange(min=1), help="Real windows per step per process.")
-@click.option("--lr", default=2e-4, type=float, help="Adam learning rate (generator; also D unless --lr-d).")
-@click.option("--lr-d", default=None, type=float, help="Discriminator learning rate (default: --lr).")
-@click.option("--beta1", default=0.5, type=float, help="Adam beta1 (DCGAN's 0.5).")
-@click.option(
-    "--checkpoint-every",
-    default=500,
-    type=click.IntRange(min=0),
-    help="Save a resumable checkpoint every N steps (and at the end); 0 = only at the end.",
-)
-@click.option("--keep-checkpoints", default=3, type=click.IntRange(min=0), help="Newest checkpoints kept; 0 = all.")
-@click.option(
-    "--similarity-every",
-    default=100,
-    type=click.IntRange(min=0),
-    help="Cosine/L2 of generated vs real windows every N steps (similarity.csv); 0 = off.",
-)
-@click.option("--similarity-samples", default=30, type=click.IntRange(min=1), help="Window pairs per similarity.")
-@click.option(
-    "--image-every",
-    default=500,
-    type=click.IntRange(min=0),
-    help="TensorBoard image of real vs generated windows every N steps; 0 = off.",
-)
-@click.option(
-    "--log-every",
-    default=10,
-    type=click.IntRange(min=1),
-    help="Reduce and log losses every N steps (also when NaN/inf is checked).",
-)
-@click.option("--resume", default="auto", help="auto (latest checkpoint if any) | latest | none | PATH.")
-@click.option("--seed", default=0, type=int, help="Seed for weights, noise and data order.")
-@click.option("--workers", default=1, type=click.IntRange(min=0), help="Shard-reading workers per process.")
-@click.option("--shuffle-buffer", default=1000, type=click.IntRange(min=1), help="Sample shuffle buffer.")
-@click.option("--cache/--no-cache", default=False, help="Keep decoded shards in memory across epochs.")
-@click.option(
-    "--mixed-precision",
-    default=None,
-    type=click.Choice(["no", "bf16", "fp16"]),
-    help="Override accelerate's mixed-precision setting.",
-)
-@click.option(
-    "--debug-keys",
-    is_flag=True,
-    envvar="DDP_VAD_DEBUG_KEYS",
-    help="Write RUN/debug/keys_rank*.txt and weight hashes per rank (for checks).",
-)
-@click.option("--progress/--no-progress", default=True, help="Progress bar on the main process.")
+@stage_command(cli, "pretrain", PretrainConfig)
 def pretrain_cmd(**kwargs) -> None:
     """Pretrain the GAN (generator vs LRCN discriminator) on shards; also under `accelerate launch`/`torchrun`."""
-    _call("train.pretrain", "run_pretrain", "PretrainConfig", **kwargs)
+    run_pretrain(PretrainConfig(**kwargs))
 
 
 # ---------------------------------------------------------------------------------------- predict
@@ -294,109 +230,24 @@ def predict_cmd(**kwargs) -> None:
 
 
 # --------------------------------------------------------------------------------------- pipeline
-@command(cli, "pipeline")
-@click.option(
-    "--data",
-    default=None,
-    type=click.Path(),
-    help="A UCSD-style dataset; without it synthetic data is generated into OUT/data.",
-)
-@click.option("--dataset", default=None, help="UCSDped1 or UCSDped2 when --data holds both.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Pipeline folder (resumable).")
-@click.option(
-    "--preset",
-    default="demo",
-    type=click.Choice(["tiny", "demo", "paper"]),
-    help="Model size and run lengths: demo runs on 2 CPU cores in minutes; paper is the full method.",
-)
-@click.option("--seed", default=0, type=int, help="Seed of every stage.")
-@click.option("--folds", default=None, type=click.IntRange(min=2), help="CV folds (default: the preset's).")
-@click.option("--protocol", default="window", type=click.Choice(["window", "clip"]), help="Fold protocol.")
-@click.option(
-    "--train", default="head", type=click.Choice(["head", "head+lstm", "all"]), help="What transfer fine-tunes."
-)
-@click.option("--steps", default=None, type=click.IntRange(min=1), help="GAN steps (default: the preset's).")
-@click.option("--epochs", default=None, type=click.IntRange(min=1), help="Fine-tuning epochs per fold.")
-@click.option("--batch-size", default=None, type=click.IntRange(min=1), help="GAN batch size per process.")
-@click.option("--methods", default="logreg,svm,rf,knn,nb", help="Classic ML baselines to run.")
-@click.option("--workers", default=None, type=click.IntRange(min=1), help="Shard-building processes.")
+@stage_command(cli, "pipeline", PipelineConfig)
 def pipeline_cmd(**kwargs) -> None:
     """Everything: synth (no --data) -> shards -> pretrain -> transfer (GAN and scratch) -> baselines -> evaluate."""
-    _call("pipeline", "run_pipeline", "PipelineConfig", **kwargs)
+    run_pipeline(PipelineConfig(**kwargs))
 
 
 # -------------------------------------------------------------------------------------- transfer
-@command(cli, "transfer")
-@click.option("--shards", required=True, type=click.Path(file_okay=False), help="Shard folder (with manifest.json).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (RUN).")
-@click.option(
-    "--from",
-    "source",
-    required=True,
-    help="A pretrain run folder (GAN+LRCN: its discriminator's features) or 'scratch' (LRCN).",
-)
-@click.option(
-    "--train",
-    default="head",
-    type=click.Choice(["head", "head+lstm", "all"]),
-    help="What is fine-tuned: the head (features frozen, computed once), head + LSTM, or all.",
-)
-@click.option(
-    "--folds",
-    default=None,
-    type=click.IntRange(min=2),
-    help="Must match the shards' fold count (default: the shards').",
-)
-@click.option(
-    "--protocol",
-    default="window",
-    type=click.Choice(["window", "clip"]),
-    help="Folds over windows (the method's) or grouped by clip (no leakage).",
-)
-@click.option("--epochs", default=10, type=click.IntRange(min=1), help="Training epochs per fold.")
-@click.option(
-    "--preset",
-    default=None,
-    type=click.Choice(["paper", "demo", "tiny"]),
-    help="Architecture for --from scratch (default: paper); a GAN run brings its own.",
-)
-@click.option("--batch-size", default=32, type=click.IntRange(min=1), help="Windows per step (each fold alone).")
-@click.option("--lr", default=1e-3, type=click.FloatRange(min=0, min_open=True), help="Adam learning rate.")
-@click.option("--seed", default=0, type=int, help="Seed of heads, dropout and data order (per fold).")
-@click.option(
-    "--resume",
-    default="auto",
-    type=click.Choice(["auto", "none"]),
-    help="auto: skip finished folds, continue unfinished ones; none: refuse a non-empty --out.",
-)
-@click.option(
-    "--holdout-type", default=None, help="Leave this anomaly type out of every training fold and report accuracy on it."
-)
-@click.option(
-    "--mixed-precision",
-    default=None,
-    type=click.Choice(["no", "bf16", "fp16"]),
-    help="Override accelerate's mixed-precision setting.",
-)
-@click.option("--method", default=None, help="Name in metrics.json (default: GAN+LRCN, or LRCN from scratch).")
-@click.option(
-    "--standardize/--no-standardize",
-    default=True,
-    help="--train head: standardise the frozen features per fold (folded into the saved head).",
-)
-@click.option("--progress/--no-progress", default=True, help="Progress bar on the main process.")
+@stage_command(cli, "transfer", TransferConfig)
 def transfer_cmd(**kwargs) -> None:
     """Fine-tune the LRCN classifier with k-fold CV, folds spread over processes (fold k on process k % P).
 
     Also under `accelerate launch -m ddp_vad transfer ...` / `torchrun -m ddp_vad transfer ...`.
     """
-    _call("train.transfer", "run_transfer", "TransferConfig", **kwargs)
+    run_transfer(TransferConfig(**kwargs))
 
 
 def main() -> None:
     """Console-script entry point."""
-    # Keep thread oversubscription in check when several processes share a CPU box.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     clean = False
     try:
         cli(prog_name="ddp_vad")

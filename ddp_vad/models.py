@@ -9,13 +9,8 @@ As discriminator the LRCN keeps its 2-way head: class 1 means "real", and the re
 ``logits[:, 1] - logits[:, 0]`` (:func:`real_fake_logit`), i.e. exactly the logit of the 2-way softmax. The
 classifier later gets a fresh 2-way head on the same features.
 
-Presets: ``paper`` is the method's architecture. Its generator starts with a ~110M-parameter Linear
-(100 -> 200x60x91), which is GPU work. ``demo`` runs the whole pipeline on 2 CPU cores in minutes by working at
-lower resolution inside the models while keeping their inputs/outputs at the shards' frame size: the generator's
-Linear makes a quarter-resolution map (``gen_upsample=4``) with fewer channels, its convs run at half resolution
-(``gen_conv_div=2``) and its output is resized (bilinear) to full size; the LRCN average-pools frames 2x first
-(``input_pool=2``) and is narrower (8 conv channels, LSTM 128). ``tiny`` is for tests on 24x36 frames (3x3 kernels
-so three valid conv+pool stages still fit).
+Presets (model sizes) are in :mod:`ddp_vad.presets`. ``paper``'s generator starts with a ~110M-parameter Linear
+(100 -> 200x60x91), which is GPU work.
 """
 
 from __future__ import annotations
@@ -33,43 +28,11 @@ from torch import nn
 
 from ddp_vad.errors import UserError
 from ddp_vad.files import atomic_path
+from ddp_vad.presets import PRESET_NAMES, PRESETS
 
 GENERATOR_FILE = "generator.safetensors"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
 _META_KEY = "ddp_vad_model_config"
-
-PRESETS: dict[str, dict] = {
-    "paper": dict(
-        z_dim=100,
-        gen_channels=(200, 100, 50),
-        gen_upsample=2,
-        conv_channels=(16, 16, 16),
-        conv_kernels=(7, 5, 3),
-        lstm_hidden=1024,
-        dense=256,
-    ),
-    "demo": dict(
-        z_dim=64,
-        gen_channels=(32, 16, 8),
-        gen_upsample=4,
-        conv_channels=(8, 8, 8),
-        conv_kernels=(7, 5, 3),
-        lstm_hidden=128,
-        dense=64,
-        gen_conv_div=2,
-        input_pool=2,
-    ),
-    "tiny": dict(
-        z_dim=16,
-        gen_channels=(8, 8, 4),
-        gen_upsample=2,
-        conv_channels=(4, 4, 4),
-        conv_kernels=(3, 3, 3),
-        lstm_hidden=16,
-        dense=16,
-    ),
-}
-
 
 # Fixed input normalisation of the LRCN: frames arrive in [0, 1]; grey surveillance frames sit around 0.5.
 INPUT_MEAN, INPUT_STD = 0.5, 0.25
@@ -169,13 +132,13 @@ class ModelConfig:
 def model_config_for(preset: str, manifest: dict) -> ModelConfig:
     """The ``preset`` architecture sized for the shards described by ``manifest`` (window, height, width)."""
     if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r} (expected one of {', '.join(PRESETS)})")
+        raise UserError(f"unknown preset {preset!r} (expected one of {', '.join(PRESET_NAMES)})")
     return ModelConfig(
         preset=preset,
         window=int(manifest["window"]),
         height=int(manifest["height"]),
         width=int(manifest["width"]),
-        **PRESETS[preset],
+        **PRESETS[preset].model,
     )
 
 

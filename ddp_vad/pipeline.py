@@ -16,94 +16,51 @@ from pathlib import Path
 
 from ddp_vad.config import write_resolved_config
 from ddp_vad.errors import UserError
+from ddp_vad.eval.baselines import METHODS
+from ddp_vad.options import option
+from ddp_vad.presets import PRESET_NAMES, PRESETS
+from ddp_vad.train.classifier import TRAIN_SCOPES
+from ddp_vad.train.crossval import PROTOCOLS
 from ddp_vad.train.distributed import patient_barrier, print_main, process_state
-
-# Per preset: how big the synthetic data, the shards and the training runs are. ``demo`` finishes in minutes on
-# 2 CPU cores; ``paper`` is the method at full size (GPU work); ``tiny`` is for tests.
-PRESET_PLAN: dict[str, dict] = {
-    "tiny": dict(
-        train_clips=2,
-        test_clips=4,
-        frames=30,
-        synth_height=48,
-        synth_width=72,
-        height=24,
-        width=36,
-        shard_size=8,
-        folds=3,
-        steps=20,
-        batch_size=8,
-        epochs=2,
-        scratch_epochs=2,
-        similarity_every=10,
-        checkpoint_every=10,
-    ),
-    "demo": dict(
-        train_clips=4,
-        test_clips=10,
-        frames=80,
-        synth_height=158,
-        synth_width=238,
-        height=120,
-        width=182,
-        shard_size=200,
-        folds=5,
-        steps=300,
-        batch_size=16,
-        epochs=15,
-        scratch_epochs=6,
-        similarity_every=50,
-        checkpoint_every=100,
-    ),
-    "paper": dict(
-        train_clips=34,
-        test_clips=36,
-        frames=200,
-        synth_height=158,
-        synth_width=238,
-        height=120,
-        width=182,
-        shard_size=200,
-        folds=10,
-        steps=5000,
-        batch_size=32,
-        epochs=30,
-        scratch_epochs=30,
-        similarity_every=100,
-        checkpoint_every=500,
-    ),
-}
 
 
 @dataclass
 class PipelineConfig:
-    """Options of ``ddp_vad pipeline``; unset sizes come from ``PRESET_PLAN[preset]``."""
+    """Options of ``ddp_vad pipeline``; unset sizes come from the preset's run sizes (:mod:`ddp_vad.presets`)."""
 
-    out: str
-    data: str | None = None
-    dataset: str | None = None
-    preset: str = "demo"
-    seed: int = 0
-    folds: int | None = None
-    protocol: str = "window"
-    train: str = "head"
-    steps: int | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    methods: str = "logreg,svm,rf,knn,nb"
-    workers: int | None = None
+    out: str = option(help="Pipeline folder (resumable).")
+    data: str | None = option(None, "A UCSD-style dataset; without it synthetic data is generated into OUT/data.")
+    dataset: str | None = option(None, "UCSDped1 or UCSDped2 when --data holds both.")
+    preset: str = option(
+        "demo",
+        "Model size and run lengths: demo runs on 2 CPU cores in minutes; paper is the full method.",
+        choices=PRESET_NAMES,
+    )
+    seed: int = option(0, "Seed of every stage.")
+    folds: int | None = option(None, "CV folds (default: the preset's).")
+    protocol: str = option("window", "Fold protocol.", choices=PROTOCOLS)
+    train: str = option("head", "What transfer fine-tunes.", choices=TRAIN_SCOPES)
+    steps: int | None = option(None, "GAN steps (default: the preset's).")
+    epochs: int | None = option(None, "Fine-tuning epochs per fold.")
+    batch_size: int | None = option(None, "GAN batch size per process.")
+    methods: str = option(",".join(METHODS), "Classic ML baselines to run.")
+    workers: int | None = option(None, "Shard-building processes.")
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESET_PLAN:
-            raise UserError(f"--preset must be one of {', '.join(PRESET_PLAN)}, got {self.preset!r}")
-        if self.protocol not in ("window", "clip"):
-            raise UserError(f"--protocol must be window or clip, got {self.protocol!r}")
+        if self.preset not in PRESETS:
+            raise UserError(f"--preset must be one of {', '.join(PRESET_NAMES)}, got {self.preset!r}")
+        if self.protocol not in PROTOCOLS:
+            raise UserError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         if self.data is not None and not Path(self.data).exists():
             raise UserError(f"--data folder not found: {self.data}")
+        for name in ("folds", "steps", "epochs", "batch_size", "workers"):
+            value = getattr(self, name)
+            if value is not None and value < (2 if name == "folds" else 1):
+                raise UserError(f"--{name.replace('_', '-')} must be >= {2 if name == 'folds' else 1}, got {value}")
 
     def plan(self) -> dict:
-        """The preset's sizes with explicit options on top."""
-        plan = dict(PRESET_PLAN[self.preset])
+        """The preset's run sizes with explicit options on top."""
+        plan = dict(PRESETS[self.preset].run)
         for name in ("folds", "steps", "epochs", "batch_size"):
             if getattr(self, name) is not None:
                 plan[name] = getattr(self, name)
@@ -195,7 +152,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
 
     # The GAN-initialised classifier fine-tunes what --train says; the scratch LRCN has nothing to keep frozen.
     # Training everything costs far more per epoch than a head on cached features: the demo preset gives the
-    # scratch LRCN fewer epochs (PRESET_PLAN["demo"]["scratch_epochs"]) to stay within minutes on a CPU.
+    # scratch LRCN fewer epochs (the preset's "scratch_epochs") to stay within minutes on a CPU.
     stages = (
         ("lrcn-gan", str(dirs["gan"]), cfg.train, plan["epochs"]),
         ("lrcn-scratch", "scratch", "all", plan["scratch_epochs"]),

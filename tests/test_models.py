@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 from ddp_vad.errors import UserError
 from ddp_vad.models import (
     LRCN,
-    PRESETS,
     Generator,
     ModelConfig,
     build_generator,
@@ -24,6 +23,7 @@ from ddp_vad.models import (
     real_fake_logit,
     save_model,
 )
+from ddp_vad.presets import PRESETS
 
 PED1 = {"window": 10, "height": 120, "width": 182}
 TINY = {"window": 10, "height": 24, "width": 36}

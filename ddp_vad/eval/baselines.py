@@ -25,6 +25,7 @@ import numpy as np
 from ddp_vad.config import write_resolved_config
 from ddp_vad.errors import UserError
 from ddp_vad.eval.metrics import binary_metrics, read_cv_results
+from ddp_vad.options import option
 from ddp_vad.train.crossval import PROTOCOLS, CVWindows, finish_cv, fold_split, score_fold
 
 METHODS = ("logreg", "svm", "rf", "knn", "nb")
@@ -32,19 +33,22 @@ METHODS = ("logreg", "svm", "rf", "knn", "nb")
 
 @dataclass
 class BaselinesConfig:
-    """Options of ``ddp_vad baselines`` (field names = CLI option names)."""
+    """Options of ``ddp_vad baselines``."""
 
-    shards: str
-    out: str
-    methods: str = ",".join(METHODS)  # comma-separated subset of METHODS
-    protocol: str = "window"  # "window" (stratified over windows) or "clip" (grouped by clip)
-    folds: int | None = None  # None: the fold count the shards were built with
-    seed: int = 0
-    height: int = 60  # features: windows resized to height x width (never upsampled)
-    width: int = 90
-    n_jobs: int | None = None  # parallel jobs for rf/knn (None: all usable cores)
-    rf_trees: int = 100
-    rf_max_depth: int | None = 20  # bounded trees keep fit time and memory predictable on 54k features
+    shards: str = option(help="Shard folder.")
+    out: str = option(help="Writes OUT/<method>/ files.")
+    methods: str = option(",".join(METHODS), f"Comma-separated: {','.join(METHODS)}.")
+    protocol: str = option(
+        "window", "Folds over windows (the method's) or grouped by clip (no leakage).", choices=PROTOCOLS
+    )
+    folds: int | None = option(None, "Must match the shards' fold count (default: the shards').")
+    seed: int = option(0, "Seed of the estimators.")
+    height: int = option(60, "Feature height (no upsampling).")
+    width: int = option(90, "Feature width (no upsampling).")
+    n_jobs: int | None = option(None, "Parallel jobs for rf/knn (default: all cores).")
+    rf_trees: int = option(100, "Random-forest trees.")
+    # Bounded trees keep fit time and memory predictable on 54k features.
+    rf_max_depth: int = option(20, "Random-forest depth limit.")
 
     def __post_init__(self) -> None:
         shard_dir = Path(self.shards)
@@ -65,8 +69,8 @@ class BaselinesConfig:
             raise UserError(f"--height/--width {self.height}x{self.width}: must be positive")
         if self.n_jobs is not None and int(self.n_jobs) == 0:
             raise UserError("--n-jobs 0: use a positive number or -1 (all cores)")
-        if int(self.rf_trees) < 1:
-            raise UserError(f"--rf-trees {self.rf_trees}: must be positive")
+        if int(self.rf_trees) < 1 or int(self.rf_max_depth) < 1:
+            raise UserError(f"--rf-trees {self.rf_trees} / --rf-max-depth {self.rf_max_depth}: must be positive")
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise UserError(f"--out {self.out}: exists and is not a folder")
 

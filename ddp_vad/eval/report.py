@@ -31,14 +31,15 @@ from ddp_vad.eval.figures import (
 from ddp_vad.eval.metrics import METRICS
 from ddp_vad.eval.runs import discover_runs, display_labels, read_similarity, run_shards, summarise_run
 from ddp_vad.files import staging_folder, swap_in, write_json_atomic, write_text_atomic
+from ddp_vad.options import option
 
 
 @dataclass
 class EvaluateConfig:
-    """Options of ``ddp_vad evaluate`` (field names = CLI option names)."""
+    """Options of ``ddp_vad evaluate``."""
 
-    runs: tuple[str, ...]
-    out: str
+    runs: tuple[str, ...] = option(help="Run folders.", argument=True)
+    out: str = option(help="Report folder.")
 
     def __post_init__(self) -> None:
         if isinstance(self.runs, str):

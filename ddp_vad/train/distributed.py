@@ -15,6 +15,7 @@ import torch
 from ddp_vad.errors import UserError
 
 ALLOW_NO_PG_ENV = "DDP_VAD_ALLOW_NO_PROCESS_GROUP"
+PRECISIONS = ("no", "bf16", "fp16")  # accelerate's mixed-precision names
 
 
 def launched_world_size() -> int:

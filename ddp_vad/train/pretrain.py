@@ -33,15 +33,17 @@ from ddp_vad.errors import NonFiniteLossError, UserError
 from ddp_vad.models import (
     DISCRIMINATOR_FILE,
     GENERATOR_FILE,
-    PRESETS,
     ModelConfig,
     build_generator,
     build_lrcn,
     model_config_for,
     save_model,
 )
+from ddp_vad.options import option
+from ddp_vad.presets import PRESET_NAMES
 from ddp_vad.train.checkpoint import list_checkpoints, read_train_state, remove_partial, resolve_resume, save_checkpoint
 from ddp_vad.train.distributed import (
+    PRECISIONS,
     broadcast_buffers,
     check_process_group,
     check_shard_count,
@@ -58,35 +60,41 @@ DEBUG_ENV = "DDP_VAD_DEBUG_KEYS"
 
 @dataclass
 class PretrainConfig:
-    """Options of ``ddp_vad pretrain`` (names match the CLI flags). ``batch_size`` is per process."""
+    """Options of ``ddp_vad pretrain``. ``batch_size`` is per process."""
 
-    shards: str
-    out: str
-    preset: str = "paper"
-    steps: int = 2000
-    batch_size: int = 32
-    lr: float = 2e-4
-    lr_d: float | None = None
-    beta1: float = 0.5
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    similarity_every: int = 100
-    similarity_samples: int = 30
-    image_every: int = 500
-    log_every: int = 10
-    resume: str = "auto"
-    seed: int = 0
-    workers: int = 1
-    shuffle_buffer: int = 1000
-    cache: bool = False
-    mixed_precision: str | None = None
-    debug_keys: bool = False
-    progress: bool = True
+    shards: str = option(help="Shard folder (with manifest.json).")
+    out: str = option(help="Run folder (RUN).")
+    preset: str = option("paper", "Model size: paper (GPU), demo (CPU in minutes), tiny (tests).", choices=PRESET_NAMES)
+    steps: int = option(2000, "Total optimizer steps (G and D each).")
+    batch_size: int = option(32, "Real windows per step per process.")
+    lr: float = option(2e-4, "Adam learning rate (generator; also D unless --lr-d).")
+    lr_d: float | None = option(None, "Discriminator learning rate (default: --lr).")
+    beta1: float = option(0.5, "Adam beta1 (DCGAN's 0.5).")
+    checkpoint_every: int = option(
+        500, "Save a resumable checkpoint every N steps (and at the end); 0 = only at the end."
+    )
+    keep_checkpoints: int = option(3, "Newest checkpoints kept; 0 = all.")
+    similarity_every: int = option(
+        100, "Cosine/L2 of generated vs real windows every N steps (similarity.csv); 0 = off."
+    )
+    similarity_samples: int = option(30, "Window pairs per similarity.")
+    image_every: int = option(500, "TensorBoard image of real vs generated windows every N steps; 0 = off.")
+    log_every: int = option(10, "Reduce and log losses every N steps (also when NaN/inf is checked).")
+    resume: str = option("auto", "auto (latest checkpoint if any) | latest | none | PATH.")
+    seed: int = option(0, "Seed for weights, noise and data order.")
+    workers: int = option(1, "Shard-reading workers per process.")
+    shuffle_buffer: int = option(1000, "Sample shuffle buffer.")
+    cache: bool = option(False, "Keep decoded shards in memory across epochs.", negatable=True)
+    mixed_precision: str | None = option(None, "Override accelerate's mixed-precision setting.", choices=PRECISIONS)
+    debug_keys: bool = option(
+        False, "Write RUN/debug/keys_rank*.txt and weight hashes per rank (for checks).", envvar="DDP_VAD_DEBUG_KEYS"
+    )
+    progress: bool = option(True, "Progress bar on the main process.", negatable=True)
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise UserError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
-        for name in ("steps", "batch_size", "log_every", "similarity_samples"):
+        if self.preset not in PRESET_NAMES:
+            raise UserError(f"--preset must be one of {', '.join(PRESET_NAMES)}, got {self.preset!r}")
+        for name in ("steps", "batch_size", "log_every", "similarity_samples", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("checkpoint_every", "keep_checkpoints", "similarity_every", "image_every", "workers"):
@@ -98,7 +106,7 @@ class PretrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0, got {value}")
         if not 0.0 <= self.beta1 < 1.0:
             raise UserError(f"--beta1 must be in [0, 1), got {self.beta1}")
-        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
+        if self.mixed_precision not in (None, *PRECISIONS):
             raise UserError(f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if not self.resume:
             raise UserError("--resume must be auto, latest, none or a checkpoint folder")

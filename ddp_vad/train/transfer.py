@@ -37,7 +37,9 @@ from ddp_vad.config import write_resolved_config
 from ddp_vad.data.reader import WindowSet, load_window_set
 from ddp_vad.data.shards import fold_count, load_manifest
 from ddp_vad.errors import UserError
-from ddp_vad.models import PRESETS, ModelConfig, build_lrcn, model_config_for
+from ddp_vad.models import ModelConfig, build_lrcn, model_config_for
+from ddp_vad.options import option
+from ddp_vad.presets import PRESET_NAMES
 from ddp_vad.train.classifier import (
     SCRATCH,
     TRAIN_SCOPES,
@@ -51,6 +53,7 @@ from ddp_vad.train.classifier import (
 )
 from ddp_vad.train.crossval import PROTOCOLS, CVWindows, finish_cv, fmt_metric
 from ddp_vad.train.distributed import (
+    PRECISIONS,
     all_gather_objects,
     check_process_group,
     make_accelerator,
@@ -67,30 +70,45 @@ DEFAULT_PRESET = "paper"
 
 @dataclass
 class TransferConfig:
-    """Options of ``ddp_vad transfer`` (field names = CLI option names; ``source`` is ``--from``).
+    """Options of ``ddp_vad transfer``. ``batch_size`` is per fold (each fold trains alone on its process)."""
 
-    ``batch_size`` is per fold (each fold trains alone on its process). ``method`` defaults to ``GAN+LRCN`` with a
-    GAN run and ``LRCN`` from scratch. ``preset`` is the architecture for ``--from scratch`` (default paper); a GAN
-    run brings its own and a different ``preset`` is ignored with a note.
-    """
-
-    shards: str
-    out: str
-    source: str
-    train: str = "head"
-    folds: int | None = None  # None: the shards' fold count (a different number is an error)
-    protocol: str = "window"
-    epochs: int = 10
-    preset: str | None = None
-    batch_size: int = 32
-    lr: float = 1e-3
-    seed: int = 0
-    resume: str = "auto"
-    holdout_type: str | None = None
-    mixed_precision: str | None = None
-    method: str | None = None
-    standardize: bool = True  # --train head: standardise the cached features per fold (folded into the head)
-    progress: bool = True
+    shards: str = option(help="Shard folder (with manifest.json).")
+    out: str = option(help="Run folder (RUN).")
+    source: str = option(
+        help="A pretrain run folder (GAN+LRCN: its discriminator's features) or 'scratch' (LRCN).", flag="--from"
+    )
+    train: str = option(
+        "head",
+        "What is fine-tuned: the head (features frozen, computed once), head + LSTM, or all.",
+        choices=TRAIN_SCOPES,
+    )
+    folds: int | None = option(None, "Must match the shards' fold count (default: the shards').")
+    protocol: str = option(
+        "window", "Folds over windows (the method's) or grouped by clip (no leakage).", choices=PROTOCOLS
+    )
+    epochs: int = option(10, "Training epochs per fold.")
+    preset: str | None = option(
+        None,
+        "Architecture for --from scratch (default: paper). A GAN run brings its own; a different one is an error.",
+        choices=PRESET_NAMES,
+    )
+    batch_size: int = option(32, "Windows per step (each fold alone).")
+    lr: float = option(1e-3, "Adam learning rate.")
+    seed: int = option(0, "Seed of heads, dropout and data order (per fold).")
+    resume: str = option(
+        "auto",
+        "auto: skip finished folds, continue unfinished ones; none: refuse a non-empty --out.",
+        choices=("auto", "none"),
+    )
+    holdout_type: str | None = option(
+        None, "Leave this anomaly type out of every training fold and report accuracy on it."
+    )
+    mixed_precision: str | None = option(None, "Override accelerate's mixed-precision setting.", choices=PRECISIONS)
+    method: str | None = option(None, "Name in metrics.json (default: GAN+LRCN, or LRCN from scratch).")
+    standardize: bool = option(
+        True, "--train head: standardise the frozen features per fold (folded into the saved head).", negatable=True
+    )
+    progress: bool = option(True, "Progress bar on the main process.", negatable=True)
 
     def __post_init__(self) -> None:
         if not (Path(self.shards) / "manifest.json").is_file():
@@ -112,11 +130,11 @@ class TransferConfig:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
             raise UserError(f"--lr must be a positive number, got {self.lr}")
-        if self.preset is not None and self.preset not in PRESETS:
-            raise UserError(f"--preset {self.preset}: choose one of {', '.join(PRESETS)}")
+        if self.preset is not None and self.preset not in PRESET_NAMES:
+            raise UserError(f"--preset {self.preset}: choose one of {', '.join(PRESET_NAMES)}")
         if self.resume not in ("auto", "none"):
             raise UserError(f"--resume {self.resume}: choose auto or none")
-        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
+        if self.mixed_precision not in (None, *PRECISIONS):
             raise UserError(f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.holdout_type is not None and not str(self.holdout_type).strip():
             raise UserError("--holdout-type: give an anomaly type name")
@@ -139,7 +157,10 @@ def resolve_model(cfg: TransferConfig, manifest: dict) -> tuple[ModelConfig, dic
     model_cfg, state = gan_features(cfg.source, manifest)
     notes = []
     if cfg.preset is not None and cfg.preset != model_cfg.preset:
-        notes.append(f"--preset {cfg.preset} ignored: the GAN run brings its own architecture ({model_cfg.preset})")
+        raise UserError(
+            f"--preset {cfg.preset}: the GAN run {cfg.source} brings its own architecture ({model_cfg.preset}); "
+            "leave --preset out (it only picks the architecture for --from scratch)"
+        )
     return model_cfg, state, notes
 
 

@@ -1,0 +1,89 @@
+"""Every command-line option is declared once, as a field of its stage's config dataclass.
+
+A field made with :func:`option` carries its help text (and, where the name or kind differs from the field, its
+flag); its type and default are the field's own. ``cli.py`` turns the fields into click options with
+:func:`click_params`, and the dataclass's ``__post_init__`` is the one place where values are checked. So a
+parameter can be followed from the flag to the function that uses it by its name alone::
+
+    @dataclass
+    class TransferConfig:
+        epochs: int = option(10, "Training epochs per fold.")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+_KEY = "ddp_vad_option"
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionSpec:
+    """How a config field appears on the command line."""
+
+    help: str
+    flag: str | None = None  # e.g. "--from" for the field ``source``; default: --field-name
+    choices: Sequence[str] | None = None
+    argument: bool = False  # a positional argument instead of an option
+    negatable: bool = False  # booleans: --name/--no-name instead of a plain flag
+    envvar: str | None = None
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **spec: Any) -> Any:
+    """A dataclass field that is also a command-line option (see :class:`OptionSpec` for ``spec``)."""
+    metadata = {_KEY: OptionSpec(help=help, **spec)}
+    if isinstance(default, list | dict | set):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _base_type(annotation: Any) -> tuple[Any, bool]:
+    """(the non-None type, whether it repeats) of an annotation such as ``int | None`` or ``tuple[str, ...]``."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    if typing.get_origin(annotation) is tuple:
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+def click_params(config_cls: type) -> list[click.Parameter]:
+    """click parameters for every :func:`option` field of ``config_cls``, in field order."""
+    hints = typing.get_type_hints(config_cls)
+    params: list[click.Parameter] = []
+    for field in dataclasses.fields(config_cls):
+        spec: OptionSpec | None = field.metadata.get(_KEY)
+        if spec is None:
+            continue
+        kind, repeated = _base_type(hints[field.name])
+        ptype: Any = click.Choice(list(spec.choices)) if spec.choices else kind
+        required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        default = None if required else field.default
+        if spec.argument:
+            params.append(click.Argument([field.name], type=ptype, nargs=-1 if repeated else 1, required=required))
+            continue
+        flag = spec.flag or "--" + field.name.replace("_", "-")
+        decls = [flag, field.name]
+        extra: dict[str, Any] = {}
+        if kind is bool:
+            decls = [f"{flag}/--no-{flag[2:]}" if spec.negatable else flag, field.name]
+            extra = {"is_flag": not spec.negatable, "type": None} if not spec.negatable else {}
+        params.append(
+            click.Option(
+                decls,
+                type=None if kind is bool else ptype,
+                default=default,
+                required=required,
+                help=spec.help,
+                envvar=spec.envvar,
+                show_default=not required and default is not None and default is not False,
+                **{k: v for k, v in extra.items() if k != "type"},
+            )
+        )
+    return params
