@@ -17,7 +17,7 @@ from ddp_vad.pipeline import PipelineConfig, run_pipeline
 from ddp_vad.train.pretrain import PretrainConfig, run_pretrain
 from ddp_vad.train.transfer import TransferConfig, run_transfer
 
-DEFAULT_SHARDS = Path(__file__).resolve().parent.parent / "shards"
+DEFAULT_SHARDS = Path("shards")  # relative to the working directory, never inside an installed package
 
 
 def _apply_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -134,7 +134,7 @@ def shard_group() -> None:
     "--out",
     type=click.Path(file_okay=False),
     default=None,
-    help="Output folder. Default: shards/<dataset-name> in the repository.",
+    help="Output folder. Default: shards/<dataset-name> in the working directory.",
 )
 @click.option("--dataset", default=None, help="UCSDped1 or UCSDped2 when DATA holds both.")
 @click.option("--window", default=10, type=click.IntRange(min=1), help="Frames per window.")

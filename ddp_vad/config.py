@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomllib
 import yaml
 
 from ddp_vad.errors import UserError
