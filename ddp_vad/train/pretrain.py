@@ -285,6 +285,7 @@ def run_pretrain(cfg: PretrainConfig) -> Path:
         workers=cfg.workers,
         cache=cfg.cache,
         shuffle_buffer=cfg.shuffle_buffer,
+        pin_memory=device.type == "cuda",  # the batches are copied with non_blocking=True
     )
 
     writer = None
