@@ -41,7 +41,7 @@ if __name__ == "__main__":
             result["main_timeout_s"] = _timeout_s(dist.group.WORLD)
             result["patient_timeout_s"] = _timeout_s(patient_group())
             if rank == 1:
-                time.sleep(3 * group_formation_timeout().total_seconds())
+                time.sleep(2 * group_formation_timeout().total_seconds())
             patient_barrier()
             result["barrier_s"] = time.perf_counter() - t0
             shutdown_process_group()

@@ -2,7 +2,7 @@
 
 A wrong network interface (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME), an unreachable MASTER_ADDR or a rank that never
 starts used to hang until the group's timeout: 24 h for the gloo side group. Forming a group is now bounded by
-DDP_VAD_GROUP_TIMEOUT; waits on the formed side group keep 24 h. All on the loopback address, with a 2 s timeout.
+DDP_VAD_GROUP_TIMEOUT; waits on the formed side group keep 24 h. All on the loopback address, with a 3 s timeout.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ddp_vad.train.distributed import GROUP_TIMEOUT_ENV, group_formation_hint, g
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_group_worker.py")
-FORMATION_S = 2
+FORMATION_S = 3  # short, yet above the start-up skew of two ranks on a busy 2-core machine
 LIMIT_S = 60  # a hang fails the test instead of blocking the suite
 
 
@@ -87,9 +87,9 @@ def test_a_rank_that_never_starts_fails_the_cli_within_the_formation_timeout(tin
     elapsed = time.perf_counter() - t0
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("error: the process group could not form within 2 s"), result.stderr[-2000:]
+    assert lines[-1].startswith(f"error: the process group could not form within {FORMATION_S} s"), result.stderr
     assert "Traceback" not in result.stderr and "GLOO_SOCKET_IFNAME" in lines[-1]
-    assert elapsed < FORMATION_S + 20  # start-up + the 2 s timeout, not torch's 30 min default
+    assert elapsed < FORMATION_S + 20  # start-up + the formation timeout, not torch's 30 min default
     assert not (tmp_path / "run").exists()
 
 
@@ -97,7 +97,7 @@ def test_side_group_with_a_wrong_interface_fails_on_both_ranks_within_the_timeou
     ranks = _two_ranks("bad-iface", tmp_path)
     for r in ranks:
         assert "error" in r, r
-        assert r["error"].startswith("the gloo side group could not form within 2 s"), r
+        assert r["error"].startswith(f"the gloo side group could not form within {FORMATION_S} s"), r
         assert "GLOO_SOCKET_IFNAME" in r["error"] and "\n" not in r["error"]
         assert r["seconds"] < FORMATION_S + 10, r  # not the side group's 24 h
     assert "ddpvad_none0" in ranks[1]["error"]  # the rank with the wrong interface names it
@@ -107,6 +107,6 @@ def test_formed_side_group_waits_longer_than_the_formation_timeout(tmp_path):
     ranks = _two_ranks("wait", tmp_path)
     for r in ranks:
         assert r.get("ok"), r
-        assert r["patient_timeout_s"] == 24 * 3600  # formed with 2 s, then lengthened for the waits
+        assert r["patient_timeout_s"] == 24 * 3600  # formed with the short timeout, then lengthened for the waits
         assert r["main_timeout_s"] == 30 * 60  # torch's gloo default restored after formation
-    assert ranks[0]["barrier_s"] > 3 * FORMATION_S  # rank 0 waited past the formation timeout for rank 1
+    assert ranks[0]["barrier_s"] > 2 * FORMATION_S  # rank 0 waited past the formation timeout for rank 1
