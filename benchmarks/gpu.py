@@ -20,10 +20,16 @@ Measures, for one process on one device (the per-GPU figure; DDP/fold-parallel r
 
     python benchmarks/gpu.py --out benchmarks/results/gpu            # CUDA machine: paper preset, 120x182
     python benchmarks/gpu.py --quick --out /tmp/gpu-quick            # any machine, tiny sizes, ~1 minute on CPU
+    python benchmarks/gpu.py --out OUT --time-budget 420 --steps 10  # a 10-minute GPU slot (see README)
 
 Without ``--shards`` it builds a small synthetic shard set (``ddp_vad.data.synth``) in a temp folder. Writes
 ``OUT/gpu_benchmark.json`` and ``OUT/gpu_benchmark.md`` and prints the markdown. Rows that need CUDA say
 ``skipped`` on other machines; a row that fails (e.g. out of memory) says ``failed`` and the run goes on.
+
+Every row is written as soon as it is measured: appended to ``OUT/gpu_benchmark.rows.jsonl`` and folded into
+``OUT/gpu_benchmark.json`` / ``.md`` (marked partial until the run ends), so a run cut by a time limit keeps what it
+measured. Cheap rows come first (eager cases, then the reader, then the ``torch.compile`` cases, whose compilation
+takes minutes); ``--time-budget`` stops starting new rows after that many seconds and marks the rest skipped.
 """
 
 from __future__ import annotations
@@ -261,7 +267,8 @@ def batch_source(kind: str, data: Data, batch: int, device: torch.device, worker
             idx = torch.randint(n, (batch,), generator=gd, device=device)
             yield frames_to_float(frames[idx]), labels[idx]
     elif kind == "shards":
-        for b in infinite_batches(data.shards, batch, seed=0, rank=0, world_size=1, workers=workers):
+        pin = _is_cuda(device)  # non_blocking copies from pageable memory would be synchronous
+        for b in infinite_batches(data.shards, batch, seed=0, rank=0, world_size=1, workers=workers, pin_memory=pin):
             yield (
                 frames_to_float(b["frames"].to(device, non_blocking=True)),
                 b["label"].to(device, non_blocking=True),
@@ -443,23 +450,26 @@ def skip_reason(case: Case, cuda: bool, args) -> str | None:
 
 
 def plan(args, cuda: bool) -> list[Case]:
-    """The cases to run: every precision x channels_last eagerly; compile for --compile-precisions; the data sources
-    and cudnn.benchmark for the default precision; the head path per precision."""
+    """The cases to run: every precision x channels_last eagerly; the data sources and cudnn.benchmark for the default
+    precision; the head path per precision; then (last: compiling takes minutes per case) torch.compile for
+    --compile-precisions."""
     default = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    phases = (("gan", args.gan_batch), ("finetune", args.finetune_batch))
     cases: list[Case] = []
-    for phase, batch in (("gan", args.gan_batch), ("finetune", args.finetune_batch)):
+    for phase, batch in phases:
         for precision in args.precisions:
             for cl in (False, True):
                 cases.append(Case(phase, precision, cl, batch=batch))
-        for precision in args.compile_precisions:
-            for cl in (False, True):
-                cases.append(Case(phase, precision, cl, compile=True, batch=batch))
         for source in ("device", "shards"):
             cases.append(Case(phase, default, data=source, batch=batch))
         cases.append(Case(phase, default, cudnn_benchmark=True, batch=batch))
     for precision in args.precisions:
         cases.append(Case("extract", precision, batch=EXTRACT_CHUNK))
         cases.append(Case("head", precision, data="features", batch=args.finetune_batch))
+    for phase, batch in phases:
+        for precision in args.compile_precisions:
+            for cl in (False, True):
+                cases.append(Case(phase, precision, cl, compile=True, batch=batch))
     return cases
 
 
@@ -506,22 +516,17 @@ def run_case(case: Case, cfg: ModelConfig, data: Data, args, flops: dict, peaks,
 
 
 # ------------------------------------------------------------------------------------------ reader
-def bench_reader(data: Data, batch: int, workers: list[int], samples: int) -> list[dict]:
-    """Shard reader alone (``infinite_batches``, decode + batch on the CPU): samples/s per worker count. Includes
-    each epoch's loader start, as pretrain sees it."""
-    rows = []
+def reader_row(data: Data, batch: int, workers: int, samples: int) -> dict:
+    """Shard reader alone (``infinite_batches``, decode + batch on the CPU) with ``workers`` loader workers:
+    samples/s, including each epoch's loader start, as pretrain sees it."""
     n_shards = len(data.manifest["shards"])
-    for w in workers:
-        if w > n_shards:
-            rows.append({"workers": w, "status": "skipped", "note": f"only {n_shards} shards"})
-            continue
-        it = infinite_batches(data.shards, batch, seed=0, rank=0, world_size=1, workers=w)
-        t0, n = time.perf_counter(), 0
-        while n < samples:
-            n += len(next(it)["key"])
-        rows.append({"workers": w, "status": "ok", "samples": n, "samples_per_s": n / (time.perf_counter() - t0)})
-        del it
-    return rows
+    if workers > n_shards:
+        return {"workers": workers, "status": "skipped", "note": f"only {n_shards} shards"}
+    it = infinite_batches(data.shards, batch, seed=0, rank=0, world_size=1, workers=workers)
+    t0, n = time.perf_counter(), 0
+    while n < samples:
+        n += len(next(it)["key"])
+    return {"workers": workers, "status": "ok", "samples": n, "samples_per_s": n / (time.perf_counter() - t0)}
 
 
 # ---------------------------------------------------------------------------------------- estimate
@@ -594,6 +599,7 @@ def markdown(result: dict) -> str:
         f"{meta['windows']} windows in {meta['shards_count']} shards{' (synthetic)' if meta['synthetic'] else ''}; "
         f"{meta['steps']} timed steps after {meta['warmup']} warm-up.{' --quick.' if meta['quick'] else ''}",
         "",
+        *_partial_note(meta),
         "## Model FLOPs",
         "",
         "| model | forward GFLOP/sample (analytic) | of which LSTM | counted by torch FlopCounterMode (no LSTM) |",
@@ -663,6 +669,68 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _partial_note(meta: dict) -> list[str]:
+    if meta.get("complete", True):
+        return []
+    return [
+        f"**Partial: {meta['rows_done']} of {meta['rows_planned']} rows so far** (the run is going on, or was cut).",
+        "",
+    ]
+
+
+# ------------------------------------------------------------------------------------------ output
+ROWS_FILE = "gpu_benchmark.rows.jsonl"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Results:
+    """The benchmark's results so far, written to OUT after every row: a run cut by a time limit keeps its rows.
+
+    ``OUT/gpu_benchmark.rows.jsonl`` gets one line per finished row (appended, flushed); ``gpu_benchmark.json`` and
+    ``gpu_benchmark.md`` are rewritten (atomically) with everything so far, marked partial until :meth:`finish`.
+    """
+
+    def __init__(self, out: Path, base: dict, args, rows_planned: int):
+        self.out, self.base, self.args = out, base, args
+        self.cases: list[dict] = []
+        self.reader: list[dict] = []
+        self.base["meta"].update(complete=False, rows_planned=rows_planned, rows_done=0)
+        (out / ROWS_FILE).write_text("")  # a new run: an earlier run's rows go
+
+    def add(self, kind: str, row: dict) -> None:
+        """Record a finished row (``kind``: ``case`` or ``reader``) and write everything so far."""
+        (self.cases if kind == "case" else self.reader).append(row)
+        with (self.out / ROWS_FILE).open("a") as f:
+            f.write(json.dumps({"kind": kind, **row}, default=str) + "\n")
+        self.base["meta"]["rows_done"] += 1
+        self._write()
+
+    def finish(self, seconds: float) -> dict:
+        """Mark the results complete and write them; returns the result dict."""
+        self.base["meta"].update(complete=True, seconds=round(seconds, 1))
+        return self._write()
+
+    def result(self) -> dict:
+        """The result dict of the rows so far (fastest rows and protocol estimate from those)."""
+        fastest = {}
+        for phase in ("gan", "finetune", "extract", "head"):
+            ok = [r for r in self.cases if r["phase"] == phase and r["status"] == "ok"]
+            fastest[phase] = max(ok, key=lambda r: r["samples_per_s"]) if ok else None
+        return {**self.base, "cases": self.cases, "reader": self.reader, "fastest": fastest,
+                "protocol_estimate": protocol_estimate(self.cases, self.args)}  # fmt: skip
+
+    def _write(self) -> dict:
+        result = self.result()
+        _write_atomic(self.out / "gpu_benchmark.json", json.dumps(result, indent=2, default=str) + "\n")
+        _write_atomic(self.out / "gpu_benchmark.md", markdown(result))
+        return result
+
+
 # -------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -690,6 +758,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--protocol-folds", type=int, default=10)
     p.add_argument("--protocol-epochs", type=int, default=10, help="Fine-tuning epochs per fold.")
     p.add_argument("--estimate-gpus", type=int, default=8, help="GPUs for the fold-parallel estimate.")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="Seconds after which no new row starts (the rest are marked skipped); rows already "
+                        "measured are written as they finish either way.")  # fmt: skip
     p.add_argument("--verbose", action="store_true", help="Print tracebacks of failed cases.")
     args = p.parse_args(argv)
     q = args.quick
@@ -716,6 +787,10 @@ def main(argv: list[str] | None = None) -> dict:
     info = device_info()
     peaks = peak_tflops(info["name"], args.peak_tflops) if cuda else None
     t_start = time.perf_counter()
+
+    def over_budget() -> bool:
+        return args.time_budget is not None and time.perf_counter() - t_start > args.time_budget
+
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
         synthetic = args.shards is None
         shards = Path(args.shards) if args.shards else make_synthetic_shards(Path(tmp), args.quick, args.height,
@@ -723,19 +798,11 @@ def main(argv: list[str] | None = None) -> dict:
         manifest = load_manifest(shards)
         cfg = model_config_for(args.preset, manifest)
         data = load_data(shards)
+        if cuda:  # the extract rows copy chunks with non_blocking=True: only asynchronous from pinned memory
+            data.frames = data.frames.pin_memory()
         flops = step_flops(cfg)
         print(f"{info['name']}: preset {cfg.preset} {cfg.height}x{cfg.width}, {len(data.labels)} windows; "
               f"GFLOP/sample " + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in flops.items()), flush=True)  # fmt: skip
-        rows, keep = [], {}
-        for case in plan(args, cuda):
-            row = run_case(case, cfg, data, args, flops, peaks, keep, cuda)
-            rows.append(row)
-            rate = f"{row['samples_per_s']:.1f} samples/s" if row["status"] == "ok" else row.get("note", "")
-            print(f"  {case.label():70s} {row['status']:8s} {rate}", flush=True)
-        reader = bench_reader(data, args.gan_batch, args.reader_workers, args.reader_samples)
-        for r in reader:
-            print(f"  reader workers={r['workers']}: " + (f"{r['samples_per_s']:.0f} samples/s" if r["status"] == "ok"
-                  else r["note"]), flush=True)  # fmt: skip
         meta = {
             "date": time.strftime("%Y-%m-%d %H:%M"), "quick": args.quick, "preset": cfg.preset, "height": cfg.height,
             "width": cfg.width, "window": cfg.window, "windows": len(data.labels),
@@ -743,31 +810,45 @@ def main(argv: list[str] | None = None) -> dict:
             "warmup": args.warmup, "args": {k: v for k, v in vars(args).items()},
             "seconds": None,
         }  # fmt: skip
-    fastest = {}
-    for phase in ("gan", "finetune", "extract", "head"):
-        ok = [r for r in rows if r["phase"] == phase and r["status"] == "ok"]
-        fastest[phase] = max(ok, key=lambda r: r["samples_per_s"]) if ok else None
-    result = {
-        "meta": meta,
-        "device": info,
-        "peak_tflops": peaks,
-        "model": cfg.to_dict(),
-        "flops": {
-            "per_sample": flops,
-            "generator": generator_flops(cfg),
-            "lrcn": lrcn_flops(cfg),
-            "counted_forward": counted_forward_flops(cfg),
-        },
-        "cases": rows,
-        "reader": reader,
-        "fastest": fastest,
-        "protocol_estimate": protocol_estimate(rows, args),
-    }
-    result["meta"]["seconds"] = round(time.perf_counter() - t_start, 1)
-    (out / "gpu_benchmark.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    md = markdown(result)
-    (out / "gpu_benchmark.md").write_text(md)
-    print(md)
+        base = {
+            "meta": meta,
+            "device": info,
+            "peak_tflops": peaks,
+            "model": cfg.to_dict(),
+            "flops": {
+                "per_sample": flops,
+                "generator": generator_flops(cfg),
+                "lrcn": lrcn_flops(cfg),
+                "counted_forward": counted_forward_flops(cfg),
+            },
+        }
+        cases = plan(args, cuda)
+        results = Results(out, base, args, rows_planned=len(cases) + len(args.reader_workers))
+        print(f"rows are written as they finish: {out / ROWS_FILE}, {out / 'gpu_benchmark.md'}", flush=True)
+        keep: dict = {}
+
+        def run_cases(todo: list[Case]) -> None:
+            for case in todo:
+                if over_budget():
+                    row = {**asdict(case), "status": "skipped", "note": "time budget"}
+                else:
+                    row = run_case(case, cfg, data, args, flops, peaks, keep, cuda)
+                results.add("case", row)
+                rate = f"{row['samples_per_s']:.1f} samples/s" if row["status"] == "ok" else row.get("note", "")
+                print(f"  {case.label():70s} {row['status']:8s} {rate}", flush=True)
+
+        run_cases([c for c in cases if not c.compile])  # cheap rows first: compiling takes minutes per case
+        for w in args.reader_workers:
+            if over_budget():
+                r = {"workers": w, "status": "skipped", "note": "time budget"}
+            else:
+                r = reader_row(data, args.gan_batch, w, args.reader_samples)
+            results.add("reader", r)
+            print(f"  reader workers={w}: " + (f"{r['samples_per_s']:.0f} samples/s" if r["status"] == "ok"
+                  else r["note"]), flush=True)  # fmt: skip
+        run_cases([c for c in cases if c.compile])
+    result = results.finish(time.perf_counter() - t_start)
+    print(markdown(result))
     return result
 
 

@@ -128,6 +128,41 @@ def test_slurm_script_builds_one_launch_per_node(tmp_path):
         assert argv[-len(args) - 2 :] == ["-m", "ddp_vad", *args]  # arguments with spaces survive intact
 
 
+@pytest.mark.parametrize(
+    "given, expected, warned",
+    [
+        ({"SOCKET_IFNAME": "ib0"}, ("ib0", "ib0"), False),
+        ({"SOCKET_IFNAME": "ib0", "GLOO_SOCKET_IFNAME": "eth1"}, ("ib0", "eth1"), False),
+        ({"NCCL_SOCKET_IFNAME": "ib0"}, ("ib0", ""), True),
+        ({}, ("", ""), False),
+    ],
+)
+def test_slurm_script_gives_nccl_and_gloo_the_same_interface(tmp_path, given, expected, warned):
+    bin_dir = _fake_bin(tmp_path)
+    (bin_dir / "accelerate").write_text(  # records the launcher's environment instead of its argv
+        '#!/usr/bin/env bash\nprintf "%s\\n" "${NCCL_SOCKET_IFNAME:-}" "${GLOO_SOCKET_IFNAME:-}" '
+        '"${DDP_VAD_GROUP_TIMEOUT:-}" > "$FAKE_OUT/node$SLURM_NODEID.txt"\n'
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.endswith("SOCKET_IFNAME") and k != "DDP_VAD_GROUP_TIMEOUT"}
+    env.update(
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_OUT=str(out), SLURM_JOB_NODELIST="node-[a-b]",
+        SLURM_JOB_ID="7", SLURM_NNODES="2", SLURM_GPUS_ON_NODE="8", SLURM_SUBMIT_DIR=str(tmp_path), **given,
+    )  # fmt: skip
+    result = subprocess.run(
+        ["bash", str(LAUNCH / "slurm_multi_node.sbatch"), "pretrain"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    for node in (0, 1):
+        assert (out / f"node{node}.txt").read_text().split("\n")[:3] == [*expected, "600"]
+    assert ("GLOO_SOCKET_IFNAME" in result.stderr) == warned
+
+
 @pytest.mark.slow
 def test_cpu_2proc_config_forms_a_gloo_group(tiny_shards, tmp_path):
     """`accelerate launch --config_file launch/cpu_2proc.yaml -m ddp_vad pretrain` trains as ONE 2-process DDP job

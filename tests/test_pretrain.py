@@ -116,9 +116,11 @@ def test_run_writes_scalars_images_csv_weights_and_checkpoints(tiny_shards, tmp_
     assert gcfg == dcfg and (gcfg.preset, gcfg.height, gcfg.width, gcfg.window) == ("tiny", 24, 36, 10)
     with torch.no_grad():
         assert gen(torch.randn(2, gcfg.z_dim)).shape == (2, 10, 1, 24, 36)
-    # The exported weights are the final checkpoint's (accelerate's model.safetensors = G, model_1 = D).
-    assert same_weights(run / "generator.safetensors", run / "checkpoints/step_0000008/model.safetensors")
-    assert same_weights(run / "discriminator.safetensors", run / "checkpoints/step_0000008/model_1.safetensors")
+    # The exported weights are the final checkpoint's (accelerate's pytorch_model.bin = G, pytorch_model_1.bin = D).
+    for name, file in (("generator", "pytorch_model.bin"), ("discriminator", "pytorch_model_1.bin")):
+        saved = torch.load(run / "checkpoints/step_0000008" / file, weights_only=True)
+        exported = weights(run / f"{name}.safetensors")
+        assert saved.keys() == exported.keys() and all(torch.equal(saved[k], exported[k]) for k in saved)
     assert state_dict_sha256(disc) == state_dict_sha256(weights(run / "discriminator.safetensors"))
 
     conf = json.loads((run / "config.json").read_text())

@@ -289,12 +289,16 @@ def stream_batches(
     fold_filter: Callable[[dict], bool] | None = None,
     drop_last: bool = False,
     cache: bool = False,
+    pin_memory: bool = False,
 ) -> Iterable[dict]:
     """One epoch of batches (see the module docstring for the chain).
 
     ``split="nodes"`` gives each rank a disjoint share of the shards (DDP training); ``split="all"`` gives every
     rank every shard (fold-parallel fine-tuning, with ``fold_filter(meta) -> bool`` selecting samples).
     ``cache=True`` keeps decoded shards in this process's memory across epochs (forces ``workers=0``).
+    ``pin_memory=True`` (CUDA only) returns batches in page-locked memory, so that ``.to(device, non_blocking=True)``
+    really overlaps the copy with compute (from pageable memory it is synchronous); with workers the DataLoader's
+    pin thread does it in the background.
     """
     if split not in ("nodes", "all"):
         raise UserError(f"split must be 'nodes' or 'all', got {split!r}")
@@ -327,10 +331,18 @@ def stream_batches(
     if fold_filter is not None:
         stages.append(wds.select(lambda s: fold_filter(s["meta"])))
     stages.append(wds.batched(batch_size, collation_fn=collate, partial=not drop_last))
+    if pin_memory and workers == 0:
+        stages.append(_pinned)
     pipeline = wds.DataPipeline(*stages)
     if workers > 0:
-        return wds.WebLoader(pipeline, batch_size=None, num_workers=workers, shuffle=False)
+        return wds.WebLoader(pipeline, batch_size=None, num_workers=workers, shuffle=False, pin_memory=pin_memory)
     return pipeline
+
+
+def _pinned(batches: Iterable[dict]) -> Iterator[dict]:
+    """Batches with their tensors in page-locked memory (the loader's pin thread does this when there are workers)."""
+    for batch in batches:
+        yield {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 class InfiniteBatches:
@@ -390,6 +402,7 @@ def infinite_batches(
     drop_last: bool = True,
     cache: bool = False,
     shuffle_buffer: int = 1000,
+    pin_memory: bool = False,
 ) -> InfiniteBatches:
     """Endless version of :func:`stream_batches` with ``split="nodes"`` (see :class:`InfiniteBatches`)."""
     return InfiniteBatches(
@@ -405,4 +418,5 @@ def infinite_batches(
         drop_last=drop_last,
         cache=cache,
         shuffle_buffer=shuffle_buffer,
+        pin_memory=pin_memory,
     )

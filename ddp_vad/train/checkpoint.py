@@ -1,8 +1,17 @@
 """Resumable training state: GAN steps (accelerate ``save_state`` folders that appear atomically, retention, resume
 lookup) and transfer folds (one file per fold and epoch, see the bottom of this module).
 
-A checkpoint is ``RUN/checkpoints/step_0001000/``: accelerate's files (models as safetensors, optimizer/RNG states
-loaded with ``weights_only=True``) plus ``train_state.json`` (step, per-rank data-stream positions, model config).
+A checkpoint is ``RUN/checkpoints/step_0001000/``: accelerate's files (models, optimizer and RNG states, all loaded
+with ``weights_only=True``) plus ``train_state.json`` (step, per-rank data-stream positions, model config).
+
+Models are written with ``torch.save`` (``pytorch_model*.bin``), not safetensors: on CUDA, cuDNN packs an LSTM's
+weights into one flat buffer and the parameters become views of it. safetensors refuses views of a shared storage:
+accelerate's save drops all but one of them (with a warning) and its load fails ("None is covering the entire
+storage"), so a GPU run could not resume. ``torch.save`` stores the shared buffer once and ``load_state_dict`` copies
+into the packed parameters; accelerate loads the file with ``weights_only=True``, so no pickled code runs. Exported
+weights (``generator.safetensors`` ...) stay safetensors: :func:`ddp_vad.models.save_model` writes each tensor on its
+own and they load into a freshly built (not yet packed) model.
+
 Every process writes into a hidden ``.tmp-step_...`` folder; once all are done the main process adds
 ``train_state.json`` and renames the folder. A ``kill -9`` mid-save therefore leaves only a hidden temp folder, which
 resume ignores and the next run removes. No custom pickled objects are used (accelerate would load those with
@@ -101,7 +110,7 @@ def save_checkpoint(accelerator, ckpt_dir: str | Path, step: int, train_state: d
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    accelerator.save_state(str(tmp), safe_serialization=False)  # see the module docstring (cuDNN-packed LSTM)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json_atomic(tmp / STATE_FILE, {"step": step, **train_state})

@@ -7,7 +7,9 @@ import os
 import random
 import sys
 import warnings
-from typing import Any
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -16,6 +18,10 @@ from ddp_vad.errors import UserError
 
 ALLOW_NO_PG_ENV = "DDP_VAD_ALLOW_NO_PROCESS_GROUP"
 PRECISIONS = ("no", "bf16", "fp16")  # accelerate's mixed-precision names
+GROUP_TIMEOUT_ENV = "DDP_VAD_GROUP_TIMEOUT"
+DEFAULT_GROUP_TIMEOUT_S = 600.0
+PATIENT_TIMEOUT = timedelta(hours=24)
+_T = TypeVar("_T")
 
 
 def launched_world_size() -> int:
@@ -98,27 +104,107 @@ def make_accelerator(mixed_precision: str | None = None, project_dir: str | None
     (not the process group) is reset first. ``mixed_precision=None`` takes accelerate's config/environment.
     Several processes on a machine without an accelerator get ``cpu=True``: accelerate only forms a gloo process
     group (MULTI_CPU) when asked for the CPU; otherwise torchrun would start N independent trainings.
+    Forming the process group (and the :func:`patient_group`) is bounded by :func:`group_formation_timeout`.
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     project = ProjectConfiguration(project_dir=project_dir, automatic_checkpoint_naming=False)
     if _needs_cpu_group():
         kwargs.setdefault("cpu", True)
-    return Accelerator(mixed_precision=mixed_precision, log_with=None, project_config=project, **kwargs)
+    handlers = list(kwargs.pop("kwargs_handlers", None) or [])
+    if not any(isinstance(h, InitProcessGroupKwargs) for h in handlers):
+        handlers.append(InitProcessGroupKwargs(timeout=group_formation_timeout()))
+    accelerator = _form_group(
+        "the process group",
+        lambda: Accelerator(
+            mixed_precision=mixed_precision,
+            log_with=None,
+            project_config=project,
+            kwargs_handlers=handlers,
+            **kwargs,
+        ),
+    )
+    patient_group()  # formed now, while every rank is here (see patient_group)
+    return accelerator
 
 
 def process_state():
-    """accelerate's ``PartialState`` (rank, main process, barriers) under the same CPU rule as
-    :func:`make_accelerator`; refuses several launched processes that form no group."""
+    """accelerate's ``PartialState`` (rank, main process, barriers) under the same CPU rule and formation timeout
+    as :func:`make_accelerator`; refuses several launched processes that form no group."""
     from accelerate import PartialState
 
-    state = PartialState(**({"cpu": True} if _needs_cpu_group() else {}))
+    kwargs = {"cpu": True} if _needs_cpu_group() else {}
+    state = _form_group("the process group", lambda: PartialState(timeout=group_formation_timeout(), **kwargs))
     check_process_group(state.num_processes)
+    patient_group()
     return state
+
+
+def group_formation_timeout() -> timedelta:
+    """How long forming a process group may take: ``DDP_VAD_GROUP_TIMEOUT`` seconds, default 600.
+
+    Only formation is bounded by this: a peer that cannot be reached (wrong network interface, MASTER_ADDR,
+    firewall) is then an error within minutes. Waits on a formed group keep their own timeout (torch's default,
+    24 h for :func:`patient_group`).
+    """
+    raw = os.environ.get(GROUP_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return timedelta(seconds=DEFAULT_GROUP_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise UserError(f"{GROUP_TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0")
+    return timedelta(seconds=seconds)
+
+
+def group_formation_hint(what: str, exc: BaseException) -> str:
+    """One line explaining a process group that could not form, naming the settings that usually cause it."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    first = first if len(first) <= 200 else first[:197] + "..."
+    timeout = group_formation_timeout().total_seconds()
+    return (
+        f"{what} could not form within {timeout:g} s ({type(exc).__name__}: {first}); check that every process "
+        "was started and that MASTER_ADDR/MASTER_PORT reach the first node, and set GLOO_SOCKET_IFNAME and "
+        f"NCCL_SOCKET_IFNAME to the network interface the nodes share ({GROUP_TIMEOUT_ENV} sets this timeout)"
+    )
+
+
+def _form_group(what: str, create: Callable[[], _T]) -> _T:
+    """Run ``create`` (which forms a process group); a distributed/connection error becomes a one-line UserError.
+
+    The default group's operation timeout is restored to torch's default for its backend afterwards: the short
+    timeout is for forming the group only.
+    """
+    dist = torch.distributed
+    was_initialized = dist.is_available() and dist.is_initialized()
+    try:
+        result = create()
+    except UserError:
+        raise
+    except (RuntimeError, TimeoutError, ConnectionError, ValueError) as exc:
+        # DistError (store/network timeouts) and gloo's connect errors are RuntimeErrors; only errors raised while a
+        # group forms get the hint (a plain Accelerator/PartialState mistake keeps its own message).
+        if not _looks_like_formation_error(exc):
+            raise
+        raise UserError(group_formation_hint(what, exc)) from None
+    if not was_initialized and dist.is_available() and dist.is_initialized():
+        from torch.distributed.distributed_c10d import _get_default_timeout, _set_pg_timeout
+
+        _set_pg_timeout(_get_default_timeout(dist.get_backend()))
+    return result
+
+
+def _looks_like_formation_error(exc: BaseException) -> bool:
+    if isinstance(exc, torch.distributed.DistError | TimeoutError | ConnectionError):
+        return True
+    text = str(exc).lower()
+    return any(word in text for word in ("timed out", "timeout", "connect", "gloo", "nccl", "socket", "store"))
 
 
 def _needs_cpu_group() -> bool:
@@ -142,16 +228,23 @@ def patient_group():
 
     For waits that may outlast the default (NCCL) timeout: ranks whose folds finish early, or ranks waiting while
     the main process builds shards or fits baselines. A process that fails makes torchrun / accelerate launch stop
-    the others, so nobody waits that long for a dead peer.
+    the others, so nobody waits that long for a dead peer. Forming the group is a collective bounded by
+    :func:`group_formation_timeout` (gloo connects over GLOO_SOCKET_IFNAME: a wrong interface would otherwise hang
+    for the full 24 h); :func:`make_accelerator` and :func:`process_state` form it at once, while every rank is
+    there, so a later first wait (one rank busy for an hour) does not count against formation.
     """
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         return None
     key = id(dist.group.WORLD)  # one per process group (``ddp_vad pipeline`` runs several stages in one)
     if key not in _PATIENT_GROUPS:
-        from datetime import timedelta
+        from torch.distributed.distributed_c10d import _set_pg_timeout
 
-        _PATIENT_GROUPS[key] = dist.new_group(backend="gloo", timeout=timedelta(hours=24))
+        group = _form_group(
+            "the gloo side group", lambda: dist.new_group(backend="gloo", timeout=group_formation_timeout())
+        )
+        _set_pg_timeout(PATIENT_TIMEOUT, group)  # formed: from now on only waits, which may be long
+        _PATIENT_GROUPS[key] = group
     return _PATIENT_GROUPS[key]
 
 

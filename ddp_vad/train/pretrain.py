@@ -212,6 +212,7 @@ def run_pretrain(cfg: PretrainConfig) -> Path:
     batches = infinite_batches(
         cfg.shards, cfg.batch_size, seed=cfg.seed, start_epoch=epoch, skip_batches=skip, rank=rank, world_size=world,
         workers=cfg.workers, cache=cfg.cache, shuffle_buffer=cfg.shuffle_buffer,
+        pin_memory=device.type == "cuda",  # the batches are copied with non_blocking=True
     )  # fmt: skip
     monitor = GanMonitor(run_dir, cfg, manifest, model_cfg.z_dim, device, start_step) if is_main else None
     unwrapped_gen = accelerator.unwrap_model(gen)
