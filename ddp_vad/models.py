@@ -1,6 +1,6 @@
 """The GAN generator and the LRCN (discriminator and classifier), their presets, and safetensors I/O.
 
-Layouts follow DESIGN.md section 4. Windows are ``[B, T, 1, H, W]`` floats in ``[0, 1]``; the generator treats the
+Layouts are tabled in docs/models.md. Windows are ``[B, T, 1, H, W]`` floats in ``[0, 1]``; the generator treats the
 T frames as channels. The LRCN is ``features`` (time-distributed conv/pool x3 -> dropout -> LSTM, last step) plus
 ``head`` (dropout -> dense -> ReLU -> dense 2 logits), two submodules so that transfer can keep one and replace
 the other.
@@ -180,7 +180,7 @@ class Generator(nn.Module):
 class FeatureExtractor(nn.Module):
     """Time-distributed conv(valid)+ReLU+maxpool2 stages -> dropout -> LSTM; returns the last step [B, hidden].
 
-    The LSTM runs in fp32 with autocast disabled: autocast would cast it to fp16 even under bf16 (DESIGN.md 5).
+    The LSTM runs in fp32 with autocast disabled: autocast would cast it to fp16 even under bf16 (docs/models.md).
     """
 
     def __init__(self, cfg: ModelConfig):

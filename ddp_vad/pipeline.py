@@ -1,5 +1,5 @@
 """``ddp_vad pipeline``: synth (when no --data) -> shards -> pretrain -> transfer (GAN and scratch) -> baselines
--> evaluate, laid out as DESIGN.md section 3 fixes::
+-> evaluate, laid out as docs/run-folders.md fixes::
 
     OUT/data  OUT/shards  OUT/gan  OUT/lrcn-gan  OUT/lrcn-scratch  OUT/baselines/<method>  OUT/report
 

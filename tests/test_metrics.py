@@ -1,4 +1,4 @@
-"""Metric definitions, undefined cases, metrics.json / oof_scores.csv formats (DESIGN.md section 3)."""
+"""Metric definitions, undefined cases, metrics.json / oof_scores.csv formats (docs/run-folders.md)."""
 
 from __future__ import annotations
 

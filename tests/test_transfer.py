@@ -165,7 +165,7 @@ def test_transfer_from_gan_trains_only_its_scope(typed_shards, gan_run, tmp_path
 
     if train != "head":
         return
-    # Files and formats (DESIGN.md section 3), once.
+    # Files and formats (docs/run-folders.md), once.
     metrics = _metrics(run)
     assert metrics["method"] == "GAN+LRCN" and metrics["protocol"] == "window"
     assert [f["fold"] for f in metrics["folds"]] == list(range(n_folds))

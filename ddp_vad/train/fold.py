@@ -2,7 +2,7 @@
 
 A fold trains alone on the process that owns it (never DDP-wrapped: ranks train different folds). Its seed, initial
 weights and data order depend only on ``(seed, fold)``, so its numbers do not depend on how many processes share
-the folds. Files: ``RUN/tb/fold_XX/`` (loss/train, accuracy/test_fold, lr per epoch), ``RUN/checkpoints/fold_XX/``
+the folds. Files: ``RUN/tb/fold_XX/`` (loss/train, accuracy/test, lr per epoch), ``RUN/checkpoints/fold_XX/``
 (the latest epoch), and when the fold finishes ``RUN/folds/fold_XX/model.safetensors`` + ``result.json`` (metrics
 and out-of-fold scores; written last, so its presence marks the fold finished).
 """
