@@ -60,6 +60,7 @@ from ddp_vad.data.reader import frames_to_float, infinite_batches, load_window_s
 from ddp_vad.data.shards import ShardConfig, build_shards, load_manifest  # noqa: E402
 from ddp_vad.models import ModelConfig, build_generator, build_lrcn, model_config_for  # noqa: E402
 from ddp_vad.train.distributed import make_accelerator, seed_everything  # noqa: E402
+from ddp_vad.train.fold import optimizer_step  # noqa: E402
 from ddp_vad.train.gan import gan_step  # noqa: E402  (the toolkit's own step, not a copy)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -295,18 +296,6 @@ class Case:
         )
 
 
-def _optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler) -> None:
-    """Backward + step, through the fp16 GradScaler when there is one."""
-    opt.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    else:
-        loss.backward()
-        opt.step()
-
-
 def _timed(step: Callable[[], torch.Tensor], warmup: int, steps: int, device: torch.device) -> tuple[float, list]:
     """Seconds for ``steps`` calls after ``warmup`` calls (device synchronised at both ends), and the outputs."""
     outs = [step() for _ in range(warmup)]
@@ -362,7 +351,7 @@ def run_finetune(case: Case, cfg: ModelConfig, data: Data, args) -> dict:
         with acc.autocast():
             logits = forward(x)
         loss = F.cross_entropy(logits.float(), y)
-        _optimizer_step(loss, opt, scaler)
+        optimizer_step(loss, opt, scaler)
         return loss.detach()
 
     seconds, outs = _timed(step, _warmup(case, args), args.steps, device)
@@ -418,7 +407,7 @@ def run_head(case: Case, cfg: ModelConfig, data: Data, args, keep: dict) -> dict
         with acc.autocast():
             logits = forward(feats[idx])
         loss = F.cross_entropy(logits.float(), labels[idx])
-        _optimizer_step(loss, opt, scaler)
+        optimizer_step(loss, opt, scaler)
         return loss.detach()
 
     seconds, outs = _timed(step, _warmup(case, args), args.steps * 10, device)  # tiny steps: time more of them

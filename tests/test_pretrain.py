@@ -231,31 +231,9 @@ def test_cli_help_lists_the_contract_options():
 @pytest.mark.slow
 def test_kill_9_then_resume_auto_matches_an_uninterrupted_run(tiny_shards, tmp_path):
     run = tmp_path / "killed"
-    cmd = [
-        sys.executable,
-        "-m",
-        "ddp_vad",
-        "pretrain",
-        "--shards",
-        str(tiny_shards),
-        "--out",
-        str(run),
-        "--preset",
-        "tiny",
-        "--steps",
-        "400",
-        "--batch-size",
-        "4",
-        "--checkpoint-every",
-        "4",
-        "--keep-checkpoints",
-        "0",
-        "--similarity-every",
-        "4",
-        "--workers",
-        "0",
-        "--no-progress",
-    ]
+    cmd = [sys.executable, "-m", "ddp_vad", "pretrain", "--shards", str(tiny_shards), "--out", str(run),
+           "--preset", "tiny", "--steps", "400", "--batch-size", "4", "--checkpoint-every", "4",
+           "--keep-checkpoints", "0", "--similarity-every", "4", "--workers", "0", "--no-progress"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     try:
@@ -285,37 +263,10 @@ def test_kill_9_then_resume_auto_matches_an_uninterrupted_run(tiny_shards, tmp_p
 @pytest.mark.slow
 def test_two_process_gloo_run_splits_data_and_keeps_replicas_identical(tiny_shards, tmp_path):
     run = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "ddp_vad",
-        "pretrain",
-        "--shards",
-        str(tiny_shards),
-        "--out",
-        str(run),
-        "--preset",
-        "tiny",
-        "--steps",
-        "10",
-        "--batch-size",
-        "4",
-        "--checkpoint-every",
-        "5",
-        "--similarity-every",
-        "5",
-        "--image-every",
-        "5",
-        "--workers",
-        "1",
-        "--debug-keys",
-        "--no-progress",
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "ddp_vad", "pretrain", "--shards", str(tiny_shards), "--out", str(run),
+           "--preset", "tiny", "--steps", "10", "--batch-size", "4", "--checkpoint-every", "5",
+           "--similarity-every", "5", "--image-every", "5", "--workers", "1", "--debug-keys", "--no-progress"]  # fmt: skip
     res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
 

@@ -121,6 +121,18 @@ def _input_fn(run: FoldRun, model: LRCN, train_idx: np.ndarray) -> tuple[Callabl
     return get_inputs, norm
 
 
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler) -> None:
+    """Backward + step, through the fp16 GradScaler when there is one."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def _train_epoch(run: FoldRun, k: int, epoch: int, order: np.ndarray, model, forward, get_inputs, optimizer, scaler):
     """One pass over the fold's training windows; returns the mean loss."""
     device, autocast, batch = run.accelerator.device, run.accelerator.autocast, run.cfg.batch_size
@@ -132,14 +144,7 @@ def _train_epoch(run: FoldRun, k: int, epoch: int, order: np.ndarray, model, for
         with autocast():
             logits = forward(get_inputs(b))
         loss = F.cross_entropy(logits.float(), labels[b].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        optimizer_step(loss, optimizer, scaler)
         total += loss.detach().double() * b.size
     epoch_loss = (total / order.size).item()
     if not math.isfinite(epoch_loss):
