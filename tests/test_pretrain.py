@@ -266,7 +266,8 @@ def test_two_process_gloo_run_splits_data_and_keeps_replicas_identical(tiny_shar
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "ddp_vad", "pretrain", "--shards", str(tiny_shards), "--out", str(run),
            "--preset", "tiny", "--steps", "10", "--batch-size", "4", "--checkpoint-every", "5",
-           "--similarity-every", "5", "--image-every", "5", "--workers", "1", "--debug-keys", "--no-progress"]  # fmt: skip
+           "--similarity-every", "5", "--image-every", "5", "--workers", "1", "--debug-keys",
+           "--no-progress"]  # fmt: skip
     res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
 
