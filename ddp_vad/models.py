@@ -34,8 +34,6 @@ GENERATOR_FILE = "generator.safetensors"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
 _META_KEY = "ddp_vad_model_config"
 
-# Fixed input normalisation of the LRCN: frames arrive in [0, 1]; grey surveillance frames sit around 0.5.
-INPUT_MEAN, INPUT_STD = 0.5, 0.25
 
 
 @dataclass
@@ -57,6 +55,10 @@ class ModelConfig:
     dense: int = 256
     dropout: float = 0.5
     num_classes: int = 2
+    # Fixed input normalisation of the LRCN, (x - mean) / std on [0, 1] frames: a deviation from the method, which
+    # feeds [0, 1] frames (docs/models.md). Stored with the weights so every loader applies the same.
+    input_mean: float = 0.5
+    input_std: float = 0.25
 
     def __post_init__(self) -> None:
         self.gen_channels = tuple(int(c) for c in self.gen_channels)
@@ -76,6 +78,8 @@ class ModelConfig:
         ):
             if getattr(self, name) < 1:
                 raise UserError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
+        if not self.input_std > 0:
+            raise UserError(f"model config: input_std must be > 0, got {self.input_std}")
         if not self.gen_channels or min(self.gen_channels) < 1:
             raise UserError(f"model config: gen_channels must be positive, got {self.gen_channels}")
         if len(self.conv_channels) != len(self.conv_kernels) or not self.conv_channels:
@@ -194,13 +198,14 @@ class FeatureExtractor(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.lstm = nn.LSTM(cfg.frame_features, cfg.lstm_hidden, batch_first=True)
         self.out_features = cfg.lstm_hidden
+        self.input_mean, self.input_std = cfg.input_mean, cfg.input_std
 
     def frame_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, 1, H, W] -> per-frame flattened conv features [B, T, F]."""
         b, t = x.shape[:2]
         # Centre and scale [0, 1] frames (no parameters): on raw [0, 1] input an LRCN trained from scratch stays
         # at chance (loss 0.693 for epochs on the demo data); centred input trains.
-        x = (x - INPUT_MEAN) / INPUT_STD
+        x = (x - self.input_mean) / self.input_std
         y = self.convs(x.reshape(b * t, *x.shape[2:]))
         return y.reshape(b, t, -1)
 

@@ -174,3 +174,22 @@ def test_config_json_round_trip_and_presets_are_valid():
         assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(UserError, match="unknown field"):
         ModelConfig.from_dict({"bogus": 1})
+
+
+def test_input_normalisation_is_part_of_the_saved_config(tmp_path):
+    cfg = model_config_for("tiny", TINY)
+    assert (cfg.input_mean, cfg.input_std) == (0.5, 0.25)
+    torch.manual_seed(0)
+    lrcn = build_lrcn(cfg)
+    save_model(lrcn, tmp_path / "d.safetensors", cfg)
+    assert load_model_config(tmp_path / "d.safetensors").input_std == 0.25
+    x = torch.rand(2, 10, 1, 24, 36)
+    shifted = build_lrcn(ModelConfig.from_dict({**cfg.to_dict(), "input_mean": 0.0, "input_std": 1.0}))
+    shifted.load_state_dict(lrcn.state_dict())
+    lrcn.eval(), shifted.eval()
+    # The same weights on differently normalised input give different features: the setting is not a no-op.
+    assert not torch.allclose(lrcn.features(x), shifted.features(x))
+    expected = shifted.features((x - 0.5) / 0.25)
+    torch.testing.assert_close(lrcn.features(x), expected)
+    with pytest.raises(UserError, match="input_std"):
+        ModelConfig.from_dict({**cfg.to_dict(), "input_std": 0.0})
