@@ -35,7 +35,6 @@ DISCRIMINATOR_FILE = "discriminator.safetensors"
 _META_KEY = "ddp_vad_model_config"
 
 
-
 @dataclass
 class ModelConfig:
     """Architecture of the generator and the LRCN (window length and frame size come from the shards)."""

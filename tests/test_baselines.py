@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from ddp_vad.cli import cli
 from ddp_vad.data.reader import load_window_set
 from ddp_vad.errors import UserError
-from ddp_vad.eval.baselines import BaselinesConfig, feature_size, run_baselines, window_features
+from ddp_vad.eval.baselines import BaselinesConfig, run_baselines
+from ddp_vad.eval.features import feature_size, motion_features, window_features
 from ddp_vad.eval.metrics import read_oof_scores
 
 METHODS = ["logreg", "svm", "rf", "knn", "nb"]
@@ -115,3 +116,52 @@ def test_bad_config(synth_shards, tmp_path):
         run_baselines(BaselinesConfig(shards=str(synth_shards), out=str(tmp_path), folds=5))
     result = CliRunner().invoke(cli, ["baselines", "--shards", str(tmp_path / "none"), "--out", str(tmp_path)])
     assert result.exit_code == 2 and result.output.startswith("error:") and str(tmp_path / "none") in result.output
+
+
+def test_motion_methods_run_on_frame_difference_energy(window_run, synth_shards):
+    # The default method list includes the motion baselines; their features are a few dozen numbers per window.
+    for method in ("motion-logreg", "motion-gb"):
+        metrics = json.loads((window_run / method / "metrics.json").read_text())
+        assert metrics["features"]["kind"] == "motion" and metrics["features"]["n_features"] == 9 + 2 * 24
+        assert sum(f["n_test"] for f in metrics["folds"]) == len(load_window_set(synth_shards))
+
+
+def test_motion_features_measure_frame_differences():
+    frames = np.zeros((2, 10, 24, 36), np.uint8)
+    frames[1, 5:, :6, :6] = 255  # window 1: the top-left cell (6x6 pixels) lights up between frames 4 and 5
+    x = motion_features(frames)
+    assert x.shape == (2, 9 + 2 * 24) and not x[0].any()
+    per_step, cell_mean, cell_max = x[1, :9], x[1, 9:33], x[1, 33:]
+    assert np.flatnonzero(per_step).tolist() == [4] and per_step[4] == pytest.approx(36 / (24 * 36))
+    assert np.flatnonzero(cell_max).tolist() == [0] and cell_max[0] == pytest.approx(1.0)
+    assert cell_mean[0] == pytest.approx(1 / 9)
+
+
+def test_labelled_fraction_is_stratified_seeded_and_nested():
+    from ddp_vad.train.crossval import labelled_subset
+
+    labels = np.array([0] * 80 + [1] * 20)
+    train = np.arange(100)
+    subsets = {f: set(labelled_subset(train, labels, f, seed=3, fold=1).tolist()) for f in (0.05, 0.1, 0.25, 1.0)}
+    assert subsets[0.05] <= subsets[0.1] <= subsets[0.25] <= subsets[1.0] == set(range(100))
+    assert int(labels[list(subsets[0.1])].sum()) == 2 and len(subsets[0.1]) == 10  # 10% of each class
+    assert subsets[0.05] == set(labelled_subset(train, labels, 0.05, seed=3, fold=1).tolist())  # seeded
+    assert subsets[0.25] != set(labelled_subset(train, labels, 0.25, seed=4, fold=1).tolist())
+
+
+def test_labelled_fraction_run_trains_on_fewer_windows(synth_shards, tmp_path):
+    full = json.loads((_run_fraction(synth_shards, tmp_path / "full", 1.0) / "metrics.json").read_text())
+    part = json.loads((_run_fraction(synth_shards, tmp_path / "part", 0.25) / "metrics.json").read_text())
+    assert part["labelled_fraction"] == 0.25 and full["labelled_fraction"] == 1.0
+    for f_full, f_part in zip(full["folds"], part["folds"], strict=True):
+        assert f_part["n_test"] == f_full["n_test"]  # same test folds
+        assert f_part["n_train"] < f_full["n_train"] / 2
+    with pytest.raises(UserError, match="labelled fraction"):
+        _run_fraction(synth_shards, tmp_path / "part", 0.5)  # a finished run of another fraction is not mixed in
+    with pytest.raises(UserError, match="--labelled-fraction"):
+        _run_fraction(synth_shards, tmp_path / "bad", 0.0)
+
+
+def _run_fraction(shards, out, fraction):
+    run_baselines(BaselinesConfig(shards=str(shards), out=str(out), methods="logreg", labelled_fraction=fraction))
+    return out / "logreg"

@@ -1,4 +1,5 @@
-"""Classic ML baselines (scikit-learn) on flattened 60x90 windows, on the same folds as ``transfer``.
+"""Classic ML baselines (scikit-learn) on the same folds as ``transfer``: pixel methods on flattened 60x90 windows
+(the method's) and motion methods on frame-difference energy (:mod:`ddp_vad.eval.features`).
 
 For each method, ``OUT/<method>/`` gets ``config.json``, ``oof_scores.csv`` and ``metrics.json`` in the
 format of :mod:`ddp_vad.eval.metrics`. A method whose ``metrics.json`` exists is skipped (resume).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +26,54 @@ import numpy as np
 
 from ddp_vad.config import write_resolved_config
 from ddp_vad.errors import UserError
+from ddp_vad.eval.features import MOTION_GRID, feature_size, mean_std, motion_features, standardise_, window_features
 from ddp_vad.eval.metrics import binary_metrics, read_cv_results
 from ddp_vad.options import option
-from ddp_vad.train.crossval import PROTOCOLS, CVWindows, finish_cv, fold_split, score_fold
+from ddp_vad.train.crossval import PROTOCOLS, CVWindows, check_fraction, finish_cv, fold_split, score_fold
 
-METHODS = ("logreg", "svm", "rf", "knn", "nb")
+
+@dataclass(frozen=True)
+class Baseline:
+    """A classic method: which window features it reads and how to make a fresh estimator."""
+
+    features: str  # "pixels" | "motion" (ddp_vad.eval.features)
+    make: Callable[[BaselinesConfig], Any]
+
+
+def _sk(name: str):
+    """A scikit-learn class by dotted name, imported when first needed (keeps the CLI start-up light)."""
+    import importlib
+
+    module, cls = name.rsplit(".", 1)
+    return getattr(importlib.import_module(f"sklearn.{module}"), cls)
+
+
+# Add a baseline here: a name, its features and its estimator (every estimator keeps float32 input as it is).
+BASELINES: dict[str, Baseline] = {
+    "logreg": Baseline("pixels", lambda c: _sk("linear_model.LogisticRegression")(
+        C=1.0, max_iter=300, random_state=c.seed)),
+    # Linear SVM (hinge loss) by SGD: float32-native, where LinearSVC would copy to float64.
+    "svm": Baseline("pixels", lambda c: _sk("linear_model.SGDClassifier")(
+        loss="hinge", alpha=1e-3, max_iter=50, tol=1e-3, random_state=c.seed)),
+    "rf": Baseline("pixels", lambda c: _sk("ensemble.RandomForestClassifier")(
+        n_estimators=c.rf_trees, max_depth=c.rf_max_depth, max_features="sqrt", min_samples_leaf=2,
+        n_jobs=_n_jobs(c.n_jobs), random_state=c.seed)),
+    "knn": Baseline("pixels", lambda c: _sk("neighbors.KNeighborsClassifier")(
+        n_neighbors=5, algorithm="brute", n_jobs=_n_jobs(c.n_jobs))),
+    "nb": Baseline("pixels", lambda c: _sk("naive_bayes.GaussianNB")()),
+    "motion-logreg": Baseline("motion", lambda c: _sk("linear_model.LogisticRegression")(
+        C=1.0, max_iter=1000, random_state=c.seed)),
+    "motion-gb": Baseline("motion", lambda c: _sk("ensemble.HistGradientBoostingClassifier")(
+        max_iter=200, learning_rate=0.1, random_state=c.seed)),
+}  # fmt: skip
+METHODS = tuple(BASELINES)
+
+
+def make_estimator(method: str, cfg: BaselinesConfig):
+    """A fresh scikit-learn classifier for a baseline name."""
+    if method not in BASELINES:
+        raise ValueError(f"unknown baseline {method!r}")
+    return BASELINES[method].make(cfg)
 
 
 @dataclass
@@ -49,6 +94,9 @@ class BaselinesConfig:
     rf_trees: int = option(100, "Random-forest trees.")
     # Bounded trees keep fit time and memory predictable on 54k features.
     rf_max_depth: int = option(20, "Random-forest depth limit.")
+    labelled_fraction: float = option(
+        1.0, "Train each fold on this stratified, seeded share of its labelled windows (nested across fractions)."
+    )
 
     def __post_init__(self) -> None:
         shard_dir = Path(self.shards)
@@ -73,40 +121,12 @@ class BaselinesConfig:
             raise UserError(f"--rf-trees {self.rf_trees} / --rf-max-depth {self.rf_max_depth}: must be positive")
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise UserError(f"--out {self.out}: exists and is not a folder")
+        check_fraction(self.labelled_fraction)
 
     @property
     def method_list(self) -> list[str]:
         """Methods to run, in the order given."""
         return self.methods.split(",")
-
-
-def make_estimator(
-    method: str, seed: int = 0, n_jobs: int | None = None, rf_trees: int = 100, rf_max_depth: int | None = 20
-):
-    """A fresh scikit-learn classifier for a baseline name (all keep float32 inputs without copying)."""
-    from sklearn.ensemble import RandomForestClassifier
-    from sklearn.linear_model import LogisticRegression, SGDClassifier
-    from sklearn.naive_bayes import GaussianNB
-    from sklearn.neighbors import KNeighborsClassifier
-
-    if method == "logreg":
-        return LogisticRegression(C=1.0, max_iter=300, random_state=seed)
-    if method == "svm":  # linear SVM (hinge loss) by SGD; float32-native
-        return SGDClassifier(loss="hinge", alpha=1e-3, max_iter=50, tol=1e-3, random_state=seed)
-    if method == "rf":
-        return RandomForestClassifier(
-            n_estimators=rf_trees,
-            max_depth=rf_max_depth,
-            max_features="sqrt",
-            min_samples_leaf=2,
-            n_jobs=n_jobs,
-            random_state=seed,
-        )
-    if method == "knn":
-        return KNeighborsClassifier(n_neighbors=5, algorithm="brute", n_jobs=n_jobs)
-    if method == "nb":
-        return GaussianNB()
-    raise ValueError(f"unknown baseline {method!r}")
 
 
 def anomaly_scores(model: Any, x: np.ndarray) -> np.ndarray:
@@ -116,59 +136,6 @@ def anomaly_scores(model: Any, x: np.ndarray) -> np.ndarray:
         return model.predict_proba(x)[:, classes.index(1)].astype(np.float64)
     d = np.asarray(model.decision_function(x), dtype=np.float64)
     return 1.0 / (1.0 + np.exp(-np.clip(d, -500, 500)))
-
-
-def feature_size(frame_h: int, frame_w: int, height: int, width: int) -> tuple[int, int, str | None]:
-    """Target (h, w) for features; the shard size plus a note when smaller than asked (no upsampling)."""
-    if frame_h < height or frame_w < width:
-        return (
-            frame_h,
-            frame_w,
-            f"shards are {frame_h}x{frame_w} (HxW), smaller than {height}x{width}: used as is",
-        )
-    return height, width, None
-
-
-def window_features(frames: np.ndarray, height: int, width: int, chunk: int = 256) -> np.ndarray:
-    """uint8 windows [N, T, H, W] -> float32 [N, T*height*width] in [0, 1], resized (antialiased bilinear).
-
-    Fills one preallocated matrix chunk by chunk, so the peak is the result plus one chunk.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    n, t, h, w = frames.shape
-    out = np.empty((n, t * height * width), dtype=np.float32)
-    for lo in range(0, n, chunk):
-        part = np.ascontiguousarray(frames[lo : lo + chunk])
-        m = part.shape[0]
-        block = torch.from_numpy(part).reshape(m * t, 1, h, w).float().div_(255.0)
-        if (h, w) != (height, width):
-            block = F.interpolate(block, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-        out[lo : lo + m] = block.reshape(m, -1).numpy()
-    return out
-
-
-def _mean_std(x: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Column mean and std (float64 accumulation, row chunks: no full-size temporaries)."""
-    s = np.zeros(x.shape[1], dtype=np.float64)
-    ss = np.zeros(x.shape[1], dtype=np.float64)
-    for lo in range(0, x.shape[0], chunk):
-        block = x[lo : lo + chunk].astype(np.float64)
-        s += block.sum(axis=0)
-        ss += np.square(block).sum(axis=0)
-    mean = s / x.shape[0]
-    var = np.maximum(ss / x.shape[0] - mean**2, 0.0)
-    std = np.sqrt(var)
-    std[std < 1e-6] = 1.0  # constant pixels: leave them centred, do not blow them up
-    return mean.astype(np.float32), std.astype(np.float32)
-
-
-def _standardise_(x: np.ndarray, mean: np.ndarray, std: np.ndarray, chunk: int = 512) -> None:
-    for lo in range(0, x.shape[0], chunk):
-        block = x[lo : lo + chunk]
-        block -= mean
-        block /= std
 
 
 def _n_jobs(n_jobs: int | None) -> int:
@@ -188,7 +155,7 @@ def _fit_predict(method: str, cfg: BaselinesConfig, x_train, y_train, x_test, se
         only = int(train_classes[0]) if train_classes.size else 0
         note = f"training folds hold class {only} only: constant prediction"
         return np.full(len(x_test), float(only)), np.full(len(x_test), only, dtype=np.int64), note
-    model = make_estimator(method, cfg.seed, _n_jobs(cfg.n_jobs), cfg.rf_trees, cfg.rf_max_depth)
+    model = make_estimator(method, cfg)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model.fit(x_train, y_train)
@@ -200,7 +167,7 @@ def _fit_predict(method: str, cfg: BaselinesConfig, x_train, y_train, x_test, se
 
 
 def _run_method(
-    method: str, cfg: BaselinesConfig, x: np.ndarray, cv: CVWindows, n_folds: int, buf: np.ndarray
+    method: str, cfg: BaselinesConfig, x: np.ndarray, cv: CVWindows, n_folds: int
 ) -> tuple[list[dict], list[dict], list[str]]:
     """k-fold CV of one method. Returns fold rows, out-of-fold rows and de-duplicated fit warnings."""
     from tqdm.auto import tqdm
@@ -208,20 +175,23 @@ def _run_method(
     fold_rows: list[dict] = []
     oof_rows: list[dict] = []
     seen_warnings: dict[str, None] = {}
+    buf = np.empty((0, x.shape[1]), dtype=np.float32)  # one training buffer, grown to the largest split
     for k in tqdm(range(n_folds), desc=f"{method} folds", unit="fold", leave=False):
-        train_idx, test_idx, _ = fold_split(cv, k)
+        train_idx, test_idx, _ = fold_split(cv, k, fraction=cfg.labelled_fraction, seed=cfg.seed)
         if test_idx.size == 0:
             fold_rows.append({"fold": k, **binary_metrics([], []), "seconds": 0.0})
             continue
         t0 = time.perf_counter()
+        if buf.shape[0] < train_idx.size:
+            buf = np.empty((train_idx.size, x.shape[1]), dtype=np.float32)
         x_train = buf[: train_idx.size]
         np.take(x, train_idx, axis=0, out=x_train)
-        mean, std = _mean_std(x_train)
-        _standardise_(x_train, mean, std)
+        mean, std = mean_std(x_train)
+        standardise_(x_train, mean, std)
         x_test = x[test_idx]  # a copy (fancy indexing): safe to standardise in place
-        _standardise_(x_test, mean, std)
+        standardise_(x_test, mean, std)
         score, y_pred, note = _fit_predict(method, cfg, x_train, cv.labels[train_idx], x_test, seen_warnings)
-        row, oof = score_fold(cv, k, test_idx, score, y_pred)
+        row, oof = score_fold(cv, k, test_idx, score, y_pred, n_train=int(train_idx.size))
         if note:
             row["note"] = f"{row['note']}; {note}" if "note" in row else note
         row["seconds"] = round(time.perf_counter() - t0, 3)
@@ -230,10 +200,43 @@ def _run_method(
     return fold_rows, oof_rows, list(seen_warnings)
 
 
+def _features(kind: str, frames: np.ndarray, cfg: BaselinesConfig) -> tuple[np.ndarray, dict]:
+    """The feature matrix of one kind and its description (for config.json / metrics.json)."""
+    n, t_len, frame_h, frame_w = frames.shape
+    if kind == "motion":
+        x = motion_features(frames)
+        return x, {"kind": "motion", "grid": list(MOTION_GRID), "window": t_len, "n_features": int(x.shape[1]),
+                   "standardise": "per fold, mean/std of the training rows"}  # fmt: skip
+    height, width, size_note = feature_size(frame_h, frame_w, int(cfg.height), int(cfg.width))
+    if size_note:
+        print(f"baselines: note: {size_note}")
+    x = window_features(frames, height, width)
+    return x, {"kind": "pixels", "height": height, "width": width, "window": t_len, "n_features": int(x.shape[1]),
+               "standardise": "per fold, mean/std of the training rows", "note": size_note}  # fmt: skip
+
+
+def _todo(cfg: BaselinesConfig, results: dict[str, Path]) -> list[str]:
+    """Methods without results yet; finished ones must match this run's protocol and labelled fraction."""
+    todo = []
+    for m in cfg.method_list:
+        if not results[m].is_file():
+            todo.append(m)
+            continue
+        done = read_cv_results(results[m])
+        got = (done["protocol"], float(done.get("labelled_fraction", 1.0)))
+        if got != (cfg.protocol, float(cfg.labelled_fraction)):
+            raise UserError(
+                f"{results[m]} holds protocol '{got[0]}' / labelled fraction {got[1]} results, not "
+                f"'{cfg.protocol}' / {cfg.labelled_fraction}: use another --out"
+            )
+        print(f"baselines: {m} already done ({results[m]}), skipping")
+    return todo
+
+
 def run_baselines(cfg: BaselinesConfig) -> dict[str, Path]:
     """Cross-validate every method in ``cfg.methods`` on the shards; write ``OUT/<method>/`` files.
 
-    Folds are the shards' (``fold_window`` or ``fold_clip``), so the split matches ``transfer`` exactly.
+    Folds are the shards' (under ``cfg.protocol``), so the split matches ``transfer`` exactly.
     Returns ``{method: metrics.json path}``.
     """
     from ddp_vad.data.reader import load_window_set
@@ -243,65 +246,37 @@ def run_baselines(cfg: BaselinesConfig) -> dict[str, Path]:
     manifest = load_manifest(cfg.shards)
     n_folds = fold_count(manifest, cfg.folds, cfg.shards)
     results = {m: out / m / "metrics.json" for m in cfg.method_list}
-    todo = [m for m in cfg.method_list if not results[m].is_file()]
-    for m in cfg.method_list:
-        if m not in todo:  # resuming must not mix protocols in one folder
-            done = read_cv_results(results[m])
-            if done["protocol"] != cfg.protocol:
-                raise UserError(
-                    f"{results[m]} holds protocol '{done['protocol']}' results, not '{cfg.protocol}': use another --out"
-                )
-    for m in cfg.method_list:
-        if m not in todo:
-            print(f"baselines: {m} already done ({results[m]}), skipping")
+    todo = _todo(cfg, results)
     if not todo:
         return results
 
     t_load = time.perf_counter()
     ws = load_window_set(cfg.shards)
-    n, t_len, frame_h, frame_w = ws.frames.shape
-    if n == 0:
+    if len(ws) == 0:
         raise UserError(f"--shards {cfg.shards}: no windows")
-    height, width, size_note = feature_size(frame_h, frame_w, int(cfg.height), int(cfg.width))
-    x = window_features(ws.frames, height, width)
     cv = CVWindows.from_window_set(ws, cfg.protocol)
+    kinds = sorted({BASELINES[m].features for m in todo})
+    feats = {kind: _features(kind, ws.frames, cfg) for kind in kinds}
     del ws  # the uint8 frames are no longer needed
-    load_seconds = time.perf_counter() - t_load
-    features = {
-        "height": height,
-        "width": width,
-        "window": t_len,
-        "n_features": int(x.shape[1]),
-        "n_windows": n,
-        "standardise": "per fold, mean/std of the training rows",
-        "note": size_note,
-    }
-    if size_note:
-        print(f"baselines: note: {size_note}")
+    sizes = ", ".join(f"{k} {x.shape[1]} ({x.nbytes / 2**20:.0f} MiB)" for k, (x, _) in feats.items())
     print(
-        f"baselines: {n} windows x {x.shape[1]} features ({x.nbytes / 2**20:.0f} MiB float32), "
-        f"{n_folds} folds, protocol {cfg.protocol}, loaded in {load_seconds:.1f}s"
+        f"baselines: {len(cv.labels)} windows, features {sizes}, {n_folds} folds, protocol {cfg.protocol}, "
+        f"labelled fraction {cfg.labelled_fraction:g}, loaded in {time.perf_counter() - t_load:.1f}s"
     )
-    # One training buffer reused by every fold and method (the largest training split).
-    max_train = max(int(np.sum(cv.fold_of != k)) for k in range(n_folds))
-    buf = np.empty((max_train, x.shape[1]), dtype=np.float32)
-
     for method in todo:
         run_dir = out / method
         run_dir.mkdir(parents=True, exist_ok=True)
-        estimator = make_estimator(method, cfg.seed, _n_jobs(cfg.n_jobs), cfg.rf_trees, cfg.rf_max_depth)
-        write_resolved_config(
-            run_dir,
-            cfg,
-            extra={"method": method, "features": features, "estimator": repr(estimator)},
-        )
+        x, features = feats[BASELINES[method].features]
+        estimator = repr(make_estimator(method, cfg))
+        write_resolved_config(run_dir, cfg, extra={"method": method, "features": features, "estimator": estimator})
         t0 = time.perf_counter()
-        fold_rows, oof_rows, fit_warnings = _run_method(method, cfg, x, cv, n_folds, buf)
+        fold_rows, oof_rows, fit_warnings = _run_method(method, cfg, x, cv, n_folds)
         seconds = time.perf_counter() - t0
         extra = {
+            "labelled_fraction": float(cfg.labelled_fraction),
             "n_folds": n_folds,
             "features": features,
-            "estimator": repr(estimator),
+            "estimator": estimator,
             "seconds": round(seconds, 2),
             "warnings": fit_warnings,
         }

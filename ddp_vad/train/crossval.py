@@ -8,12 +8,14 @@ So the split rules, the metric rows and the summary are written once, whichever 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ddp_vad.errors import UserError
 from ddp_vad.eval.metrics import binary_metrics, write_cv_results
 from ddp_vad.files import read_json_object
 
@@ -42,14 +44,43 @@ class CVWindows:
         )
 
 
-def fold_split(cv: CVWindows, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def check_fraction(fraction: float) -> None:
+    """``--labelled-fraction`` must be in (0, 1]."""
+    if not (isinstance(fraction, int | float) and 0 < fraction <= 1):
+        raise UserError(f"--labelled-fraction must be in (0, 1], got {fraction}")
+
+
+def labelled_subset(train_idx: np.ndarray, labels: np.ndarray, fraction: float, seed: int, fold: int) -> np.ndarray:
+    """The labelled share of a fold's training windows: per class, the first ``ceil(fraction * n_class)`` windows of
+    a permutation seeded by ``(seed, fold, class)`` (at least one per class present), returned sorted.
+
+    The permutation does not depend on ``fraction``, so the subsets are nested: the 5% subset lies inside the 10% one.
+    """
+    if fraction >= 1.0:
+        return train_idx
+    keep = []
+    for cls in np.unique(labels[train_idx]):
+        members = train_idx[labels[train_idx] == cls]
+        order = np.random.default_rng([abs(int(seed)), int(fold), int(cls), 0x1AB]).permutation(members.size)
+        keep.append(members[order[: max(1, math.ceil(fraction * members.size))]])
+    return np.sort(np.concatenate(keep)) if keep else train_idx
+
+
+def fold_split(
+    cv: CVWindows, k: int, exclude: np.ndarray | None = None, fraction: float = 1.0, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(train, test, excluded) window indices of fold ``k``: test = fold ``k``; train = every other fold minus the
-    windows in the boolean mask ``exclude`` (e.g. a held-out anomaly type), which are returned as ``excluded``."""
+    windows in the boolean mask ``exclude`` (e.g. a held-out anomaly type, returned as ``excluded``), then the
+    labelled ``fraction`` of it (:func:`labelled_subset`). Windows with fold -1 (outside the protocol's labelled
+    set) are never used."""
     test = np.flatnonzero(cv.fold_of == k)
-    others = cv.fold_of != k
-    if exclude is None:
-        return np.flatnonzero(others), test, np.zeros(0, np.int64)
-    return np.flatnonzero(others & ~exclude), test, np.flatnonzero(others & exclude)
+    others = (cv.fold_of != k) & (cv.fold_of >= 0)
+    excluded = np.zeros(0, np.int64)
+    if exclude is not None:
+        excluded = np.flatnonzero(others & exclude)
+        others &= ~exclude
+    train = labelled_subset(np.flatnonzero(others), cv.labels, fraction, seed, k)
+    return train, test, excluded
 
 
 def score_fold(
