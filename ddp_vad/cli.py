@@ -148,8 +148,21 @@ def shard_group() -> None:
     help="JSON {clip: [types]} for real data (synthetic data brings anomaly_types.json).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing shard set in --out.")
+@click.option(
+    "--format",
+    default=None,
+    type=click.Choice(["ucsd", "avenue", "shanghaitech", "videos"]),
+    help="Layout of DATA (default: detected). videos = train/ and test/ (videos or frame folders) + labels.csv.",
+)
+@click.option(
+    "--fps",
+    default=None,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Resample videos to this frame rate by their timestamps (default: every decoded frame).",
+)
 def shard_build_cmd(**kwargs) -> None:
-    """Cut clips in DATA (UCSD layout) into labelled windows and write tar shards + manifest.json."""
+    """Cut clips in DATA (UCSD, Avenue, ShanghaiTech, or videos + labels.csv) into labelled windows and write tar
+    shards + manifest.json."""
     if kwargs["out"] is None:
         kwargs["out"] = str(DEFAULT_SHARDS / (kwargs["dataset"] or Path(kwargs["data"]).resolve().name))
     _call("data.shards", "build_shards", "ShardConfig", **kwargs)
