@@ -101,6 +101,12 @@ def command(group: click.Group, name: str, **settings) -> Callable:
 @click.option("--width", default=238, type=click.IntRange(min=16), help="Frame width (Ped1: 238).")
 @click.option("--seed", default=0, type=int, help="Everything is deterministic from this seed.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing dataset in OUT.")
+@click.option(
+    "--format",
+    default="ucsd",
+    type=click.Choice(["ucsd", "videos"]),
+    help="ucsd: TIFF frames + .m ground truth; videos: train/ and test/ .mp4 files + labels.csv.",
+)
 def synth_cmd(**kwargs) -> None:
     """Write a synthetic UCSD-style dataset (walkway scenes with five anomaly types) to OUT."""
     _call("data.synth", "run_synth", "SynthConfig", **kwargs)
@@ -312,9 +318,15 @@ def predict_cmd(**kwargs) -> None:
     "--data",
     default=None,
     type=click.Path(),
-    help="A UCSD-style dataset; without it synthetic data is generated into OUT/data.",
+    help="A dataset (any layout `shard build` reads); without it synthetic data is generated into OUT/data.",
 )
 @click.option("--dataset", default=None, help="UCSDped1 or UCSDped2 when --data holds both.")
+@click.option(
+    "--format",
+    default=None,
+    type=click.Choice(["ucsd", "avenue", "shanghaitech", "videos"]),
+    help="Layout of --data (default: detected); without --data, ucsd or videos chooses what synth writes.",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Pipeline folder (resumable).")
 @click.option(
     "--preset",

@@ -82,6 +82,7 @@ class PipelineConfig:
     out: str
     data: str | None = None
     dataset: str | None = None
+    format: str | None = None  # layout of --data (None: detected); without --data: what synth writes
     preset: str = "demo"
     seed: int = 0
     folds: int | None = None
@@ -100,6 +101,8 @@ class PipelineConfig:
             raise UserError(f"--protocol must be window or clip, got {self.protocol!r}")
         if self.data is not None and not Path(self.data).exists():
             raise UserError(f"--data folder not found: {self.data}")
+        if self.data is None and self.format not in (None, "ucsd", "videos"):
+            raise UserError(f"--format {self.format} needs --data (synthetic data is written as ucsd or videos)")
 
     def plan(self) -> dict:
         """The preset's sizes with explicit options on top."""
@@ -137,7 +140,8 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         data = cfg.data
         if data is None:
             data = dirs["data"]
-            if not any(data.glob("*/Test/*.m")):
+            written = "*/labels.csv" if cfg.format == "videos" else "*/Test/*.m"  # what a finished synth leaves
+            if not any(data.glob(written)):
                 _log(f"synth -> {data}")
                 run_synth(
                     SynthConfig(
@@ -149,6 +153,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
                         width=plan["synth_width"],
                         seed=cfg.seed,
                         overwrite=True,
+                        format=cfg.format or "ucsd",
                     )
                 )
             else:
@@ -160,6 +165,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
                     data=str(data),
                     out=str(dirs["shards"]),
                     dataset=cfg.dataset,
+                    format=cfg.format,
                     height=plan["height"],
                     width=plan["width"],
                     folds=plan["folds"],
