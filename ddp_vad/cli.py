@@ -307,8 +307,14 @@ def pretrain_cmd(**kwargs) -> None:
 @click.option("--fold", default=None, type=click.IntRange(min=0), help="Use only this fold's model.")
 @click.option("--batch-size", default=64, type=click.IntRange(min=1), help="Windows per forward pass.")
 @click.option("--threshold", default=0.5, type=click.FloatRange(0, 1), help="Score at which a frame is flagged.")
+@click.option(
+    "--annotate",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Also write the clip as a video (.mp4/.avi/.mkv) with a score bar and a red border on flagged frames.",
+)
 def predict_cmd(**kwargs) -> None:
-    """Per-frame anomaly scores (CSV + score-over-time PNG) for CLIP_DIR, a folder of numbered frames."""
+    """Per-frame anomaly scores (CSV + score-over-time PNG) for CLIP_DIR, a folder of numbered frames or a video."""
     _call("eval.predict", "run_predict", "PredictConfig", **kwargs)
 
 
