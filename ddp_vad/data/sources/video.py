@@ -31,6 +31,11 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpe
 _DECODE_ERRORS = (av.FFmpegError, OSError, ValueError)
 
 
+def _why(exc: Exception) -> str:
+    """FFmpeg's reason without the errno and the path (the message names the path already)."""
+    return getattr(exc, "strerror", None) or str(exc)
+
+
 def frame_times(path: Path) -> np.ndarray:
     """Presentation times (seconds, ascending) of every frame of the first video stream, by demuxing only."""
     try:
@@ -45,7 +50,7 @@ def frame_times(path: Path) -> np.ndarray:
                 # A container without timestamps: space the frames by the stream's nominal rate.
                 stamps.append(float(ts * packet.time_base) if ts is not None else i / rate)
     except _DECODE_ERRORS as exc:
-        raise UserError(f"{path}: unreadable video ({exc})") from None
+        raise UserError(f"{path}: unreadable video ({_why(exc)})") from None
     if not stamps:
         raise UserError(f"{path}: the video has no frames")
     return np.sort(np.asarray(stamps, np.float64))
@@ -71,7 +76,29 @@ def iter_gray(path: Path, threads: int = 1) -> Iterator[tuple[np.ndarray, float 
     cannot be opened, is a UserError naming the file. ``threads`` = FFmpeg decoder threads (0 = automatic).
     """
     for frame in _iter_decoded(path, threads):
-        yield frame.to_ndarray(format="gray"), frame.time
+        yield gray_of(frame), frame.time
+
+
+# 8-bit formats whose first plane is the luma (Y) at full resolution.
+_LUMA_FIRST = {"gray", "nv12", "nv21", *(f"yuv{s}p" for s in ("410", "411", "420", "422", "440", "444"))}
+_LUMA_FIRST |= {f"yuvj{s}p" for s in ("420", "422", "440", "444")}
+_LIMITED_TO_FULL = np.clip(np.round((np.arange(256) - 16) * 255 / 219), 0, 255).astype(np.uint8)
+
+
+def gray_of(frame: av.VideoFrame) -> np.ndarray:
+    """The frame as uint8 [H, W] gray, the same values as FFmpeg's conversion to ``gray``.
+
+    For 8-bit YUV frames the luma plane is read directly and limited-range luma (16..235) is stretched to 0..255
+    by a lookup table: 3-4x faster than the conversion (measured on H.264 and MPEG-4 at 238x158) and bit-identical
+    to it on the formats tested. Other formats go through FFmpeg's conversion.
+    """
+    fmt = frame.format.name
+    if fmt not in _LUMA_FIRST:
+        return frame.to_ndarray(format="gray")
+    plane = frame.planes[0]
+    luma = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, : plane.width]
+    full_range = fmt == "gray" or fmt.startswith("yuvj") or frame.color_range == 2  # 2 = AVCOL_RANGE_JPEG
+    return luma.copy() if full_range else _LIMITED_TO_FULL[luma]
 
 
 def iter_rgb(path: Path, threads: int = 0) -> Iterator[np.ndarray]:
@@ -87,7 +114,7 @@ def video_rate(path: Path) -> float:
             stream = container.streams.video[0]
             return float(stream.average_rate or stream.guessed_rate or 25)
     except (*_DECODE_ERRORS, IndexError) as exc:
-        raise UserError(f"{path}: unreadable video ({exc})") from None
+        raise UserError(f"{path}: unreadable video ({_why(exc)})") from None
 
 
 def _iter_decoded(path: Path, threads: int) -> Iterator[av.VideoFrame]:
@@ -108,8 +135,8 @@ def _iter_decoded(path: Path, threads: int) -> Iterator[av.VideoFrame]:
                     yield frame
     except _DECODE_ERRORS as exc:
         if not decoded:
-            raise UserError(f"{path}: unreadable video ({exc})") from None
-        warnings.warn(f"{path}: decoding stopped after {decoded} frames ({exc})", stacklevel=2)
+            raise UserError(f"{path}: unreadable video ({_why(exc)})") from None
+        warnings.warn(f"{path}: decoding stopped after {decoded} frames ({_why(exc)})", stacklevel=2)
     if not decoded:
         raise UserError(f"{path}: no frame could be decoded")
 
