@@ -8,6 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -19,7 +20,7 @@ from ddp_vad.data.reader import load_window_set
 from ddp_vad.data.shards import ShardConfig, build_shards, load_manifest
 from ddp_vad.data.sources import detect_format, open_dataset
 from ddp_vad.data.sources.ucsd import discover
-from ddp_vad.data.sources.video import VideoClip, frame_times, write_video
+from ddp_vad.data.sources.video import VideoClip, frame_times, gray_of, write_video
 from ddp_vad.errors import UserError
 
 
@@ -302,3 +303,20 @@ def test_pipeline_runs_on_the_layout(request, tmp_path, layout):
     assert load_manifest(out / "shards")["layout"] == layout
     report = (out / "report" / "report.md").read_text()
     assert "| GAN+LRCN |" in report and "| nb |" in report
+
+
+@pytest.mark.parametrize(("name", "codec", "pixels"), [("a.mp4", "libx264", "yuv420p"), ("b.avi", "mjpeg", "yuvj420p")])
+def test_gray_from_the_luma_plane_equals_ffmpegs_conversion(tmp_path, name, codec, pixels):
+    frames = square_frames(4, (36, 48))
+    with av.open(str(tmp_path / name), "w") as container:  # colour frames, limited (yuv) or full (yuvj) range
+        stream = container.add_stream(codec, rate=10)
+        stream.width, stream.height, stream.pix_fmt = 48, 36, pixels
+        for frame in frames:
+            rgb = np.stack([frame, 255 - frame, frame // 2], axis=-1)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
+    with av.open(str(tmp_path / name)) as container:
+        decoded = list(container.decode(video=0))
+    assert len(decoded) == 4 and decoded[0].format.name == pixels
+    for frame in decoded:
+        np.testing.assert_array_equal(gray_of(frame), frame.to_ndarray(format="gray"))
