@@ -117,6 +117,12 @@ def stage_command(group: click.Group, name: str, config_cls: type) -> Callable:
 @click.option("--width", default=238, type=click.IntRange(min=16), help="Frame width (Ped1: 238).")
 @click.option("--seed", default=0, type=int, help="Everything is deterministic from this seed.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing dataset in OUT.")
+@click.option(
+    "--format",
+    default="ucsd",
+    type=click.Choice(["ucsd", "videos"]),
+    help="ucsd: TIFF frames + .m ground truth; videos: train/ and test/ .mp4 files + labels.csv.",
+)
 def synth_cmd(**kwargs) -> None:
     """Write a synthetic UCSD-style dataset (walkway scenes with five anomaly types) to OUT."""
     _call("data.synth", "run_synth", "SynthConfig", **kwargs)
@@ -164,8 +170,21 @@ def shard_group() -> None:
     help="JSON {clip: [types]} for real data (synthetic data brings anomaly_types.json).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing shard set in --out.")
+@click.option(
+    "--format",
+    default=None,
+    type=click.Choice(["ucsd", "avenue", "shanghaitech", "videos"]),
+    help="Layout of DATA (default: detected). videos = train/ and test/ (videos or frame folders) + labels.csv.",
+)
+@click.option(
+    "--fps",
+    default=None,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Resample videos to this frame rate by their timestamps (default: every decoded frame).",
+)
 def shard_build_cmd(**kwargs) -> None:
-    """Cut clips in DATA (UCSD layout) into labelled windows and write tar shards + manifest.json."""
+    """Cut clips in DATA (UCSD, Avenue, ShanghaiTech, or videos + labels.csv) into labelled windows and write tar
+    shards + manifest.json."""
     if kwargs["out"] is None:
         kwargs["out"] = str(DEFAULT_SHARDS / (kwargs["dataset"] or Path(kwargs["data"]).resolve().name))
     _call("data.shards", "build_shards", "ShardConfig", **kwargs)
@@ -224,8 +243,14 @@ def pretrain_cmd(**kwargs) -> None:
 @click.option("--fold", default=None, type=click.IntRange(min=0), help="Use only this fold's model.")
 @click.option("--batch-size", default=64, type=click.IntRange(min=1), help="Windows per forward pass.")
 @click.option("--threshold", default=0.5, type=click.FloatRange(0, 1), help="Score at which a frame is flagged.")
+@click.option(
+    "--annotate",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Also write the clip as a video (.mp4/.avi/.mkv) with a score bar and a red border on flagged frames.",
+)
 def predict_cmd(**kwargs) -> None:
-    """Per-frame anomaly scores (CSV + score-over-time PNG) for CLIP_DIR, a folder of numbered frames."""
+    """Per-frame anomaly scores (CSV + score-over-time PNG) for CLIP_DIR, a folder of numbered frames or a video."""
     _call("eval.predict", "run_predict", "PredictConfig", **kwargs)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddp_vad.config import write_resolved_config
+from ddp_vad.data.sources import FORMATS
 from ddp_vad.errors import UserError
 from ddp_vad.eval.baselines import METHODS
 from ddp_vad.options import option
@@ -29,8 +30,15 @@ class PipelineConfig:
     """Options of ``ddp_vad pipeline``; unset sizes come from the preset's run sizes (:mod:`ddp_vad.presets`)."""
 
     out: str = option(help="Pipeline folder (resumable).")
-    data: str | None = option(None, "A UCSD-style dataset; without it synthetic data is generated into OUT/data.")
+    data: str | None = option(
+        None, "A dataset (any layout `shard build` reads); without it synthetic data is generated into OUT/data."
+    )
     dataset: str | None = option(None, "UCSDped1 or UCSDped2 when --data holds both.")
+    format: str | None = option(
+        None,
+        "Layout of --data (default: detected); without --data, ucsd or videos chooses what synth writes.",
+        choices=FORMATS,
+    )
     preset: str = option(
         "demo",
         "Model size and run lengths: demo runs on 2 CPU cores in minutes; paper is the full method.",
@@ -57,6 +65,8 @@ class PipelineConfig:
             value = getattr(self, name)
             if value is not None and value < (2 if name == "folds" else 1):
                 raise UserError(f"--{name.replace('_', '-')} must be >= {2 if name == 'folds' else 1}, got {value}")
+        if self.data is None and self.format not in (None, "ucsd", "videos"):
+            raise UserError(f"--format {self.format} needs --data (synthetic data is written as ucsd or videos)")
 
     def plan(self) -> dict:
         """The preset's run sizes with explicit options on top."""
@@ -94,7 +104,8 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         data = cfg.data
         if data is None:
             data = dirs["data"]
-            if not any(data.glob("*/Test/*.m")):
+            written = "*/labels.csv" if cfg.format == "videos" else "*/Test/*.m"  # what a finished synth leaves
+            if not any(data.glob(written)):
                 _log(f"synth -> {data}")
                 run_synth(
                     SynthConfig(
@@ -106,6 +117,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
                         width=plan["synth_width"],
                         seed=cfg.seed,
                         overwrite=True,
+                        format=cfg.format or "ucsd",
                     )
                 )
             else:
@@ -117,6 +129,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
                     data=str(data),
                     out=str(dirs["shards"]),
                     dataset=cfg.dataset,
+                    format=cfg.format,
                     height=plan["height"],
                     width=plan["width"],
                     folds=plan["folds"],

@@ -15,6 +15,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = Path(os.environ.get("DDP_VAD_SAMPLE", REPO.parent / "shared" / "data" / "ucsd-ped1-sample"))
+AVENUE_LABELS = Path(os.environ.get("DDP_VAD_AVENUE_LABELS", REPO.parent / "shared" / "data" / "avenue-labels-sample"))
 
 
 @contextmanager
@@ -102,15 +103,29 @@ def tiny_shards(tmp_path_factory) -> Path:
     )
 
 
+def _absent(message: str) -> None:
+    """Real data that is not here: skip the test, or fail it where the data is required (CI)."""
+    if os.environ.get("DDP_VAD_REQUIRE_SAMPLE", "") not in ("", "0"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     """The real Ped1 excerpt: skipped where it is absent (a clone outside the team's workspace), required in CI."""
     if not (SAMPLE / "UCSDped1").is_dir():
-        message = f"real UCSD Ped1 sample not found at {SAMPLE} (set DDP_VAD_SAMPLE to its folder)"
-        if os.environ.get("DDP_VAD_REQUIRE_SAMPLE", "") not in ("", "0"):
-            pytest.fail(message)
-        pytest.skip(message)
+        _absent(f"real UCSD Ped1 sample not found at {SAMPLE} (set DDP_VAD_SAMPLE to its folder)")
     return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def avenue_labels_dir() -> Path:
+    """Two real CUHK Avenue label files (``testing_label_mask/8_label.mat``: 36 frames, all anomalous;
+    ``21_label.mat``: 76 frames, 14..66 anomalous): skipped where absent, required in CI like the Ped1 sample."""
+    masks = AVENUE_LABELS / "testing_label_mask"
+    if not all((masks / f"{n}_label.mat").is_file() for n in (8, 21)):
+        _absent(f"real Avenue label files not found in {masks} (set DDP_VAD_AVENUE_LABELS to their folder)")
+    return AVENUE_LABELS
 
 
 def copy_clips(sample: Path, dest: Path, clips: list[str]) -> Path:
@@ -122,4 +137,18 @@ def copy_clips(sample: Path, dest: Path, clips: list[str]) -> Path:
         shutil.copytree(src / split / clip, out / split / clip)
     (out / "Test").mkdir(parents=True, exist_ok=True)
     shutil.copy(src / "Test" / "UCSDped1.m", out / "Test" / "UCSDped1.m")
+    return out
+
+
+def square_frames(n: int, size=(36, 48), seed: int = 0) -> np.ndarray:
+    """uint8 [n, H, W] frames with a bright square moving across a textured background (smooth enough that
+    lossy codecs keep them close to the original)."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    base = (np.add.outer(np.arange(h), np.arange(w)) * 2 % 80 + 40).astype(np.uint8)
+    base = base + rng.integers(0, 10, size, dtype=np.uint8)
+    out = np.repeat(base[None], n, axis=0)
+    for i in range(n):
+        x = (i * 3) % (w - 8)
+        out[i, h // 3 : h // 3 + 8, x : x + 8] = 230
     return out

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from ddp_vad import __version__
 from ddp_vad.config import to_jsonable
-from ddp_vad.data.sources.ucsd import Clip, UCSDDataset, discover, read_clip
+from ddp_vad.data.sources import decode_clip, decode_stats, open_dataset
+from ddp_vad.data.sources.ucsd import Clip, UCSDDataset
 from ddp_vad.data.windows import (
     fold_summary,
     grouped_stratified_folds,
@@ -58,6 +59,8 @@ class ShardConfig:
     shard_size: int = 200
     anomaly_types: str | None = None
     overwrite: bool = False
+    format: str | None = None  # ucsd | avenue | shanghaitech | videos; None = detect
+    fps: float | None = None  # resample videos to this frame rate (by timestamps)
 
     def __post_init__(self) -> None:
         if self.balance not in ("undersample", "none"):
@@ -160,7 +163,7 @@ def _npy_parts(array: np.ndarray) -> list:
 
 def _decode_clip(args: tuple[Clip, int, int]) -> np.ndarray:
     clip, height, width = args
-    return read_clip(clip, height, width)
+    return decode_clip(clip, height, width)
 
 
 def _decoded_clips(clips: list[Clip], cfg: ShardConfig, show_progress: bool) -> Iterator[tuple[int, np.ndarray]]:
@@ -275,7 +278,7 @@ def _write_all_shards(
 def build_shards(cfg: ShardConfig, show_progress: bool = True) -> Path:
     """Build the shard set described by ``cfg``; returns the output folder."""
     t0 = time.perf_counter()
-    dataset = discover(cfg.data, cfg.dataset, cfg.anomaly_types)
+    dataset = open_dataset(cfg.data, cfg.format, cfg.dataset, cfg.anomaly_types, cfg.fps)
     plan = plan_windows(dataset, cfg)
     out = Path(cfg.out)
     stage = _prepare_output(out, cfg.overwrite)
@@ -297,6 +300,8 @@ def _manifest(cfg: ShardConfig, dataset: UCSDDataset, plan: WindowPlan, shards: 
         "source": str(Path(cfg.data).resolve()),
         "dataset": dataset.name,
         "dataset_path": str(dataset.path.resolve()),
+        "layout": dataset.format,
+        "fps": cfg.fps,
         "window": cfg.window,
         "stride": cfg.stride,
         "height": cfg.height,
@@ -326,6 +331,7 @@ def _manifest(cfg: ShardConfig, dataset: UCSDDataset, plan: WindowPlan, shards: 
         },
         "anomaly_types": {c: t for c, t in sorted(dataset.anomaly_types.items())},
         "build_seconds": round(seconds, 3),
+        "decode": decode_stats(),
         "config": to_jsonable(cfg),
         "shards": shards,
     }

@@ -8,6 +8,11 @@
     OUT/SynthPed/Test/SynthPed.m                   frame-level ground truth in UCSD syntax
     OUT/SynthPed/anomaly_types.json                {"Test001": ["biker"], ...} (copied to OUT/)
 
+or, with ``--format videos``, the generic layout of :mod:`ddp_vad.data.sources.videos` (10 frames/s)::
+
+    OUT/SynthPed/train/Train001.mp4 ...            OUT/SynthPed/test/Test001.mp4 ...
+    OUT/SynthPed/labels.csv                        clip,start,end,type rows (Test001,37,80,biker)
+
 Geometry: one flat ground plane seen by a pinhole camera. An object's image scale is linear in the image
 row of its feet, and its row speed is ``v * scale**2`` (both follow from 1/depth), so people shrink and slow
 down towards the top. Across the path, positions use a coordinate ``u`` (-1 and 1 are the path edges);
@@ -37,10 +42,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from ddp_vad.config import write_resolved_config
+from ddp_vad.data.sources.video import write_video
 from ddp_vad.errors import UserError
 from ddp_vad.files import write_json_atomic
 
 DATASET_NAME = "SynthPed"
+SYNTH_FPS = 10  # frame rate of --format videos (UCSD's cameras record 10 frames/s)
 ANOMALY_TYPES = ("biker", "skater", "cart", "wheelchair", "grass")
 
 # --- scene geometry (normalised image units) ------------------------------------------------------
@@ -98,10 +105,16 @@ class SynthConfig:
     width: int = 238
     seed: int = 0
     overwrite: bool = False
+    format: str = "ucsd"  # "ucsd": TIFF frames + .m file; "videos": train/ and test/ videos + labels.csv
+    container: str = "mp4"  # video files of --format videos: mp4 (H.264), avi (MPEG-4), mkv (H.264)
 
     def __post_init__(self) -> None:
         if not str(self.out).strip():
             raise UserError("synth: OUT must be a folder path")
+        if self.format not in ("ucsd", "videos"):
+            raise UserError(f"synth: --format must be ucsd or videos, got {self.format!r}")
+        if self.container not in ("mp4", "avi", "mkv"):
+            raise UserError(f"synth: video container must be mp4, avi or mkv, got {self.container!r}")
         self.out = Path(self.out)
         limits = {"train_clips": (0, 999), "test_clips": (1, 999), "frames": (10, 999), "height": (16, 4096),
                   "width": (16, 4096), "seed": (0, 2**63 - 1)}  # fmt: skip
@@ -661,17 +674,27 @@ def run_synth(cfg: SynthConfig, show_progress: bool = True) -> Path:
     jobs = [("train", i, None) for i in range(cfg.train_clips)]
     jobs += [("test", i, order[i % len(order)]) for i in range(cfg.test_clips)]
     gt_lines, types = ["TestVideoFile = {};"], {}
+    label_rows = ["clip,start,end,type"]
     for split, index, kind in tqdm(jobs, desc="synth", unit="clip", disable=not show_progress):
         frames_u8, mask = synth_clip(scene, cfg.seed, split, index, cfg.frames, kind)
         name = f"{split.capitalize()}{index + 1:03d}"
+        if cfg.format == "videos":  # the generic layout: one video per clip, anomalous intervals in labels.csv
+            write_video(partial / split / f"{name}.{cfg.container}", frames_u8, fps=SYNTH_FPS)
+            if mask is not None:
+                label_rows += [f"{name},{a},{b},{kind}" for a, b in _ranges(mask.any(axis=(1, 2)))]
+                types[name] = [kind]
+            continue
         split_dir = partial / split.capitalize()
         _write_images(split_dir / name, frames_u8, "TIFF", ".tif")
         if mask is not None:
             _write_images(split_dir / f"{name}_gt", mask.astype(np.uint8) * 255, "BMP", ".bmp")
             gt_lines.append(gt_line(mask.any(axis=(1, 2))))
             types[name] = [kind]
-    (partial / "Test").mkdir(parents=True, exist_ok=True)
-    (partial / "Test" / f"{DATASET_NAME}.m").write_text("\n".join(gt_lines) + "\n")
+    if cfg.format == "videos":
+        (partial / "labels.csv").write_text("\n".join(label_rows) + "\n")
+    else:
+        (partial / "Test").mkdir(parents=True, exist_ok=True)
+        (partial / "Test" / f"{DATASET_NAME}.m").write_text("\n".join(gt_lines) + "\n")
     (partial / "anomaly_types.json").write_text(json.dumps(types, indent=2) + "\n")
     write_resolved_config(partial, cfg, extra={"dataset": DATASET_NAME, "anomaly_types": list(ANOMALY_TYPES)})
     if final.exists():  # overwrite: swap in the new set, then delete the old one

@@ -12,14 +12,28 @@ Clips are found by name, never by position: entry k of the .m file belongs to cl
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from ddp_vad.data.sources.base import Dataset
+from ddp_vad.data.sources.frames import FrameClip, frame_files, read_frame, resize_frame
 from ddp_vad.errors import UserError
 from ddp_vad.files import read_json_object
+
+# read_frame / resize_frame / frame_files live in frames.py and stay importable from here.
+__all__ = [
+    "Clip",
+    "UCSDDataset",
+    "discover",
+    "frame_files",
+    "load_anomaly_types",
+    "parse_gt_file",
+    "read_clip",
+    "read_frame",
+    "resize_frame",
+    "resolve_dataset_dir",
+]
 
 FRAME_SUFFIXES = (".tif", ".tiff")
 _CLIP_DIR = re.compile(r"^(Train|Test)(\d+)$")
@@ -27,30 +41,9 @@ _GT_LINE = re.compile(r"^TestVideoFile\s*\{\s*(?:end\s*\+\s*1|(\d+))\s*\}\s*\.\s
 _GT_RANGE = re.compile(r"^(\d+)(?:\s*:\s*(\d+))?$")
 
 
-@dataclass(frozen=True)
-class Clip:
-    """One clip: its ordered frame files and a 0/1 label per frame (train clips are all-normal)."""
-
-    name: str
-    split: str  # "train" | "test"
-    frame_paths: tuple[Path, ...]
-    frame_labels: np.ndarray = field(repr=False)
-    mask_dir: Path | None = None
-
-    @property
-    def n_frames(self) -> int:
-        return len(self.frame_paths)
-
-
-@dataclass(frozen=True)
-class UCSDDataset:
-    """A discovered dataset folder (the one holding ``Train/`` and ``Test/``)."""
-
-    path: Path
-    name: str
-    clips: list[Clip]
-    gt_path: Path | None
-    anomaly_types: dict[str, list[str]]
+# A UCSD clip is a folder of numbered frames; the dataset is the common one of every layout.
+Clip = FrameClip
+UCSDDataset = Dataset
 
 
 def resolve_dataset_dir(path: str | Path, dataset: str | None = None) -> Path:
@@ -106,23 +99,6 @@ def parse_gt_file(path: str | Path) -> dict[str, list[tuple[int, int]]]:
     return entries
 
 
-def frame_files(clip_dir: Path, suffixes: tuple[str, ...] = FRAME_SUFFIXES) -> tuple[Path, ...]:
-    """Frame files ordered by their number; anything not named ``<number><suffix>`` is ignored."""
-    numbered = []
-    for p in clip_dir.iterdir():
-        if p.suffix.lower() in suffixes and p.stem.isdigit() and not p.name.startswith("."):
-            numbered.append((int(p.stem), p))
-    numbered.sort()
-    if not numbered:
-        raise UserError(f"clip has no frames ({'/'.join(suffixes)} files named by number): {clip_dir}")
-    numbers = [n for n, _ in numbered]
-    if numbers != list(range(1, len(numbers) + 1)):
-        missing = sorted(set(range(1, numbers[-1] + 1)) - set(numbers))
-        detail = f"missing frame {missing[0]:03d}" if missing else "duplicate frame numbers"
-        raise UserError(f"frames of {clip_dir} are not numbered 1..N ({detail})")
-    return tuple(p for _, p in numbered)
-
-
 def _clip_dirs(split_dir: Path, prefix: str) -> list[Path]:
     if not split_dir.is_dir():
         return []
@@ -149,7 +125,7 @@ def load_anomaly_types(path: str | Path) -> dict[str, list[str]]:
     return {str(k): [v] if isinstance(v, str) else [str(t) for t in v] for k, v in raw.items()}
 
 
-def discover(path: str | Path, dataset: str | None = None, anomaly_types: str | Path | None = None) -> UCSDDataset:
+def discover(path: str | Path, dataset: str | None = None, anomaly_types: str | Path | None = None) -> Dataset:
     """Find every clip of a UCSD-style dataset, with frame-level labels from its ``.m`` file.
 
     Raises UserError naming the offending path for: missing folders, clips without frames, gaps in frame
@@ -191,19 +167,7 @@ def discover(path: str | Path, dataset: str | None = None, anomaly_types: str | 
             if candidate.is_file():
                 types = load_anomaly_types(candidate)
                 break
-    return UCSDDataset(ds_dir, ds_dir.name, clips, gt_path, types)
-
-
-def read_frame(path: Path) -> np.ndarray:
-    """Decode one frame to a 2-D uint8 array (colour frames are converted to grayscale)."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode != "L":
-                img = img.convert("L")
-            return np.asarray(img)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise UserError(f"cannot read frame {path}: {exc}") from None
+    return Dataset(ds_dir, ds_dir.name, clips, gt_path, types, format="ucsd")
 
 
 def read_clip(clip: Clip, height: int, width: int) -> np.ndarray:
@@ -211,23 +175,4 @@ def read_clip(clip: Clip, height: int, width: int) -> np.ndarray:
 
     Frames inside one clip must share a size (a mixed clip is an error naming the frame).
     """
-    out = np.empty((clip.n_frames, height, width), np.uint8)
-    first_shape = None
-    for i, path in enumerate(clip.frame_paths):
-        frame = read_frame(path)
-        if first_shape is None:
-            first_shape = frame.shape
-        elif frame.shape != first_shape:
-            raise UserError(
-                f"frame {path} is {frame.shape[1]}x{frame.shape[0]} but earlier frames of {clip.name} "
-                f"are {first_shape[1]}x{first_shape[0]} (WxH)"
-            )
-        out[i] = resize_frame(frame, height, width)
-    return out
-
-
-def resize_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of a uint8 frame to (height, width); a no-op when the size already matches."""
-    if frame.shape == (height, width):
-        return frame
-    return np.asarray(Image.fromarray(frame).resize((width, height), Image.BILINEAR))
+    return clip.read(height, width)
