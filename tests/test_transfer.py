@@ -303,3 +303,21 @@ def test_gan_of_another_frame_size_is_refused_naming_both(typed_shards, tmp_path
         run_transfer(_cfg(typed_shards, tmp_path / "o", tmp_path / "gan"))
     with pytest.raises(UserError, match="folds"):
         run_transfer(_cfg(typed_shards, tmp_path / "o", "scratch", preset="tiny", folds=5))
+
+
+def test_scratch_trains_everything_by_default_and_a_gan_run_its_head(typed_shards, gan_run, tmp_path):
+    assert _cfg(typed_shards, tmp_path / "s", "scratch").train == "all"
+    assert _cfg(typed_shards, tmp_path / "g", gan_run).train == "head"
+    assert _cfg(typed_shards, tmp_path / "s2", "scratch", train="head").train == "head"  # the user still decides
+
+
+def test_labelled_fraction_trains_each_fold_on_a_nested_share(typed_shards, gan_run, tmp_path):
+    full = _metrics(run_transfer(_cfg(typed_shards, tmp_path / "full", gan_run)))
+    half = _metrics(run_transfer(_cfg(typed_shards, tmp_path / "half", gan_run, labelled_fraction=0.5)))
+    assert half["labelled_fraction"] == 0.5 and full["labelled_fraction"] == 1.0
+    for f_full, f_half in zip(full["folds"], half["folds"], strict=True):
+        assert f_half["n_test"] == f_full["n_test"]  # the test folds do not shrink
+        assert f_half["n_train"] <= f_full["n_train"] // 2 + 2  # ceil per class
+    assert _oof(tmp_path / "full").keys() == _oof(tmp_path / "half").keys()
+    with pytest.raises(UserError, match="labelled_fraction"):  # another fraction never reuses a run's files
+        run_transfer(_cfg(typed_shards, tmp_path / "half", gan_run, labelled_fraction=0.25))

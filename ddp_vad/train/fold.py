@@ -1,10 +1,11 @@
 """One fold of ``transfer``: build the classifier, train it on the other folds' windows, score its own, save it.
 
 A fold trains alone on the process that owns it (never DDP-wrapped: ranks train different folds). Its seed, initial
-weights and data order depend only on ``(seed, fold)``, so its numbers do not depend on how many processes share
-the folds. Files: ``RUN/tb/fold_XX/`` (loss/train, accuracy/test, lr per epoch), ``RUN/checkpoints/fold_XX/``
-(the latest epoch), and when the fold finishes ``RUN/folds/fold_XX/model.safetensors`` + ``result.json`` (metrics
-and out-of-fold scores; written last, so its presence marks the fold finished).
+weights, labelled subset and data order depend only on ``(seed, fold)``, so its numbers do not depend on how many
+processes share the folds. Files: ``RUN/tb/fold_XX/`` (per epoch: loss/train, lr, and the test fold's accuracy under
+a tag that says it is for watching only: no epoch, threshold or rate is chosen on a test fold),
+``RUN/checkpoints/fold_XX/`` (the latest epoch), and when the fold finishes ``RUN/folds/fold_XX/model.safetensors`` +
+``result.json`` (metrics and out-of-fold scores; written last, so its presence marks the fold finished).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from ddp_vad.train.classifier import (
 )
 from ddp_vad.train.crossval import CVWindows, fold_split, score_fold
 from ddp_vad.train.fold_store import MODEL_FILE, RESULT_FILE, fold_name
+
+TEST_CURVE_TAG = "test_fold_not_for_selection/accuracy"
 
 
 @dataclass
@@ -181,7 +184,7 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
 
     cfg, acc = run.cfg, run.accelerator
     t0 = time.perf_counter()
-    train_idx, test_idx, excluded = fold_split(run.cv, k, run.held_out)
+    train_idx, test_idx, excluded = fold_split(run.cv, k, run.held_out, cfg.labelled_fraction, cfg.seed)
     if train_idx.size == 0:
         raise UserError(f"fold {k} has no training windows (too few windows, or --holdout-type removed them all)")
     notes = (
@@ -206,9 +209,9 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
             loss = _train_epoch(run, k, epoch, order, model, forward, get_inputs, optimizer, scaler)
             last = predict(model, forward, get_inputs, test_idx, acc.autocast)
             test_acc = float((last[1] == run.cv.labels[test_idx]).mean()) if test_idx.size else float("nan")
-            # Logged for watching only: nothing (epoch, threshold) is chosen on the test fold.
+            # Logged for watching only: nothing (epoch, threshold) is chosen on the test fold; the tag says so.
             writer.add_scalar("loss/train", loss, epoch)
-            writer.add_scalar("accuracy/test", test_acc, epoch)
+            writer.add_scalar(TEST_CURVE_TAG, test_acc, epoch)
             writer.add_scalar("lr", optimizer.param_groups[0]["lr"], epoch)
             history.append({"epoch": epoch, "loss": loss, "test_accuracy": test_acc})
             state = _checkpoint_state(run, k, epoch, model, optimizer, scaler, history)

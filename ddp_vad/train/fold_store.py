@@ -19,7 +19,7 @@ from ddp_vad.train.checkpoint import list_fold_checkpoints, load_fold_checkpoint
 from ddp_vad.train.classifier import SCRATCH, discriminator_file
 
 MODEL_FILE, RESULT_FILE = "model.safetensors", "result.json"
-FINGERPRINT_KEYS = ("train", "protocol", "epochs", "batch_size", "lr", "seed", "holdout_type")
+FINGERPRINT_KEYS = ("train", "protocol", "epochs", "batch_size", "lr", "seed", "holdout_type", "labelled_fraction")
 
 
 def fold_name(fold: int) -> str:

@@ -51,7 +51,7 @@ from ddp_vad.train.classifier import (
     parameter_counts,
     set_trainable,
 )
-from ddp_vad.train.crossval import PROTOCOLS, CVWindows, finish_cv, fmt_metric
+from ddp_vad.train.crossval import PROTOCOLS, CVWindows, check_fraction, finish_cv, fmt_metric
 from ddp_vad.train.distributed import (
     PRECISIONS,
     all_gather_objects,
@@ -77,9 +77,10 @@ class TransferConfig:
     source: str = option(
         help="A pretrain run folder (GAN+LRCN: its discriminator's features) or 'scratch' (LRCN).", flag="--from"
     )
-    train: str = option(
-        "head",
-        "What is fine-tuned: the head (features frozen, computed once), head + LSTM, or all.",
+    train: str | None = option(
+        None,
+        "What is fine-tuned: the head (features frozen, computed once), head + LSTM, or all. "
+        "Default: head with a GAN run, all from scratch (a random frozen extractor would be a straw man).",
         choices=TRAIN_SCOPES,
     )
     folds: int | None = option(None, "Must match the shards' fold count (default: the shards').")
@@ -108,6 +109,9 @@ class TransferConfig:
     standardize: bool = option(
         True, "--train head: standardise the frozen features per fold (folded into the saved head).", negatable=True
     )
+    labelled_fraction: float = option(
+        1.0, "Train each fold on this stratified, seeded share of its labelled windows (nested across fractions)."
+    )
     progress: bool = option(True, "Progress bar on the main process.", negatable=True)
 
     def __post_init__(self) -> None:
@@ -118,6 +122,8 @@ class TransferConfig:
         self.source = str(self.source)
         if self.source != SCRATCH:
             discriminator_file(self.source)  # raises with the path when it is not a finished pretrain run
+        if self.train is None:
+            self.train = "all" if self.source == SCRATCH else "head"
         if self.train not in TRAIN_SCOPES:
             raise UserError(f"--train {self.train}: choose one of {', '.join(TRAIN_SCOPES)}")
         if self.protocol not in PROTOCOLS:
@@ -138,6 +144,7 @@ class TransferConfig:
             raise UserError(f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.holdout_type is not None and not str(self.holdout_type).strip():
             raise UserError("--holdout-type: give an anomaly type name")
+        check_fraction(self.labelled_fraction)
         if self.method is None:
             self.method = METHOD_SCRATCH if self.source == SCRATCH else METHOD_GAN
         if not str(self.method).strip():
@@ -323,6 +330,7 @@ def run_transfer(cfg: TransferConfig) -> Path:
     if is_main:
         extra = {
             "source": cfg.source, "train": cfg.train, "n_folds": n_folds, "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size, "labelled_fraction": float(cfg.labelled_fraction),
             "model_preset": model_cfg.preset, "world_size": world, "parameters": counts,
             "frozen_feature_seconds": cache_seconds, "seconds": round(time.perf_counter() - t_start, 2),
         }  # fmt: skip
