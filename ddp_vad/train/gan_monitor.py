@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,9 @@ import torch.nn.functional as F
 from ddp_vad.data.reader import frames_to_float, iter_tar
 from ddp_vad.data.shards import shard_paths
 from ddp_vad.errors import UserError
-from ddp_vad.files import write_text_atomic
-from ddp_vad.train.gan import generate_windows
+from ddp_vad.files import write_json_atomic, write_text_atomic
+from ddp_vad.train.gan import STAT_NAMES, generate_windows
+from ddp_vad.train.gan_health import HEALTH_FILE, GanHealth
 
 SIMILARITY_CSV = "similarity.csv"
 REAL_POOL = 256  # real windows kept (main process) for similarity and images, chosen once (seeded)
@@ -93,10 +95,20 @@ class GanMonitor:
     ``start_step`` > 0 (a resume) drops events and CSV rows that a crashed run logged after that step.
     """
 
-    def __init__(self, run_dir: Path, cfg, manifest: dict, z_dim: int, device: torch.device, start_step: int):
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg,
+        manifest: dict,
+        z_dim: int,
+        device: torch.device,
+        start_step: int,
+        health: dict | None = None,
+    ):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.cfg, self.z_dim, self.device = cfg, z_dim, device
+        self.cfg, self.z_dim, self.device, self.run_dir = cfg, z_dim, device, run_dir
+        self.health = GanHealth.restore(health, cfg.steps)
         self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else 0)
         self.real_pool = self.fixed_z = None
         if cfg.similarity_every or cfg.image_every:
@@ -119,6 +131,7 @@ class GanMonitor:
         self.writer.add_scalar("similarity/l2", l2, step)
         with self.sim_path.open("a") as f:
             f.write(f"{step},{cos:.6f},{l2:.6f}\n")
+        self._report(self.health.observe_similarity(step, cos), step)
 
     def image(self, generator: torch.nn.Module, step: int) -> None:
         """Real windows above generated ones (fixed noise), one window per row."""
@@ -127,12 +140,30 @@ class GanMonitor:
         self.writer.add_image("samples/real_top_generated_bottom", windows_image(real, fake), step)
 
     def losses(self, rows: np.ndarray, first_step: int) -> None:
-        """Per-step [loss_d, loss_g, D(real), D(fake)] rows starting at ``first_step``."""
-        for i, (ld, lg, pr, pf) in enumerate(rows):
-            self.writer.add_scalar("loss/d", ld, first_step + i)
-            self.writer.add_scalar("loss/g", lg, first_step + i)
-            self.writer.add_scalar("d/real", pr, first_step + i)
-            self.writer.add_scalar("d/fake", pf, first_step + i)
+        """Per-step ``STAT_NAMES`` rows (losses, D(real), D(fake), gradient norms) starting at ``first_step``."""
+        tags = {"loss_d": "loss/d", "loss_g": "loss/g", "d_real": "d/real", "d_fake": "d/fake",
+                "grad_norm_d": "grad_norm/d", "grad_norm_g": "grad_norm/g"}  # fmt: skip
+        for i, row in enumerate(rows):
+            for name, value in zip(STAT_NAMES, row, strict=True):
+                self.writer.add_scalar(tags[name], value, first_step + i)
+        self._report(self.health.observe_steps(rows, first_step, STAT_NAMES), first_step + len(rows) - 1)
+
+    def _report(self, warnings: list[str], step: int) -> None:
+        for message in warnings:
+            print(f"pretrain: WARNING (GAN health): {message}", flush=True)
+            self.writer.add_text("health/warnings", message, step)
+
+    def write_health(self) -> None:
+        """``RUN/gan_health.json``: win rate, similarity points, warnings (read by ``evaluate``)."""
+        write_json_atomic(self.run_dir / HEALTH_FILE, self.health.summary())
+
+    def hparams(self, hparams: dict, step: int) -> None:
+        """The run's hyperparameters with its final health numbers, for TensorBoard's HParams dashboard."""
+        last = self.health.last
+        metrics = {"hparams/d_real": last.get("d_real", math.nan), "hparams/d_fake": last.get("d_fake", math.nan),
+                   "hparams/similarity_cosine": self.health.similarity[-1][1] if self.health.similarity else math.nan,
+                   "hparams/d_win_steps": float(self.health.win_steps)}  # fmt: skip
+        self.writer.add_hparams(hparams_values(hparams), metrics, run_name="hparams", global_step=step)
 
     def scalars(self, step: int, **values: float) -> None:
         """Other scalars at ``step`` (names with ``__`` become ``/``: ``lr__g`` -> ``lr/g``)."""
@@ -141,3 +172,8 @@ class GanMonitor:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def hparams_values(config: dict) -> dict:
+    """A config as HParams values: numbers, strings and booleans as they are, anything else (None, lists) as text."""
+    return {k: v if isinstance(v, bool | int | float | str) else str(v) for k, v in config.items()}

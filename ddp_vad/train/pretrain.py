@@ -90,6 +90,12 @@ class PretrainConfig:
         False, "Write RUN/debug/keys_rank*.txt and weight hashes per rank (for checks).", envvar="DDP_VAD_DEBUG_KEYS"
     )
     progress: bool = option(True, "Progress bar on the main process.", negatable=True)
+    label_smoothing: float = option(
+        0.0, "Stabiliser: one-sided label smoothing, D's target for real windows is 1 - this (0 = the method's GAN)."
+    )
+    instance_noise: float = option(
+        0.0, "Stabiliser: std of Gaussian noise on every window D sees, annealed linearly to 0 (0 = the method's GAN)."
+    )
 
     def __post_init__(self) -> None:
         if self.preset not in PRESET_NAMES:
@@ -110,11 +116,16 @@ class PretrainConfig:
             raise UserError(f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if not self.resume:
             raise UserError("--resume must be auto, latest, none or a checkpoint folder")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise UserError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if not self.instance_noise >= 0.0:
+            raise UserError(f"--instance-noise must be >= 0, got {self.instance_noise}")
 
 
 # ------------------------------------------------------------------------------------------ the run
-def _resume(accelerator, resume_from: Path, model_cfg: ModelConfig, preset: str) -> tuple[int, int, int]:
-    """Load a checkpoint into the prepared objects; returns (step, data epoch, batches to skip) for this rank."""
+def _resume(accelerator, resume_from: Path, model_cfg: ModelConfig, preset: str) -> tuple[int, int, int, dict]:
+    """Load a checkpoint into the prepared objects; returns (step, data epoch, batches to skip) for this rank and
+    the GAN-health state."""
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     state = read_train_state(resume_from)
     if state.get("model") != model_cfg.to_dict():
@@ -137,7 +148,7 @@ def _resume(accelerator, resume_from: Path, model_cfg: ModelConfig, preset: str)
             f"the data stream restarts at epoch {epoch}",
         )
     print_main(is_main, f"resuming from {resume_from} (step {step})")
-    return step, epoch, skip
+    return step, epoch, skip, state.get("health") or {}
 
 
 def _check_finite(rows: np.ndarray, first: int, last_ckpt: Path | None) -> None:
@@ -151,8 +162,9 @@ def _check_finite(rows: np.ndarray, first: int, last_ckpt: Path | None) -> None:
         )
 
 
-def _train_state(accelerator, batches, model_cfg: ModelConfig, cfg: PretrainConfig) -> dict:
-    """What a checkpoint adds to accelerate's state: every rank's data-stream position and the model config."""
+def _train_state(accelerator, batches, model_cfg: ModelConfig, cfg: PretrainConfig, monitor) -> dict:
+    """What a checkpoint adds to accelerate's state: every rank's data-stream position, the model config and the
+    GAN-health counts (the main process writes the state)."""
     pos = accelerator.gather(torch.tensor([[batches.epoch, batches.index]], device=accelerator.device)).cpu()
     return {
         "data": pos.tolist(),
@@ -160,7 +172,25 @@ def _train_state(accelerator, batches, model_cfg: ModelConfig, cfg: PretrainConf
         "model": model_cfg.to_dict(),
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,
+        "health": monitor.health.summary() if monitor is not None else None,
     }
+
+
+def _log(monitor: GanMonitor, accelerator, rows, first: int, step: int, rate: float, skipped: dict, opts) -> None:
+    """Main process: the per-step stats since the last log, learning rates, throughput, skipped fp16 steps."""
+    monitor.losses(rows, first)
+    opt_g, opt_d = opts
+    monitor.scalars(step, lr__g=opt_g.param_groups[0]["lr"], lr__d=opt_d.param_groups[0]["lr"],
+                    throughput__samples_per_s=rate)  # fmt: skip
+    if accelerator.scaler is not None:
+        monitor.scalars(step, amp__skipped_steps_d=skipped["d"], amp__skipped_steps_g=skipped["g"])
+
+
+def hparams_of(cfg: PretrainConfig) -> dict:
+    """The hyperparameters a pretrain run is compared by in TensorBoard's HParams dashboard."""
+    keys = ("preset", "steps", "batch_size", "lr", "lr_d", "beta1", "seed", "label_smoothing", "instance_noise",
+            "mixed_precision", "shards")  # fmt: skip
+    return {k: getattr(cfg, k) for k in keys}
 
 
 def _export(accelerator, gen, disc, run_dir: Path, model_cfg: ModelConfig, debug_keys: list[str] | None) -> None:
@@ -202,9 +232,9 @@ def run_pretrain(cfg: PretrainConfig) -> Path:
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr_d or cfg.lr, betas=(cfg.beta1, 0.999))
     gen, disc, opt_g, opt_d = accelerator.prepare(gen, disc, opt_g, opt_d)
-    start_step, epoch, skip = 0, 0, 0
+    start_step, epoch, skip, health = 0, 0, 0, {}
     if resume_from is not None:
-        start_step, epoch, skip = _resume(accelerator, resume_from, model_cfg, cfg.preset)
+        start_step, epoch, skip, health = _resume(accelerator, resume_from, model_cfg, cfg.preset)
     else:
         seed_everything(cfg.seed, rank=rank)  # each rank draws its own noise and dropout masks
     if is_main:
@@ -214,7 +244,7 @@ def run_pretrain(cfg: PretrainConfig) -> Path:
         workers=cfg.workers, cache=cfg.cache, shuffle_buffer=cfg.shuffle_buffer,
         pin_memory=device.type == "cuda",  # the batches are copied with non_blocking=True
     )  # fmt: skip
-    monitor = GanMonitor(run_dir, cfg, manifest, model_cfg.z_dim, device, start_step) if is_main else None
+    monitor = GanMonitor(run_dir, cfg, manifest, model_cfg.z_dim, device, start_step, health) if is_main else None
     unwrapped_gen = accelerator.unwrap_model(gen)
     skipped = {"d": 0, "g": 0}
     stats: list[torch.Tensor] = []
@@ -232,7 +262,10 @@ def run_pretrain(cfg: PretrainConfig) -> Path:
             if debug_keys is not None:
                 debug_keys.extend(f"{batches.epoch} {k}" for k in batch["key"])
             real = frames_to_float(batch["frames"].to(device, non_blocking=True))
-            stats.append(gan_step(accelerator, gen, disc, opt_g, opt_d, real, model_cfg.z_dim))
+            noise = cfg.instance_noise * (1.0 - step / cfg.steps)  # annealed linearly to 0
+            stats.append(
+                gan_step(accelerator, gen, disc, opt_g, opt_d, real, model_cfg.z_dim, cfg.label_smoothing, noise)
+            )
             if accelerator.scaler is not None:
                 skipped["d"] += int(opt_d.step_was_skipped)
                 skipped["g"] += int(opt_g.step_was_skipped)
@@ -248,11 +281,7 @@ def run_pretrain(cfg: PretrainConfig) -> Path:
                 _check_finite(rows, first, last_ckpt)
                 if is_main:
                     rate = (step - steps_last) * cfg.batch_size * world / max(now - t_last, 1e-9)
-                    monitor.losses(rows, first)
-                    monitor.scalars(step, lr__g=opt_g.param_groups[0]["lr"], lr__d=opt_d.param_groups[0]["lr"],
-                                    throughput__samples_per_s=rate)  # fmt: skip
-                    if accelerator.scaler is not None:
-                        monitor.scalars(step, amp__skipped_steps_d=skipped["d"], amp__skipped_steps_g=skipped["g"])
+                    _log(monitor, accelerator, rows, first, step, rate, skipped, (opt_g, opt_d))
                     pbar.set_postfix(loss_d=f"{rows[-1, 0]:.3f}", loss_g=f"{rows[-1, 1]:.3f}", sps=f"{rate:.1f}")
                 t_last, steps_last = now, step
             if is_main and cfg.similarity_every and step % cfg.similarity_every == 0:
@@ -260,11 +289,14 @@ def run_pretrain(cfg: PretrainConfig) -> Path:
             if is_main and cfg.image_every and (step % cfg.image_every == 0 or step == cfg.steps):
                 monitor.image(unwrapped_gen, step)
             if do_ckpt:
-                state = _train_state(accelerator, batches, model_cfg, cfg)
+                state = _train_state(accelerator, batches, model_cfg, cfg, monitor)
                 last_ckpt = save_checkpoint(accelerator, ckpt_dir, step, state, cfg.keep_checkpoints)
                 if is_main:
                     monitor.writer.flush()
         pbar.close()
+        if is_main:
+            monitor.write_health()
+            monitor.hparams(hparams_of(cfg), step)
     finally:
         if monitor is not None:
             monitor.close()

@@ -1,0 +1,62 @@
+"""GAN health: the discriminator's win rate and the similarity curve are watched, warned about once, reported."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ddp_vad.train.gan import STAT_NAMES
+from ddp_vad.train.gan_health import GanHealth
+from ddp_vad.train.pretrain import PretrainConfig, run_pretrain
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _rows(d_real: float, d_fake: float, n: int) -> np.ndarray:
+    return np.tile([0.01, 6.0, d_real, d_fake, 0.1, 0.2], (n, 1))
+
+
+def test_a_sustained_outright_win_is_warned_about_once():
+    health = GanHealth(total_steps=300)
+    assert health.sustained == 50
+    assert health.observe_steps(_rows(0.99, 0.01, 49), 1, STAT_NAMES) == []  # 49 steps: not yet sustained
+    assert health.observe_steps(_rows(0.5, 0.5, 1), 50, STAT_NAMES) == []  # the streak breaks
+    warned = health.observe_steps(_rows(0.99, 0.01, 60), 51, STAT_NAMES)
+    assert len(warned) == 1 and "wins outright" in warned[0] and "step 100" in warned[0]
+    assert health.observe_steps(_rows(0.99, 0.01, 100), 111, STAT_NAMES) == []  # once only
+    assert health.longest_win_streak == 160 and health.win_steps == 209 and health.first_win_step == 1
+    restored = GanHealth.restore(json.loads(json.dumps(health.summary())), 300)
+    assert restored.win_streak == 160 and restored.observe_steps(_rows(0.99, 0.01, 1), 211, STAT_NAMES) == []
+
+
+def test_a_stalled_similarity_is_warned_about_and_a_rising_one_is_not():
+    rising = GanHealth(total_steps=100)
+    assert all(rising.observe_similarity(10 * i, 0.1 * i) == [] for i in range(10))
+    stalled = GanHealth(total_steps=100)
+    warnings = [w for i, c in enumerate([0.1, 0.5, 0.6, 0.6, 0.601, 0.59, 0.6, 0.6]) for w in
+                stalled.observe_similarity(10 * i, c)]  # fmt: skip
+    assert len(warnings) == 1 and "stalled" in warnings[0] and stalled.warned == ["similarity_stalls"]
+
+
+def test_pretrain_logs_win_rate_and_gradient_norms_and_writes_health_and_hparams(tiny_shards, tmp_path):
+    cfg = dict(shards=str(tiny_shards), preset="tiny", steps=6, batch_size=4, similarity_every=2, image_every=0,
+               checkpoint_every=3, log_every=2, workers=0, progress=False)  # fmt: skip
+    plain = run_pretrain(PretrainConfig(out=str(tmp_path / "plain"), **cfg))
+    acc = EventAccumulator(str(plain / "tb"))
+    acc.Reload()
+    assert {"d/real", "d/fake", "grad_norm/d", "grad_norm/g"} <= set(acc.Tags()["scalars"])
+    assert all(e.value > 0 for e in acc.Scalars("grad_norm/d"))
+    health = json.loads((plain / "gan_health.json").read_text())
+    assert health["last"]["step"] == 6 and len(health["similarity"]) == 4 and health["sustained_steps"] == 50
+    assert (plain / "tb" / "hparams").is_dir()  # the HParams dashboard entry
+
+    smoothed = run_pretrain(PretrainConfig(out=str(tmp_path / "smooth"), label_smoothing=0.2, **cfg))
+    loss_plain = [e.value for e in acc.Scalars("loss/d")]
+    acc2 = EventAccumulator(str(smoothed / "tb"))
+    acc2.Reload()
+    # Same seed and data: only the real targets differ, so the very first D loss already differs.
+    assert [e.value for e in acc2.Scalars("loss/d")][0] != pytest.approx(loss_plain[0])
+    assert json.loads((smoothed / "config.json").read_text())["config"]["label_smoothing"] == 0.2
