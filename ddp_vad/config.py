@@ -51,6 +51,11 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
+def hparams_values(config: dict) -> dict:
+    """A config as TensorBoard HParams values: numbers, strings and booleans as they are, anything else as text."""
+    return {k: v if isinstance(v, bool | int | float | str) else str(v) for k, v in config.items()}
+
+
 def write_resolved_config(run_dir: str | os.PathLike, config: Any, extra: dict | None = None) -> Path:
     """Write ``run_dir/config.json`` holding the resolved config (plus ``extra`` sections)."""
     payload = {"config": to_jsonable(config)}

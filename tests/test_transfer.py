@@ -321,3 +321,12 @@ def test_labelled_fraction_trains_each_fold_on_a_nested_share(typed_shards, gan_
     assert _oof(tmp_path / "full").keys() == _oof(tmp_path / "half").keys()
     with pytest.raises(UserError, match="labelled_fraction"):  # another fraction never reuses a run's files
         run_transfer(_cfg(typed_shards, tmp_path / "half", gan_run, labelled_fraction=0.25))
+
+
+def test_hparams_entry_holds_the_settings_and_mean_metrics(typed_shards, gan_run, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = run_transfer(_cfg(typed_shards, tmp_path / "hp", gan_run, labelled_fraction=0.5))
+    acc = EventAccumulator(str(run / "tb" / "hparams"))
+    acc.Reload()
+    assert acc.Scalars("hparams/accuracy")[0].value == pytest.approx(_metrics(run)["mean"]["accuracy"])

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ddp_vad.config import hparams_values
 from ddp_vad.data.reader import frames_to_float, iter_tar
 from ddp_vad.data.shards import shard_paths
 from ddp_vad.errors import UserError
@@ -172,8 +173,3 @@ class GanMonitor:
 
     def close(self) -> None:
         self.writer.close()
-
-
-def hparams_values(config: dict) -> dict:
-    """A config as HParams values: numbers, strings and booleans as they are, anything else (None, lists) as text."""
-    return {k: v if isinstance(v, bool | int | float | str) else str(v) for k, v in config.items()}

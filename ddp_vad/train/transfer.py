@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ddp_vad.config import write_resolved_config
+from ddp_vad.config import hparams_values, write_resolved_config
 from ddp_vad.data.reader import WindowSet, load_window_set
 from ddp_vad.data.shards import fold_count, load_manifest
 from ddp_vad.errors import UserError
@@ -268,11 +268,23 @@ def _write_results(cfg, run_dir: Path, gathered: list[dict], extra: dict[str, An
     for note in all_notes:
         print(f"transfer: note: {note}")
     rows, oof = [r["metrics"] for r in gathered], [row for r in gathered for row in r["oof"]]
-    finish_cv(run_dir, cfg.method, cfg.protocol, rows, oof, extra, extra["seconds"], "transfer")
+    mean = finish_cv(run_dir, cfg.method, cfg.protocol, rows, oof, extra, extra["seconds"], "transfer")
+    _log_hparams(cfg, run_dir, mean)
     if cfg.holdout_type is not None:
         h = extra["holdout"]
         print(f"transfer: held-out type {cfg.holdout_type}: {h['n']} windows, accuracy {fmt_metric(h['accuracy'])}, "
               f"anomalous detected {fmt_metric(h['detection_rate'])}", flush=True)  # fmt: skip
+
+
+def _log_hparams(cfg: TransferConfig, run_dir: Path, mean: dict) -> None:
+    """The run's hyperparameters with its mean metrics, for TensorBoard's HParams dashboard (``RUN/tb/hparams``)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    keys = ("method", "source", "train", "protocol", "epochs", "batch_size", "lr", "seed", "labelled_fraction",
+            "holdout_type", "preset", "mixed_precision")  # fmt: skip
+    metrics = {f"hparams/{k}": math.nan if v is None else float(v) for k, v in mean.items()}
+    with SummaryWriter(str(run_dir / "tb")) as writer:
+        writer.add_hparams(hparams_values({k: getattr(cfg, k) for k in keys}), metrics, run_name="hparams")
 
 
 def run_transfer(cfg: TransferConfig) -> Path:
