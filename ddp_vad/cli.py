@@ -9,8 +9,10 @@ from pathlib import Path
 import click
 
 from ddp_vad.config import load_config_file
+from ddp_vad.data.synth import SynthConfig, run_synth
 from ddp_vad.errors import UserError
 from ddp_vad.eval.baselines import BaselinesConfig, run_baselines
+from ddp_vad.eval.predict import PredictConfig, run_predict
 from ddp_vad.eval.report import EvaluateConfig, run_evaluate
 from ddp_vad.options import click_params
 from ddp_vad.pipeline import PipelineConfig, run_pipeline
@@ -108,24 +110,10 @@ def stage_command(group: click.Group, name: str, config_cls: type) -> Callable:
 
 
 # ----------------------------------------------------------------------------------------- synth
-@command(cli, "synth")
-@click.argument("out", type=click.Path(file_okay=False))
-@click.option("--train-clips", default=34, type=click.IntRange(min=0), help="Normal-only training clips.")
-@click.option("--test-clips", default=36, type=click.IntRange(min=1), help="Test clips with anomalies.")
-@click.option("--frames", default=200, type=click.IntRange(min=10), help="Frames per clip.")
-@click.option("--height", default=158, type=click.IntRange(min=16), help="Frame height (Ped1: 158).")
-@click.option("--width", default=238, type=click.IntRange(min=16), help="Frame width (Ped1: 238).")
-@click.option("--seed", default=0, type=int, help="Everything is deterministic from this seed.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing dataset in OUT.")
-@click.option(
-    "--format",
-    default="ucsd",
-    type=click.Choice(["ucsd", "videos"]),
-    help="ucsd: TIFF frames + .m ground truth; videos: train/ and test/ .mp4 files + labels.csv.",
-)
+@stage_command(cli, "synth", SynthConfig)
 def synth_cmd(**kwargs) -> None:
-    """Write a synthetic UCSD-style dataset (walkway scenes with five anomaly types) to OUT."""
-    _call("data.synth", "run_synth", "SynthConfig", **kwargs)
+    """Write a synthetic dataset (walkway scenes with five anomaly types) to OUT, as UCSD frames or as videos."""
+    run_synth(SynthConfig(**kwargs))
 
 
 # ----------------------------------------------------------------------------------------- shard
@@ -226,32 +214,10 @@ def pretrain_cmd(**kwargs) -> None:
 
 
 # ---------------------------------------------------------------------------------------- predict
-@command(cli, "predict")
-@click.argument("clip_dir", type=click.Path())
-@click.option(
-    "--model",
-    required=True,
-    type=click.Path(),
-    help="A transfer run folder (its fold models are averaged) or one model.safetensors.",
-)
-@click.option(
-    "--out",
-    default=None,
-    type=click.Path(dir_okay=False),
-    help="CSV of per-frame scores (default: <clip>_scores.csv beside CLIP_DIR); a PNG goes beside it.",
-)
-@click.option("--fold", default=None, type=click.IntRange(min=0), help="Use only this fold's model.")
-@click.option("--batch-size", default=64, type=click.IntRange(min=1), help="Windows per forward pass.")
-@click.option("--threshold", default=0.5, type=click.FloatRange(0, 1), help="Score at which a frame is flagged.")
-@click.option(
-    "--annotate",
-    default=None,
-    type=click.Path(dir_okay=False),
-    help="Also write the clip as a video (.mp4/.avi/.mkv) with a score bar and a red border on flagged frames.",
-)
+@stage_command(cli, "predict", PredictConfig)
 def predict_cmd(**kwargs) -> None:
     """Per-frame anomaly scores (CSV + score-over-time PNG) for CLIP_DIR, a folder of numbered frames or a video."""
-    _call("eval.predict", "run_predict", "PredictConfig", **kwargs)
+    run_predict(PredictConfig(**kwargs))
 
 
 # --------------------------------------------------------------------------------------- pipeline

@@ -46,8 +46,8 @@ def option(default: Any = dataclasses.MISSING, help: str = "", **spec: Any) -> A
 def _base_type(annotation: Any) -> tuple[Any, bool]:
     """(the non-None type, whether it repeats) of an annotation such as ``int | None`` or ``tuple[str, ...]``."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
-        annotation = args[0]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = args[0]  # ``str | Path``: the command line gives the first
     if typing.get_origin(annotation) is tuple:
         return typing.get_args(annotation)[0], True
     return annotation, False

@@ -45,6 +45,7 @@ from ddp_vad.config import write_resolved_config
 from ddp_vad.data.sources.video import write_video
 from ddp_vad.errors import UserError
 from ddp_vad.files import write_json_atomic
+from ddp_vad.options import option
 
 DATASET_NAME = "SynthPed"
 SYNTH_FPS = 10  # frame rate of --format videos (UCSD's cameras record 10 frames/s)
@@ -97,16 +98,21 @@ def _path_x(y, u):
 class SynthConfig:
     """Options of ``ddp_vad synth`` (field names are the CLI option names)."""
 
-    out: str | Path
-    train_clips: int = 34
-    test_clips: int = 36
-    frames: int = 200
-    height: int = 158
-    width: int = 238
-    seed: int = 0
-    overwrite: bool = False
-    format: str = "ucsd"  # "ucsd": TIFF frames + .m file; "videos": train/ and test/ videos + labels.csv
-    container: str = "mp4"  # video files of --format videos: mp4 (H.264), avi (MPEG-4), mkv (H.264)
+    out: str | Path = option(help="Dataset folder.", argument=True)
+    train_clips: int = option(34, "Normal-only training clips.")
+    test_clips: int = option(36, "Test clips with anomalies.")
+    frames: int = option(200, "Frames per clip.")
+    height: int = option(158, "Frame height (Ped1: 158).")
+    width: int = option(238, "Frame width (Ped1: 238).")
+    seed: int = option(0, "Everything is deterministic from this seed.")
+    overwrite: bool = option(False, "Replace an existing dataset in OUT.")
+    format: str = option(
+        "ucsd",
+        "ucsd: TIFF frames + .m ground truth; videos: train/ and test/ video files + labels.csv.",
+        choices=("ucsd", "videos"),
+    )
+    container: str = option("mp4", "Video files of --format videos: mp4 (H.264), avi (MPEG-4), mkv.",
+                            choices=("mp4", "avi", "mkv"))  # fmt: skip
 
     def __post_init__(self) -> None:
         if not str(self.out).strip():

@@ -28,6 +28,7 @@ from ddp_vad.data.sources.frames import IMAGE_SUFFIXES, FrameClip, frame_files, 
 from ddp_vad.data.sources.video import VIDEO_SUFFIXES, VideoWriter, iter_gray, iter_rgb, video_rate
 from ddp_vad.errors import UserError
 from ddp_vad.models import build_lrcn, load_model
+from ddp_vad.options import option
 
 T = TypeVar("T")
 FOLDER_FPS = 10  # frame rate of an annotated copy of a frame folder (UCSD's cameras record 10 frames/s)
@@ -37,13 +38,17 @@ FOLDER_FPS = 10  # frame rate of an annotated copy of a frame folder (UCSD's cam
 class PredictConfig:
     """Options of ``ddp_vad predict`` (``clip_dir``: a folder of numbered frames or a video file)."""
 
-    clip_dir: str
-    model: str
-    out: str | None = None
-    fold: int | None = None
-    batch_size: int = 64
-    threshold: float = 0.5
-    annotate: str | None = None
+    clip_dir: str = option(help="A folder of numbered frames or a video file.", argument=True)
+    model: str = option(help="A transfer run folder (its fold models are averaged) or one model.safetensors.")
+    out: str | None = option(
+        None, "CSV of per-frame scores (default: <clip>_scores.csv beside CLIP_DIR); a PNG goes beside it."
+    )
+    fold: int | None = option(None, "Use only this fold's model.")
+    batch_size: int = option(64, "Windows per forward pass.")
+    threshold: float = option(0.5, "Score at which a frame is flagged.")
+    annotate: str | None = option(
+        None, "Also write the clip as a video (.mp4/.avi/.mkv) with a score bar and a red border on flagged frames."
+    )
 
     def __post_init__(self) -> None:
         clip = Path(self.clip_dir)
@@ -53,6 +58,8 @@ class PredictConfig:
             raise UserError(f"{clip}: not a video ({', '.join(VIDEO_SUFFIXES)}) nor a folder of frames")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.fold is not None and self.fold < 0:
+            raise UserError(f"--fold must be >= 0, got {self.fold}")
         if not 0.0 <= self.threshold <= 1.0:
             raise UserError(f"--threshold must be in [0, 1], got {self.threshold}")
         if self.annotate is not None and Path(self.annotate).suffix.lower() not in (".mp4", ".avi", ".mkv", ".mov"):
