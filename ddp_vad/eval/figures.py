@@ -51,6 +51,31 @@ def fig_accuracy_by_fold(entries: list[dict], labels: list[str]):
     return fig
 
 
+def fig_label_efficiency(by_method: dict[str, dict[float, dict]], metric: str = "accuracy"):
+    """Figure 1: ``metric`` (mean +- std over folds) against the labelled fraction, one line per method."""
+    fig = _new_figure(7.5, 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    for method, runs in by_method.items():
+        points = sorted(
+            (f, e["mean"][metric], e["std"][metric]) for f, e in runs.items() if e["mean"][metric] is not None
+        )
+        if not points:
+            continue
+        x, y, err = (np.array(v, dtype=float) for v in zip(*points, strict=True))
+        learned = method in ("GAN+LRCN", "LRCN")
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, linewidth=2.2 if learned else 1.0,
+                    linestyle="-" if learned else ":", label=method)  # fmt: skip
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled fraction of each fold's training windows (log scale)")
+    ax.set_ylabel(f"{metric} (mean ± std over folds)")
+    ax.set_ylim(0.0, 1.02)
+    ax.set_title("Label efficiency: does GAN pretraining help when labels are scarce?")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return fig
+
+
 def fig_confusion(entries: list[dict], labels: list[str]):
     """2x2 confusion matrix (summed over folds) per method; rows = truth, columns = prediction."""
     shown = [(e, lab) for e, lab in zip(entries, labels, strict=True) if e["confusion"]]

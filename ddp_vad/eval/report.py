@@ -23,13 +23,23 @@ from ddp_vad.eval.figures import (
     fake_windows,
     fig_accuracy_by_fold,
     fig_confusion,
+    fig_label_efficiency,
     fig_real_vs_fake,
     fig_similarity,
     real_windows,
     save_figure,
 )
+from ddp_vad.eval.findings import budgets, curve, published_rows, verdict
+from ddp_vad.eval.markdown import markdown_table, report_markdown
 from ddp_vad.eval.metrics import METRICS
-from ddp_vad.eval.runs import discover_runs, display_labels, read_similarity, run_shards, summarise_run
+from ddp_vad.eval.runs import (
+    discover_runs,
+    display_labels,
+    pretrain_health,
+    read_similarity,
+    run_shards,
+    summarise_run,
+)
 from ddp_vad.files import staging_folder, swap_in, write_json_atomic, write_text_atomic
 from ddp_vad.options import option
 
@@ -52,101 +62,6 @@ class EvaluateConfig:
                 raise UserError(f"run folder not found: {run}")
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise UserError(f"--out {self.out}: exists and is not a folder")
-
-
-# ------------------------------------------------------------------------------------------ report
-def _pm(mean: float | None, std: float | None) -> str:
-    if mean is None:
-        return "n/a"
-    return f"{mean:.3f} ± {std:.3f}" if std is not None else f"{mean:.3f}"
-
-
-def _num(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
-
-
-def markdown_table(report: dict[str, Any]) -> str:
-    """The Table 5 comparison as a markdown table."""
-    lines = [
-        "| Method | Protocol | Folds | Recall | Precision | Accuracy | F1 | Window AUROC | Frame AUROC |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for label, e in report["methods"].items():
-        cells = []
-        for k in METRICS:
-            cell = _pm(e["mean"][k], e["std"][k])
-            if e["mean"][k] is not None and e["n_defined"][k] < e["n_folds"]:
-                cell += f" ({e['n_defined'][k]}/{e['n_folds']} folds)"
-            cells.append(cell)
-        lines.append(
-            f"| {label} | {e['protocol']} | {e['n_folds']} | {' | '.join(cells)} | "
-            f"{_num(e['window_auroc'])} | {_num(e['frame_auroc'])} |"
-        )
-    return "\n".join(lines)
-
-
-def _markdown(report: dict[str, Any]) -> str:
-    out = ["# ddp_vad evaluation report", ""]
-    methods = report["methods"]
-    if methods:
-        out += [
-            "## Table 5: block-level cross-validation (mean ± std over folds)",
-            "",
-            markdown_table(report),
-            "",
-            "Std is the population std (ddof=0) over the folds where a metric is defined; (k/n folds) marks",
-            "a mean over fewer than all folds (see the notes); n/a = undefined.",
-            "Frame AUROC: a frame's score is the max over the out-of-fold scores of the windows covering it.",
-            "",
-        ]
-        noted = [(label, e["notes"]) for label, e in methods.items() if e["notes"]]
-        if noted:
-            out += ["Notes:", ""]
-            out += [f"- {label}: {'; '.join(notes)}" for label, notes in noted]
-            out.append("")
-        out += [
-            "## Confusion matrices (summed over folds)",
-            "",
-            "| Method | TP | FN | FP | TN |",
-            "|---|---|---|---|---|",
-        ]
-        for label, e in methods.items():
-            c = e["confusion"]
-            out.append(
-                f"| {label} | " + (" | ".join(str(c[k]) for k in ("tp", "fn", "fp", "tn")) if c else "n/a") + " |"
-            )
-        out.append("")
-        n_max = max(e["n_folds"] for e in methods.values())
-        out += ["## Accuracy per fold", "", "| Fold | " + " | ".join(methods) + " |"]
-        out.append("|---" * (len(methods) + 1) + "|")
-        for k in range(n_max):
-            cells = []
-            for e in methods.values():
-                row = next((f for f in e["folds"] if int(f["fold"]) == k), None)
-                cells.append(_num(row.get("accuracy")) if row else "")
-            out.append(f"| {k} | " + " | ".join(cells) + " |")
-        out.append("")
-    if report["pretrain"]:
-        out += [
-            "## Pretrain runs",
-            "",
-            "| Run | Steps logged | Last step | Cosine | L2 |",
-            "|---|---|---|---|---|",
-        ]
-        for p in report["pretrain"]:
-            last = p["similarity_last"]
-            if last:
-                step, cos, l2 = int(last["step"]), last["cosine"], last["l2"]
-                out.append(f"| {p['run']} | {p['points']} | {step} | {cos:.4f} | {l2:.4f} |")
-            else:
-                out.append(f"| {p['run']} | 0 | n/a | n/a | n/a |")
-        out += [f"- {n}" for p in report["pretrain"] for n in p["notes"]]
-        out.append("")
-    if report["figures"]:
-        out += ["## Figures", ""]
-        out += [f"![{name}]({name})" for name in report["figures"]]
-        out.append("")
-    return "\n".join(out)
 
 
 def _log_tensorboard(tb_dir: Path, report: dict[str, Any], figures: dict[str, Any], markdown: str) -> None:
@@ -178,7 +93,8 @@ def _pretrain_part(pretrain_runs: list[Path], figures: dict[str, Any]) -> list[d
     for run in pretrain_runs:
         cols = read_similarity(run)
         last = {k: v[-1] for k, v in cols.items()} if cols["step"] else None
-        infos.append({"run": str(run), "points": len(cols["step"]), "similarity_last": last, "notes": []})
+        infos.append({"run": str(run), "points": len(cols["step"]), "similarity_last": last, "notes": [],
+                      **pretrain_health(run)})  # fmt: skip
         curves.append((run.name, cols))
     if curves:
         figures["fig3_similarity"] = fig_similarity(curves)
@@ -192,20 +108,45 @@ def _pretrain_part(pretrain_runs: list[Path], figures: dict[str, Any]) -> list[d
     return infos
 
 
+def _data_sets(entries: list[dict]) -> list[dict]:
+    """The shard sets the runs were made from (as their config.json recorded them), one entry per set."""
+    seen: dict[str, dict] = {}
+    for e in entries:
+        data = e.get("data")
+        if data and data.get("path") not in seen:
+            seen[data.get("path")] = data
+    return list(seen.values())
+
+
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Write the report for ``cfg.runs`` into ``cfg.out``; returns the report.json payload."""
     cv_runs, pretrain_runs = discover_runs(cfg.runs)
     out = Path(cfg.out)
     cache: dict[str, Any] = {}
-    entries = [summarise_run(run, cache) for run in cv_runs]
+    every = [summarise_run(run, cache) for run in cv_runs]
+    # Table 5 and the per-fold figures show the runs with all labels; the curve shows every fraction.
+    entries = [e for e in every if e["labelled_fraction"] == 1.0] or every
     labels = display_labels(entries)
+    by_method = curve(every)
+    protocols = sorted({e["protocol"] for e in every})
     report: dict[str, Any] = {
         "methods": dict(zip(labels, entries, strict=True)),
+        "curve": {
+            m: {f"{f:g}": {k: e[k] for k in ("mean", "std", "run")} for f, e in runs.items()}
+            for m, runs in by_method.items()
+        },  # fmt: skip
+        "verdict": verdict(by_method, protocols[0]) if len(protocols) == 1 else None,
+        "protocols": protocols,
+        "budgets": budgets(every),
+        "published": published_rows(entries),
+        "data": _data_sets(every),
         "pretrain": [],
         "figures": [],
         "std_kind": "population (ddof=0) over the folds where the metric is defined",
     }
     figures: dict[str, Any] = {}
+    if any(len(runs) > 1 for runs in by_method.values()):
+        figures["fig1_label_efficiency"] = fig_label_efficiency(by_method)
     if entries:
         figures["fig2_accuracy_by_fold"] = fig_accuracy_by_fold(entries, labels)
         figures["confusion_matrices"] = fig_confusion(entries, labels)
@@ -217,7 +158,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     for name, fig in figures.items():
         save_figure(fig, stage / f"{name}.png")
         report["figures"].append(f"{name}.png")
-    markdown = _markdown(report)
+    markdown = report_markdown(report)
     write_text_atomic(stage / "report.md", markdown)
     write_json_atomic(stage / "report.json", report)
     _log_tensorboard(stage / "tb", report, figures, markdown)

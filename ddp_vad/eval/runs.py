@@ -86,6 +86,18 @@ def run_shards(run_dir: Path) -> Path | None:
     return None
 
 
+def run_data(run_dir: Path) -> dict | None:
+    """The shard set a run was made from: its resolved path, dataset name and counts (None when it is gone)."""
+    shards = run_shards(run_dir)
+    if shards is None:
+        return None
+    try:
+        manifest = read_json_object(shards / "manifest.json", "shard manifest")
+    except UserError:
+        return None
+    return {"path": str(shards.resolve()), "dataset": manifest.get("dataset"), "counts": manifest.get("counts")}
+
+
 def _confusion(folds: list[dict], oof: list[dict] | None) -> tuple[dict[str, int] | None, str | None]:
     if folds and all(all(k in f for k in ("tp", "fp", "tn", "fn")) for f in folds):
         return {k: int(sum(int(f[k]) for f in folds)) for k in ("tp", "fp", "tn", "fn")}, "folds"
@@ -160,7 +172,13 @@ def summarise_run(run_dir: Path, frame_label_cache: dict[str, Any]) -> dict[str,
         "frame_auroc": frame_auc,
         "notes": notes,
         # A few writer extras worth carrying into the report (absent keys are left out).
-        "extra": {k: data[k] for k in ("source", "train", "holdout", "seconds", "features") if k in data},
+        "labelled_fraction": float(data.get("labelled_fraction", 1.0)),
+        "data": run_data(run_dir),
+        "extra": {
+            k: data[k]
+            for k in ("source", "train", "holdout", "seconds", "features", "epochs", "batch_size", "model_preset")
+            if k in data
+        },
     }
 
 
@@ -204,3 +222,17 @@ def read_similarity(run_dir: Path) -> dict[str, list[float]]:
             except (TypeError, ValueError):
                 raise UserError(f"{path}: bad row {row}") from None
     return cols
+
+
+def pretrain_health(run_dir: Path) -> dict:
+    """``{"health": gan_health.json, "stabilisers": "..."}`` of a pretrain run (empty when it has no health file)."""
+    path = run_dir / "gan_health.json"
+    if not path.is_file():
+        return {}
+    health = read_json_object(path, "GAN health file")
+    try:
+        cfg = read_json_object(run_dir / "config.json", "run config").get("config", {})
+    except (OSError, UserError):
+        cfg = {}
+    used = [f"{k.replace('_', ' ')} {cfg[k]:g}" for k in ("label_smoothing", "instance_noise") if cfg.get(k)]
+    return {"health": health, "stabilisers": ", ".join(used) or "none (the method's plain GAN)"}
