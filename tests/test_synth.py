@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from ddp_vad.data import synth
-from ddp_vad.data.synth import ANOMALY_TYPES, SynthConfig, run_synth
+from ddp_vad.data.synth import ANOMALY_TYPES, SynthConfig, render, run_synth
+from ddp_vad.data.synth import scene as scene_module
 from ddp_vad.errors import UserError
 
 H, W, FRAMES = 48, 72, 30
@@ -98,13 +98,13 @@ def test_every_anomaly_type_appears(dataset: Path) -> None:
     assert sorted(types) == [f"Test{k:03d}" for k in range(1, 6)]
     assert all(len(v) == 1 for v in types.values())
     assert sorted(v[0] for v in types.values()) == sorted(ANOMALY_TYPES)
-    assert [types[f"Test{k:03d}"][0] for k in range(1, 6)] == synth.anomaly_type_order(0)
+    assert [types[f"Test{k:03d}"][0] for k in range(1, 6)] == render.anomaly_type_order(0)
 
 
 def test_train_clips_have_no_anomaly(dataset: Path) -> None:
     assert not list((dataset / "Train").glob("*_gt"))
-    scene = synth.build_scene(H, W, 0)
-    frames, mask = synth.synth_clip(scene, 0, "train", 1, FRAMES)
+    scene = scene_module.build_scene(H, W, 0)
+    frames, mask = render.synth_clip(scene, 0, "train", 1, FRAMES)
     assert mask is None
     on_disk = np.stack([np.asarray(Image.open(p)) for p in sorted((dataset / "Train" / "Train002").glob("*.tif"))])
     np.testing.assert_array_equal(on_disk, frames)  # the files are the anomaly-free rendering
@@ -193,12 +193,12 @@ def test_cli_synth(tmp_path: Path) -> None:
 
 def test_anomaly_moves_differently_from_walkers() -> None:
     """Bikers and skaters move several times faster than walkers; wheelchairs slower (mask centroids)."""
-    scene = synth.build_scene(96, 144, 0)
+    scene = scene_module.build_scene(96, 144, 0)
     speeds = {}
     for kind in ("biker", "skater", "wheelchair", "grass"):
         rng = np.random.default_rng(7)
-        actor = synth._fallback(kind, 40, rng)[0]
-        _, mask = synth._render_clip(scene, [actor], 40, rng, with_mask=True)
+        actor = scene_module._fallback(kind, 40, rng)[0]
+        _, mask = render._render_clip(scene, [actor], 40, rng, with_mask=True)
         ys, xs = [], []
         for m in mask[15:25]:  # around mid-clip the fallback actor is in plain sight
             yy, xx = np.nonzero(m)
