@@ -21,8 +21,10 @@ from ddp_vad.eval.baselines import METHODS
 from ddp_vad.options import option
 from ddp_vad.presets import PRESET_NAMES, PRESETS
 from ddp_vad.train.classifier import TRAIN_SCOPES
-from ddp_vad.train.crossval import PROTOCOLS
+from ddp_vad.train.crossval import PROTOCOLS, check_fraction
 from ddp_vad.train.distributed import patient_barrier, print_main, process_state
+
+CURVE = (0.05, 0.1, 0.25, 0.5, 1.0)  # the default label-efficiency curve
 
 
 @dataclass
@@ -53,6 +55,10 @@ class PipelineConfig:
     batch_size: int | None = option(None, "GAN batch size per process.")
     methods: str = option(",".join(METHODS), "Classic ML baselines to run.")
     workers: int | None = option(None, "Shard-building processes.")
+    curve: str = option(
+        ",".join(f"{f:g}" for f in CURVE),
+        "Labelled fractions of the label-efficiency curve, comma-separated (1 = only the runs with all labels).",
+    )
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -61,6 +67,13 @@ class PipelineConfig:
             raise UserError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         if self.data is not None and not Path(self.data).exists():
             raise UserError(f"--data folder not found: {self.data}")
+        try:
+            fractions = sorted({float(f) for f in str(self.curve).split(",") if f.strip()})
+        except ValueError:
+            raise UserError(f"--curve {self.curve}: give comma-separated fractions such as 0.1,0.5,1") from None
+        for f in fractions:
+            check_fraction(f)
+        self.curve = ",".join(f"{f:g}" for f in sorted({*fractions, 1.0}))  # the contract runs use all labels
         for name in ("folds", "steps", "epochs", "batch_size", "workers"):
             value = getattr(self, name)
             if value is not None and value < (2 if name == "folds" else 1):
@@ -74,137 +87,125 @@ class PipelineConfig:
         for name in ("folds", "steps", "epochs", "batch_size"):
             if getattr(self, name) is not None:
                 plan[name] = getattr(self, name)
-        if self.epochs is not None:
-            plan["scratch_epochs"] = self.epochs
         return plan
+
+    @property
+    def fractions(self) -> list[float]:
+        """The labelled fractions to run, ascending (always ending with 1)."""
+        return [float(f) for f in self.curve.split(",")]
 
 
 def _log(msg: str, main: bool = True) -> None:
     print_main(main, f"[pipeline {time.strftime('%H:%M:%S')}] {msg}")
 
 
-def run_pipeline(cfg: PipelineConfig) -> Path:
-    """Run (or resume) every stage; returns the report folder."""
+def layout(out: Path, fractions: list[float]) -> dict[str, Path]:
+    """The pipeline's folders. The runs with all labels are where ``OUT/lrcn-gan`` etc. always were; a curve's other
+    fractions go to ``OUT/curve/f<fraction>/{lrcn-gan,lrcn-scratch,baselines}``."""
+    dirs = {name: out / name for name in ("data", "shards", "gan", "report")}
+    for f in fractions:
+        root = out if f == 1.0 else out / "curve" / f"f{f:g}"
+        for name in ("lrcn-gan", "lrcn-scratch", "baselines"):
+            dirs[f"{name}@{f:g}"] = root / name
+    return dirs
+
+
+def _prepare_data(cfg: PipelineConfig, plan: dict, dirs: dict[str, Path]) -> None:
+    """Main process: synthetic data (without --data) and the shards, each reused when already complete."""
     from ddp_vad.data.shards import MANIFEST, ShardConfig, build_shards
     from ddp_vad.data.synth import SynthConfig, run_synth
-    from ddp_vad.eval.baselines import BaselinesConfig, run_baselines
-    from ddp_vad.eval.report import EvaluateConfig, run_evaluate
+
+    data = cfg.data
+    if data is None:
+        data = dirs["data"]
+        written = "*/labels.csv" if cfg.format == "videos" else "*/Test/*.m"  # what a finished synth leaves
+        if not any(data.glob(written)):
+            _log(f"synth -> {data}")
+            run_synth(SynthConfig(
+                out=str(data), train_clips=plan["train_clips"], test_clips=plan["test_clips"], frames=plan["frames"],
+                height=plan["synth_height"], width=plan["synth_width"], seed=cfg.seed, overwrite=True,
+                format=cfg.format or "ucsd",
+            ))  # fmt: skip
+        else:
+            _log(f"synth: reusing {data}")
+    if (dirs["shards"] / MANIFEST).is_file():
+        _log(f"shard build: reusing {dirs['shards']}")
+        return
+    _log(f"shard build -> {dirs['shards']}")
+    build_shards(ShardConfig(
+        data=str(data), out=str(dirs["shards"]), dataset=cfg.dataset, format=cfg.format, height=plan["height"],
+        width=plan["width"], folds=plan["folds"], shard_size=plan["shard_size"], seed=cfg.seed, workers=cfg.workers,
+    ))  # fmt: skip
+
+
+def _pretrain(cfg: PipelineConfig, plan: dict, dirs: dict[str, Path], main: bool) -> None:
     from ddp_vad.train.pretrain import PretrainConfig, run_pretrain
+
+    if (dirs["gan"] / "generator.safetensors").is_file():
+        _log(f"pretrain: reusing {dirs['gan']}", main)
+        return
+    _log(f"pretrain ({cfg.preset}, {plan['steps']} steps) -> {dirs['gan']}", main)
+    run_pretrain(PretrainConfig(
+        shards=str(dirs["shards"]), out=str(dirs["gan"]), preset=cfg.preset, steps=plan["steps"],
+        batch_size=plan["batch_size"], seed=cfg.seed, resume="auto", similarity_every=plan["similarity_every"],
+        checkpoint_every=plan["checkpoint_every"], image_every=plan["checkpoint_every"],
+    ))  # fmt: skip
+
+
+def _transfer(cfg: PipelineConfig, plan: dict, dirs: dict[str, Path], fraction: float, main: bool) -> None:
+    """GAN+LRCN (fine-tunes what --train says) and LRCN from scratch (trains everything) at one labelled fraction,
+    with the same epochs and batch size: a fair budget."""
     from ddp_vad.train.transfer import TransferConfig, run_transfer
+
+    for name, source, train in (("lrcn-gan", str(dirs["gan"]), cfg.train), ("lrcn-scratch", "scratch", "all")):
+        run = dirs[f"{name}@{fraction:g}"]
+        if (run / "metrics.json").is_file():
+            _log(f"transfer --from {source} (labelled fraction {fraction:g}): reusing {run}", main)
+        else:
+            _log(f"transfer --from {source} --train {train} --labelled-fraction {fraction:g} -> {run}", main)
+            run_transfer(TransferConfig(
+                shards=str(dirs["shards"]), out=str(run), source=source, train=train, folds=plan["folds"],
+                protocol=cfg.protocol, epochs=plan["epochs"], preset=cfg.preset, seed=cfg.seed, resume="auto",
+                labelled_fraction=fraction,
+            ))  # fmt: skip
+        patient_barrier()
+
+
+def _baselines(cfg: PipelineConfig, plan: dict, dirs: dict[str, Path], fraction: float) -> None:
+    from ddp_vad.eval.baselines import BaselinesConfig, run_baselines
+
+    out = dirs[f"baselines@{fraction:g}"]
+    _log(f"baselines ({cfg.methods}, labelled fraction {fraction:g}) -> {out}")
+    run_baselines(BaselinesConfig(
+        shards=str(dirs["shards"]), out=str(out), methods=cfg.methods, protocol=cfg.protocol, folds=plan["folds"],
+        seed=cfg.seed, labelled_fraction=fraction,
+    ))  # fmt: skip
+
+
+def run_pipeline(cfg: PipelineConfig) -> Path:
+    """Run (or resume) every stage; returns the report folder."""
+    from ddp_vad.eval.report import EvaluateConfig, run_evaluate
 
     state = process_state()
     main = state.is_main_process
-    out = Path(cfg.out)
-    plan = cfg.plan()
-    dirs = {name: out / name for name in ("data", "shards", "gan", "lrcn-gan", "lrcn-scratch", "baselines", "report")}
-
+    out, plan = Path(cfg.out), cfg.plan()
+    dirs = layout(out, cfg.fractions)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         write_resolved_config(out, cfg, extra={"plan": plan, "layout": {k: str(v) for k, v in dirs.items()}})
-        data = cfg.data
-        if data is None:
-            data = dirs["data"]
-            written = "*/labels.csv" if cfg.format == "videos" else "*/Test/*.m"  # what a finished synth leaves
-            if not any(data.glob(written)):
-                _log(f"synth -> {data}")
-                run_synth(
-                    SynthConfig(
-                        out=str(data),
-                        train_clips=plan["train_clips"],
-                        test_clips=plan["test_clips"],
-                        frames=plan["frames"],
-                        height=plan["synth_height"],
-                        width=plan["synth_width"],
-                        seed=cfg.seed,
-                        overwrite=True,
-                        format=cfg.format or "ucsd",
-                    )
-                )
-            else:
-                _log(f"synth: reusing {data}")
-        if not (dirs["shards"] / MANIFEST).is_file():
-            _log(f"shard build -> {dirs['shards']}")
-            build_shards(
-                ShardConfig(
-                    data=str(data),
-                    out=str(dirs["shards"]),
-                    dataset=cfg.dataset,
-                    format=cfg.format,
-                    height=plan["height"],
-                    width=plan["width"],
-                    folds=plan["folds"],
-                    shard_size=plan["shard_size"],
-                    seed=cfg.seed,
-                    workers=cfg.workers,
-                )
-            )
-        else:
-            _log(f"shard build: reusing {dirs['shards']}")
+        _prepare_data(cfg, plan, dirs)
     patient_barrier()
-
-    shards = str(dirs["shards"])
-    if not (dirs["gan"] / "generator.safetensors").is_file():
-        _log(f"pretrain ({cfg.preset}, {plan['steps']} steps) -> {dirs['gan']}", main)
-        run_pretrain(
-            PretrainConfig(
-                shards=shards,
-                out=str(dirs["gan"]),
-                preset=cfg.preset,
-                steps=plan["steps"],
-                batch_size=plan["batch_size"],
-                seed=cfg.seed,
-                resume="auto",
-                similarity_every=plan["similarity_every"],
-                checkpoint_every=plan["checkpoint_every"],
-                image_every=plan["checkpoint_every"],
-            )
-        )
-    elif main:
-        _log(f"pretrain: reusing {dirs['gan']}")
+    _pretrain(cfg, plan, dirs, main)
     patient_barrier()
-
-    # The GAN-initialised classifier fine-tunes what --train says; the scratch LRCN has nothing to keep frozen.
-    # Training everything costs far more per epoch than a head on cached features: the demo preset gives the
-    # scratch LRCN fewer epochs (the preset's "scratch_epochs") to stay within minutes on a CPU.
-    stages = (
-        ("lrcn-gan", str(dirs["gan"]), cfg.train, plan["epochs"]),
-        ("lrcn-scratch", "scratch", "all", plan["scratch_epochs"]),
-    )
-    for name, source, train, epochs in stages:
-        if not (dirs[name] / "metrics.json").is_file():
-            _log(f"transfer --from {source} --train {train} -> {dirs[name]}", main)
-            run_transfer(
-                TransferConfig(
-                    shards=shards,
-                    out=str(dirs[name]),
-                    source=source,
-                    train=train,
-                    folds=plan["folds"],
-                    protocol=cfg.protocol,
-                    epochs=epochs,
-                    preset=cfg.preset,
-                    seed=cfg.seed,
-                    resume="auto",
-                )
-            )
-        elif main:
-            _log(f"transfer --from {source}: reusing {dirs[name]}")
+    for fraction in reversed(cfg.fractions):  # all labels first: the contract runs are there soonest
+        _transfer(cfg, plan, dirs, fraction, main)
+        if main:
+            _baselines(cfg, plan, dirs, fraction)
         patient_barrier()
-
     if main:
-        _log(f"baselines ({cfg.methods}) -> {dirs['baselines']}")
-        run_baselines(
-            BaselinesConfig(
-                shards=shards,
-                out=str(dirs["baselines"]),
-                methods=cfg.methods,
-                protocol=cfg.protocol,
-                folds=plan["folds"],
-                seed=cfg.seed,
-            )
-        )
+        runs = [dirs["gan"]] + [dirs[f"{n}@{f:g}"] for f in cfg.fractions for n in ("lrcn-gan", "lrcn-scratch")]
+        runs += [dirs[f"baselines@{f:g}"] for f in cfg.fractions]
         _log(f"evaluate -> {dirs['report']}")
-        runs = (dirs["lrcn-gan"], dirs["lrcn-scratch"], dirs["baselines"], dirs["gan"])
         run_evaluate(EvaluateConfig(runs=tuple(str(r) for r in runs), out=str(dirs["report"])))
         _log(f"done: {dirs['report'] / 'report.md'}")
     patient_barrier()

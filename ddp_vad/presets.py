@@ -27,7 +27,7 @@ PRESETS: dict[str, Preset] = {
         ),
         run=dict(
             train_clips=34, test_clips=36, frames=200, synth_height=158, synth_width=238, height=120, width=182,
-            shard_size=200, folds=10, steps=5000, batch_size=32, epochs=30, scratch_epochs=30,
+            shard_size=200, folds=10, steps=5000, batch_size=32, epochs=30,
             similarity_every=100, checkpoint_every=500,
         ),
     ),
@@ -41,7 +41,7 @@ PRESETS: dict[str, Preset] = {
         ),
         run=dict(
             train_clips=4, test_clips=10, frames=80, synth_height=158, synth_width=238, height=120, width=182,
-            shard_size=200, folds=5, steps=300, batch_size=16, epochs=15, scratch_epochs=6,
+            shard_size=200, folds=5, steps=300, batch_size=16, epochs=8,
             similarity_every=50, checkpoint_every=100,
         ),
     ),
@@ -52,7 +52,7 @@ PRESETS: dict[str, Preset] = {
         ),
         run=dict(
             train_clips=2, test_clips=4, frames=30, synth_height=48, synth_width=72, height=24, width=36,
-            shard_size=8, folds=3, steps=20, batch_size=8, epochs=2, scratch_epochs=2,
+            shard_size=8, folds=3, steps=20, batch_size=8, epochs=2,
             similarity_every=10, checkpoint_every=10,
         ),
     ),

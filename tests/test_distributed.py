@@ -213,8 +213,8 @@ def test_pipeline_under_torchrun_prepares_data_once_and_trains_on_both_processes
     # Data preparation is main-process work: a second process that also ran synth / shard build would race it on
     # the same files; the training stages must form one 2-process group (not two single-process runs).
     out = tmp_path / "run"
-    result = _launch(["-m", "ddp_vad", "pipeline", "--out", str(out), "--preset", "tiny", "--methods", "nb"],
-                     cwd=tmp_path)  # fmt: skip
+    args = ["-m", "ddp_vad", "pipeline", "--out", str(out), "--preset", "tiny", "--methods", "nb", "--curve", "1"]
+    result = _launch(args, cwd=tmp_path)
     _check_ok(result)
     log = result.stdout
     assert log.count("] synth -> ") == 1 and log.count("] shard build -> ") == 1, log[-3000:]

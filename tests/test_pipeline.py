@@ -16,7 +16,8 @@ from ddp_vad.pipeline import PipelineConfig, run_pipeline
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pipe") / "run"
-    result = CliRunner().invoke(cli, ["pipeline", "--out", str(out), "--preset", "tiny", "--methods", "logreg,nb"])
+    args = ["pipeline", "--out", str(out), "--preset", "tiny", "--methods", "logreg,nb", "--curve", "0.5"]
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     return out
 
@@ -33,7 +34,16 @@ def test_layout_and_report(pipeline_dir):
     report = (pipeline_dir / "report" / "report.md").read_text()
     for method in ("GAN+LRCN", "LRCN", "logreg", "nb"):
         assert f"| {method} |" in report
-    for fig in ("fig2_accuracy_by_fold.png", "fig3_similarity.png", "fig4_real_vs_fake.png"):
+    for name in ("lrcn-gan", "lrcn-scratch", "baselines/logreg"):  # the curve's other fraction
+        metrics = json.loads((pipeline_dir / "curve" / "f0.5" / name / "metrics.json").read_text())
+        assert metrics["labelled_fraction"] == 0.5
+    assert "## Label efficiency" in report and "## Verdict" in report
+    for fig in (
+        "fig1_label_efficiency.png",
+        "fig2_accuracy_by_fold.png",
+        "fig3_similarity.png",
+        "fig4_real_vs_fake.png",
+    ):
         assert (pipeline_dir / "report" / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((pipeline_dir / "config.json").read_text())
     assert config["config"]["preset"] == "tiny" and config["plan"]["folds"] == 3
@@ -48,7 +58,7 @@ def test_rerun_resumes_instead_of_starting_over(pipeline_dir, capsys):
             pipeline_dir / "shards" / "manifest.json",
         )
     }
-    run_pipeline(PipelineConfig(out=str(pipeline_dir), preset="tiny", methods="logreg,nb"))
+    run_pipeline(PipelineConfig(out=str(pipeline_dir), preset="tiny", methods="logreg,nb", curve="0.5"))
     log = capsys.readouterr().out
     assert "reusing" in log and "pretrain:" in log
     assert {p: p.stat().st_mtime_ns for p in before} == before

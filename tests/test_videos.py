@@ -184,7 +184,7 @@ def test_predict_bad_inputs(run, tmp_path):
 @pytest.mark.slow
 def test_pipeline_on_synthetic_videos(tmp_path):
     out = tmp_path / "pipe"
-    args = ["pipeline", "--out", str(out), "--preset", "tiny", "--methods", "nb", "--format", "videos"]
+    args = ["pipeline", "--out", str(out), "--preset", "tiny", "--methods", "nb", "--format", "videos", "--curve", "1"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert (out / "data" / "SynthPed" / "labels.csv").is_file()
