@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ddp_vad.data.sources.base import Dataset, check_unique_names, clip_name
-from ddp_vad.data.sources.clips import make_clip, scan_folder
+from ddp_vad.data.sources.clips import labels_checked, make_clip, scan_folder
 from ddp_vad.errors import UserError
 
 LABEL_DIRS = ("testing_label_mask", "ground_truth_demo/testing_label_mask")
@@ -45,16 +45,6 @@ def read_label_mat(path: Path) -> np.ndarray:
     return np.array([int(np.any(np.asarray(m))) for m in cells.ravel()], np.uint8)
 
 
-def _labels_checked(mat: Path, video: Path):
-    def labels_for(n_frames: int) -> np.ndarray:
-        labels = read_label_mat(mat)
-        if len(labels) != n_frames:
-            raise UserError(f"{mat}: {len(labels)} frame masks, but {video} has {n_frames} frames")
-        return labels
-
-    return labels_for
-
-
 def discover_avenue(root: Path, fps: float | None = None) -> Dataset:
     """Every Avenue clip, test labels from the ``.mat`` masks (a test video without its label file is an error)."""
     train = scan_folder(root / "training_videos")
@@ -69,6 +59,15 @@ def discover_avenue(root: Path, fps: float | None = None) -> Dataset:
         mat = label_dir / label_file_name(stem)
         if not mat.is_file():
             raise UserError(f"{mat} not found: the labels of {path}")
-        clips.append(make_clip(f"Test{clip_name(stem)}", "test", path, fps, _labels_checked(mat, path), mat))
+        clips.append(
+            make_clip(
+                f"Test{clip_name(stem)}",
+                "test",
+                path,
+                fps,
+                labels_checked(read_label_mat, mat, path, "frame masks"),
+                mat,
+            )
+        )
     check_unique_names(clips, root)
     return Dataset(root, root.name, clips, label_dir, {}, format="avenue")

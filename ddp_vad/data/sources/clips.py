@@ -72,3 +72,17 @@ def labels_from_ranges(n_frames: int, ranges: list[tuple[int, int, str]], clip: 
             raise UserError(f"{where}: range {first}-{last} of {clip} is past its last frame ({n_frames})")
         labels[first - 1 : last] = 1
     return labels
+
+
+def labels_checked(
+    read: Callable[[Path], np.ndarray], label_file: Path, clip: Path, what: str
+) -> Callable[[int], np.ndarray]:
+    """Per-frame labels read from ``label_file`` when the clip's frame count is known, which must match it."""
+
+    def labels_for(n_frames: int) -> np.ndarray:
+        labels = read(label_file)
+        if len(labels) != n_frames:
+            raise UserError(f"{label_file}: {len(labels)} {what}, but {clip} has {n_frames} frames")
+        return labels
+
+    return labels_for

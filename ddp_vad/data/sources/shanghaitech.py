@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ddp_vad.data.sources.base import Dataset, check_unique_names, clip_name
-from ddp_vad.data.sources.clips import make_clip, scan_folder
+from ddp_vad.data.sources.clips import labels_checked, make_clip, scan_folder
 from ddp_vad.errors import UserError
 
 
@@ -35,16 +35,6 @@ def read_frame_mask(path: Path) -> np.ndarray:
     return (array != 0).astype(np.uint8)
 
 
-def _labels_checked(npy: Path, clip: Path):
-    def labels_for(n_frames: int) -> np.ndarray:
-        labels = read_frame_mask(npy)
-        if len(labels) != n_frames:
-            raise UserError(f"{npy}: {len(labels)} frame labels, but {clip} has {n_frames} frames")
-        return labels
-
-    return labels_for
-
-
 def discover_shanghaitech(root: Path, fps: float | None = None) -> Dataset:
     """Every ShanghaiTech clip; a test clip without ``test_frame_mask/<clip>.npy`` is an error."""
     train = scan_folder(root / "training" / "videos") + scan_folder(root / "training" / "frames")
@@ -59,6 +49,10 @@ def discover_shanghaitech(root: Path, fps: float | None = None) -> Dataset:
             raise UserError(f"{npy} not found: the frame labels of {path}")
         pixels = pixel_dir / f"{stem}.npy"
         masks = pixels if pixels.is_file() else None
-        clips.append(make_clip(clip_name(stem), "test", path, fps, _labels_checked(npy, path), masks))
+        clips.append(
+            make_clip(
+                clip_name(stem), "test", path, fps, labels_checked(read_frame_mask, npy, path, "frame labels"), masks
+            )
+        )
     check_unique_names(clips, root)
     return Dataset(root, root.name, clips, mask_dir if test else None, {}, format="shanghaitech")
