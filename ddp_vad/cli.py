@@ -10,12 +10,14 @@ import click
 
 from ddp_vad.config import load_config_file
 from ddp_vad.data.synth import SynthConfig, run_synth
-from ddp_vad.errors import UserError
+from ddp_vad.errors import UserError, error_message
 from ddp_vad.eval.baselines import BaselinesConfig, run_baselines
 from ddp_vad.eval.predict import PredictConfig, run_predict
 from ddp_vad.eval.report import EvaluateConfig, run_evaluate
 from ddp_vad.options import click_params
 from ddp_vad.pipeline import PipelineConfig, run_pipeline
+from ddp_vad.runlock import run_lock
+from ddp_vad.train.distributed import main_lock, main_process_only, object_group, process_state
 from ddp_vad.train.pretrain import PretrainConfig, run_pretrain
 from ddp_vad.train.transfer import TransferConfig, run_transfer
 
@@ -54,15 +56,24 @@ def with_config(func: Callable) -> Callable:
 
 
 class _Group(click.Group):
-    """Turns UserError into a one-line message and exit status 2 (a traceback only with --debug)."""
+    """The one guard around every command: a traceback only with --debug.
+
+    UserError (bad input) and OSError (a path: not a folder, disk full, permission denied) print
+    ``error: <message>`` and exit 2; anything else prints one line and a hint, and exits 1.
+    """
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except UserError as exc:
+        except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+            raise  # click's own usage errors already print one line
+        except Exception as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {error_message(exc)}", err=True)
+            if not isinstance(exc, UserError | OSError):
+                click.echo("rerun with --debug for the traceback", err=True)
+                sys.exit(1)
             sys.exit(2)
 
 
@@ -113,7 +124,8 @@ def stage_command(group: click.Group, name: str, config_cls: type) -> Callable:
 @stage_command(cli, "synth", SynthConfig)
 def synth_cmd(**kwargs) -> None:
     """Write a synthetic dataset (walkway scenes with five anomaly types) to OUT, as UCSD frames or as videos."""
-    run_synth(SynthConfig(**kwargs))
+    cfg = SynthConfig(**kwargs)
+    main_process_only(lambda: run_synth(cfg), "synth")
 
 
 # ----------------------------------------------------------------------------------------- shard
@@ -175,7 +187,12 @@ def shard_build_cmd(**kwargs) -> None:
     shards + manifest.json."""
     if kwargs["out"] is None:
         kwargs["out"] = str(DEFAULT_SHARDS / (kwargs["dataset"] or Path(kwargs["data"]).resolve().name))
-    _call("data.shards", "build_shards", "ShardConfig", **kwargs)
+
+    def build() -> None:
+        with run_lock(kwargs["out"], what="shard build"):  # one writer per shard folder (a lock file beside it)
+            _call("data.shards", "build_shards", "ShardConfig", **kwargs)
+
+    main_process_only(build, "shard build")
 
 
 @command(shard_group, "info")
@@ -193,7 +210,13 @@ def baselines_cmd(**kwargs) -> None:
 
     A method whose OUT/<method>/metrics.json exists is skipped, so a re-run resumes.
     """
-    run_baselines(BaselinesConfig(**kwargs))
+    cfg = BaselinesConfig(**kwargs)
+
+    def run() -> None:
+        with run_lock(cfg.out, what="baselines"):
+            run_baselines(cfg)
+
+    main_process_only(run, "baselines")
 
 
 # -------------------------------------------------------------------------------------- evaluate
@@ -203,7 +226,13 @@ def evaluate_cmd(**kwargs) -> None:
 
     RUN may be a transfer run, a baselines folder (its methods are expanded) or a pretrain run.
     """
-    run_evaluate(EvaluateConfig(**kwargs))
+    cfg = EvaluateConfig(**kwargs)
+
+    def run() -> None:
+        with run_lock(cfg.out, what="evaluate"):
+            run_evaluate(cfg)
+
+    main_process_only(run, "evaluate")
 
 
 # -------------------------------------------------------------------------------------- pretrain
@@ -224,7 +253,12 @@ def predict_cmd(**kwargs) -> None:
 @stage_command(cli, "pipeline", PipelineConfig)
 def pipeline_cmd(**kwargs) -> None:
     """Everything: synth (no --data) -> shards -> pretrain -> transfer (GAN and scratch) -> baselines -> evaluate."""
-    run_pipeline(PipelineConfig(**kwargs))
+    cfg = PipelineConfig(**kwargs)
+    state = process_state()  # the same process group run_pipeline uses
+    world = state.num_processes
+    # One lock for the whole folder; the stages' own locks inside it are this process's, so they pass.
+    with main_lock(cfg.out, "pipeline", state.is_main_process, object_group(world), world):
+        run_pipeline(cfg)
 
 
 # -------------------------------------------------------------------------------------- transfer

@@ -9,6 +9,7 @@ folder, never a torn one under the real name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -34,6 +35,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def make_folder(path: str | os.PathLike) -> Path:
+    """``mkdir -p path``; a regular file in the way is a NotADirectoryError naming that file (mkdir says only
+    "File exists")."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        why = "is a file, not a folder" + ("" if blocker == path else f" (needed for {path})")
+        raise NotADirectoryError(errno.ENOTDIR, why, str(blocker)) from None
+    return path
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -288,7 +288,16 @@ def load_model_config(path: str | Path) -> ModelConfig:
         raise UserError(f"cannot read {path} as safetensors: {exc}") from None
     if _META_KEY not in meta:
         raise UserError(f"{path} holds no ddp_vad model config (not written by ddp_vad?)")
-    return ModelConfig.from_dict(json.loads(meta[_META_KEY]))
+    try:
+        data = json.loads(meta[_META_KEY])
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: its model config metadata is not valid JSON ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: its model config metadata is not a JSON object")
+    try:
+        return ModelConfig.from_dict(data)
+    except (TypeError, ValueError) as exc:  # a value of the wrong type in a hand-edited file
+        raise UserError(f"{path}: bad model config metadata: {exc}") from None
 
 
 def load_model(path: str | Path, build) -> tuple[nn.Module, ModelConfig]:
@@ -297,7 +306,7 @@ def load_model(path: str | Path, build) -> tuple[nn.Module, ModelConfig]:
     module = build(cfg)
     try:
         module.load_state_dict(load_file(str(path)), strict=True)
-    except RuntimeError as exc:
+    except Exception as exc:  # noqa: BLE001 - a mismatch (RuntimeError) or damaged tensors (SafetensorError)
         raise UserError(f"{path}: weights do not match the stored model config: {str(exc).splitlines()[0]}") from None
     return module.eval(), cfg
 

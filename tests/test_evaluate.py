@@ -181,3 +181,50 @@ def test_pretrain_run_figures(tiny_shards, tmp_path):
         data = (out / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 1000
     assert "| 3 | 20 | 0.9000 | 4.2500 |" in (out / "report.md").read_text()
+
+
+def test_a_failing_evaluate_leaves_the_existing_report_whole(runs, tmp_path, monkeypatch):
+    """A full disk while the new report is written: exit 2 naming the file, the old report untouched, no staging
+    folder left behind."""
+    import errno
+    import os
+
+    import ddp_vad.eval.report as report_module
+
+    lrcn, base = runs
+    out = tmp_path / "report"
+    run_evaluate(EvaluateConfig(runs=(str(lrcn),), out=str(out)))
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def disk_full(fig, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(report_module, "save_figure", disk_full)
+    result = CliRunner().invoke(cli, ["evaluate", str(lrcn), str(base), "--out", str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.startswith(f"error: {tmp_path / '.report.partial'}/") and "No space left" in result.stderr
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".report")) == []
+
+
+def test_runs_from_different_shard_sets_are_refused_naming_both(runs, tmp_path):
+    lrcn, _ = runs
+    other_shards = tmp_path / "synth-shards"
+    _write_label_shards(other_shards)
+    manifest = json.loads((other_shards / "manifest.json").read_text())
+    (other_shards / "manifest.json").write_text(json.dumps({**manifest, "dataset": "SynthPed"}))
+    synth_run = tmp_path / "synth-lrcn"
+    _write_run(synth_run, "LRCN", [_fold(0, 1, 0, 1, 0, 1.0, 1.0, 1.0, 1.0)], [], other_shards)
+    out = tmp_path / "mixed"
+    result = CliRunner().invoke(cli, ["evaluate", str(lrcn), str(synth_run), "--out", str(out)])
+    assert result.exit_code == 2
+    line = result.stderr.strip()
+    assert line.startswith("error: the runs come from 2 different shard sets") and "\n" not in line
+    for needle in (str((tmp_path / "shards").resolve()), str(other_shards.resolve()), "SynthPed", str(synth_run)):
+        assert needle in line
+    assert not out.exists()
+    result = CliRunner().invoke(cli, ["evaluate", str(lrcn), str(synth_run), "--out", str(out), "--allow-mixed-data"])
+    assert result.exit_code == 0 and "WARNING: the runs come from 2 different shard sets" in result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["mixed_data"] is True and {d["dataset"] for d in report["data"]} == {None, "SynthPed"}

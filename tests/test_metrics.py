@@ -49,7 +49,7 @@ def test_binary_metrics_undefined_are_none_with_reason():
     empty = binary_metrics([], [])
     assert all(empty[k] is None for k in ("recall", "precision", "accuracy", "f1"))
 
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"labels must be 0/1, got \[2\]"):
         binary_metrics([0, 2], [0, 1])
 
 

@@ -6,10 +6,14 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from ddp_vad.cli import cli
+from ddp_vad.data.sources.frames import read_frame, resize_frame
+from ddp_vad.models import build_lrcn, load_model
 from ddp_vad.pipeline import PipelineConfig, run_pipeline
 
 
@@ -38,6 +42,18 @@ def test_layout_and_report(pipeline_dir):
         metrics = json.loads((pipeline_dir / "curve" / "f0.5" / name / "metrics.json").read_text())
         assert metrics["labelled_fraction"] == 0.5
     assert "## Label efficiency" in report and "## Verdict" in report
+    # report.json carries each run's own numbers (fold by fold) and means over those folds.
+    data = json.loads((pipeline_dir / "report" / "report.json").read_text())
+    for label, entry in data["methods"].items():
+        own = json.loads((Path(entry["run"]) / "metrics.json").read_text())
+        assert label.startswith(own["method"])
+        assert [f["accuracy"] for f in entry["folds"]] == [f["accuracy"] for f in own["folds"]]
+        for metric in ("recall", "precision", "accuracy", "f1"):
+            values = [f[metric] for f in own["folds"] if f[metric] is not None]
+            assert entry["mean"][metric] == pytest.approx(np.mean(values)), (label, metric)
+            assert entry["std"][metric] == pytest.approx(np.std(values)), (label, metric)
+        row = f"| {label} | {own['protocol']} | {len(own['folds'])} | {entry['mean']['recall']:.3f} ± "
+        assert row in report, row
     for fig in (
         "fig1_label_efficiency.png",
         "fig2_accuracy_by_fold.png",
@@ -74,7 +90,22 @@ def test_predict_scores_every_frame_and_draws_a_plot(pipeline_dir, tmp_path):
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == len(list(clip.glob("*.tif")))
     assert [int(r["frame"]) for r in rows] == list(range(1, len(rows) + 1))
-    assert all(0.0 <= float(r["score"]) <= 1.0 for r in rows)
+    # Recomputed here: every stride-1 window scored by every fold model (mean probability), a frame's score the
+    # max over the windows that cover it, flagged at 0.5.
+    models = [
+        load_model(f, build_lrcn)[0] for f in sorted((pipeline_dir / "lrcn-gan").glob("folds/*/model.safetensors"))
+    ]
+    cfg = load_model(next((pipeline_dir / "lrcn-gan").glob("folds/*/model.safetensors")), build_lrcn)[1]
+    frames = np.stack([resize_frame(read_frame(p), cfg.height, cfg.width) for p in sorted(clip.glob("*.tif"))])
+    starts = range(len(frames) - cfg.window + 1)
+    x = torch.from_numpy(np.stack([frames[s : s + cfg.window] for s in starts])).unsqueeze(2).float() / 255
+    with torch.no_grad():
+        win = torch.stack([torch.softmax(m(x), dim=1)[:, 1] for m in models]).mean(0).double().numpy()
+    expected = [max(win[max(0, i - cfg.window + 1) : i + 1]) for i in range(len(frames))]
+    got = [float(r["score"]) for r in rows]
+    np.testing.assert_allclose(got, expected, atol=2e-6)
+    assert [int(r["anomalous"]) for r in rows] == [int(s >= 0.5) for s in got]
+    assert np.ptp(got) > 0  # not a constant
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 

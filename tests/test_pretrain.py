@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -154,7 +153,21 @@ def test_real_window_pool_is_seeded_and_taken_from_the_shards(tiny_shards):
 
 
 # ------------------------------------------------------------------------------------------ resume
-def test_resume_gives_bit_identical_weights_csv_and_events(tiny_shards, tmp_path):
+def count_gan_steps(monkeypatch) -> list[int]:
+    """Spy on the GAN step: a resumed run must do only the remaining steps (a restart from 0 gives the same
+    weights, deterministically, so equal weights alone would not show that it resumed)."""
+    calls: list[int] = []
+    real = pretrain.gan_step
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "gan_step", counted)
+    return calls
+
+
+def test_resume_gives_bit_identical_weights_csv_and_events(tiny_shards, tmp_path, monkeypatch, capsys):
     # workers=1: a loader worker per epoch (whose DataLoader draws a seed from the CPU RNG) must not matter.
     opts = dict(similarity_every=2, keep_checkpoints=0, workers=1)
     straight = run_pretrain(config(tiny_shards, tmp_path / "a", steps=20, **opts))
@@ -167,7 +180,11 @@ def test_resume_gives_bit_identical_weights_csv_and_events(tiny_shards, tmp_path
     shutil.rmtree(resumed / "checkpoints/step_0000008")
     (resumed / "checkpoints/.tmp-step_0000009").mkdir()  # a save torn by kill -9
     (resumed / "checkpoints/.tmp-step_0000009/model.safetensors").write_bytes(b"torn")
+    capsys.readouterr()
+    steps = count_gan_steps(monkeypatch)
     run_pretrain(config(tiny_shards, resumed, steps=20, **opts))
+    assert len(steps) == 14  # steps 7..20 only
+    assert "(step 6)" in capsys.readouterr().out
 
     assert same_weights(straight / "generator.safetensors", resumed / "generator.safetensors")
     assert same_weights(straight / "discriminator.safetensors", resumed / "discriminator.safetensors")
@@ -229,26 +246,34 @@ def test_cli_help_lists_the_contract_options():
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_auto_matches_an_uninterrupted_run(tiny_shards, tmp_path):
+def test_kill_9_then_resume_auto_matches_an_uninterrupted_run(tiny_shards, tmp_path, monkeypatch):
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "ddp_vad", "pretrain", "--shards", str(tiny_shards), "--out", str(run),
-           "--preset", "tiny", "--steps", "400", "--batch-size", "4", "--checkpoint-every", "4",
-           "--keep-checkpoints", "0", "--similarity-every", "4", "--workers", "0", "--no-progress"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    try:
-        while not (run / "checkpoints/step_0000008").is_dir():
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.time() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    killed_at = list_checkpoints(run / "checkpoints")[-1][0]
-    assert killed_at < 400
+    args = ["pretrain", "--shards", str(tiny_shards), "--out", str(run), "--preset", "tiny", "--steps", "400",
+            "--batch-size", "4", "--checkpoint-every", "4", "--keep-checkpoints", "0", "--similarity-every", "4",
+            "--workers", "0", "--no-progress"]  # fmt: skip
+    # kill -9 at a fixed point: in the middle of writing the step-12 checkpoint (its staging folder half written).
+    code = (
+        "import os, signal, sys\n"
+        "import ddp_vad.train.checkpoint as c\n"
+        "real = c.write_json_atomic\n"
+        "def write(path, payload):\n"
+        "    if payload.get('step') == 12: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(path, payload)\n"
+        "c.write_json_atomic = write\n"
+        "from ddp_vad.cli import main\n"
+        "sys.argv = ['ddp_vad', *sys.argv[1:]]\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *args], env=subprocess_env(), capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [4, 8]
+    assert (run / "checkpoints" / ".tmp-step_0000012").is_dir()  # the torn save
 
-    target = killed_at + 6  # resume and go a little further (not a multiple of 4: the end saves too)
+    target = 14  # resume and go a little further (not a multiple of 4: the end saves too)
+    steps = count_gan_steps(monkeypatch)
     run_pretrain(config(tiny_shards, run, steps=target, checkpoint_every=4, keep_checkpoints=0, similarity_every=4))
+    assert len(steps) == target - 8  # resumed from step 8: steps 9..14 only
+    monkeypatch.undo()
     straight = run_pretrain(
         config(tiny_shards, tmp_path / "straight", steps=target, checkpoint_every=4, similarity_every=4)
     )

@@ -165,6 +165,22 @@ def test_transfer_from_gan_trains_only_its_scope(typed_shards, gan_run, tmp_path
 
     if train != "head":
         return
+    # The standardisation folded into each exported head comes from that fold's training windows only: undo it with
+    # the statistics recomputed here and compare with the trained (unfolded) head of the fold's last checkpoint.
+    with torch.no_grad():
+        raw = model.features(torch.from_numpy(ws.frames).unsqueeze(2).float() / 255).double()
+    for k in range(n_folds):
+        name = f"fold_{k:02d}"
+        x = raw[torch.from_numpy(ws.fold_window != k)]
+        mean, std = x.mean(0), x.std(0, unbiased=False)
+        std = torch.where(std < 1e-6, torch.ones_like(std), std)
+        trained = torch.load(run / "checkpoints" / name / "epoch_0002.pt", weights_only=True)["model"]
+        exported = load_file(str(run / "folds" / name / "model.safetensors"))
+        w, b = trained["head.net.1.weight"].double(), trained["head.net.1.bias"].double()
+        torch.testing.assert_close(exported["head.net.1.weight"].double(), w / std, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(exported["head.net.1.bias"].double(), b - (w / std) @ mean, rtol=1e-4, atol=1e-5)
+        all_std = raw.std(0, unbiased=False)  # statistics over every window (test fold included) differ
+        assert not torch.allclose(w / torch.where(all_std < 1e-6, torch.ones_like(all_std), all_std), w / std)
     # Files and formats (docs/run-folders.md), once.
     metrics = _metrics(run)
     assert metrics["method"] == "GAN+LRCN" and metrics["protocol"] == "window"
@@ -248,7 +264,18 @@ def test_killed_run_resumes_skips_finished_folds_and_matches_an_uninterrupted_ru
     assert not (run / "metrics.json").exists()
     stamp = done.stat().st_mtime_ns
 
+    # Spy on the epochs: a fold's seed depends only on (seed, fold), so retraining fold 1 from epoch 1 would give
+    # the same numbers; only the epochs actually trained show that it resumed.
+    trained, real_epoch = [], fold_module._train_epoch
+
+    def counted(run_, k, epoch, *args):
+        trained.append((k, epoch))
+        return real_epoch(run_, k, epoch, *args)
+
+    monkeypatch.setattr(fold_module, "_train_epoch", counted)
     run_transfer(_cfg(typed_shards, run, **cfg))
+    monkeypatch.undo()
+    assert trained == [(1, 2), (2, 1), (2, 2), (3, 1), (3, 2)]  # fold 0 done, fold 1 only its remaining epoch
     assert done.stat().st_mtime_ns == stamp  # fold 0 was not trained again
     _same_results(reference, run)
 

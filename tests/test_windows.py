@@ -50,7 +50,7 @@ def test_stratified_folds_are_balanced_and_deterministic():
     sizes = np.bincount(folds, minlength=10)
     pos = np.bincount(folds, weights=labels, minlength=10)
     assert sizes.max() - sizes.min() <= 1 and pos.max() - pos.min() <= 1
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="cannot make 10 folds from 5 windows"):
         stratified_folds(labels[:5], 10, 0)
 
 

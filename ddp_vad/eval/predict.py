@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 from ddp_vad.data.sources.frames import IMAGE_SUFFIXES, FrameClip, frame_files, read_rgb, resize_frame
 from ddp_vad.data.sources.video import VIDEO_SUFFIXES, VideoWriter, iter_gray, iter_rgb, video_rate
 from ddp_vad.errors import UserError
+from ddp_vad.files import make_folder
 from ddp_vad.models import build_lrcn, load_model
 from ddp_vad.options import option
 
@@ -182,7 +183,7 @@ def run_predict(cfg: PredictConfig) -> Path:
     column, stream = _gray_stream(clip, mcfg.height, mcfg.width)
 
     out = Path(cfg.out) if cfg.out else clip.resolve().parent / f"{name}_scores.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(out.parent)
     tmp = out.with_name(f".{out.name}.tmp")
     scores = []
     try:
@@ -192,7 +193,7 @@ def run_predict(cfg: PredictConfig) -> Path:
             for tag, score in stream_scores(stream, models, mcfg.window, cfg.batch_size, str(clip)):
                 scores.append(score)
                 writer.writerow([len(scores), tag, f"{score:.6f}", int(score >= cfg.threshold)])
-    except UserError:
+    except BaseException:  # bad frames, a full disk, Ctrl-C: no half-written CSV is left behind
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, out)

@@ -13,6 +13,8 @@ report):
 
 from __future__ import annotations
 
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,9 @@ class EvaluateConfig:
 
     runs: tuple[str, ...] = option(help="Run folders.", argument=True)
     out: str = option(help="Report folder.")
+    allow_mixed_data: bool = option(
+        False, "Compare runs made from different shard sets (refused by default: their folds are not comparable)."
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.runs, str):
@@ -113,9 +118,26 @@ def _data_sets(entries: list[dict]) -> list[dict]:
     seen: dict[str, dict] = {}
     for e in entries:
         data = e.get("data")
-        if data and data.get("path") not in seen:
-            seen[data.get("path")] = data
+        key = data and (data.get("identity") or data.get("path"))
+        if key and key not in seen:
+            seen[key] = {**data, "runs": []}
+        if key:
+            seen[key]["runs"].append(e["run"])
     return list(seen.values())
+
+
+def check_one_data_set(sets: list[dict], allow: bool) -> None:
+    """Refuse (or, with ``allow``, warn about) runs made from different shard sets: fold 0 of one dataset next to
+    fold 0 of another compares nothing."""
+    if len(sets) < 2:
+        return
+    named = "; ".join(f"{d.get('dataset')} at {d.get('path')} (runs: {', '.join(d['runs'])})" for d in sets)
+    if not allow:
+        raise UserError(
+            f"the runs come from {len(sets)} different shard sets: {named}; evaluate each set on its own, or pass "
+            "--allow-mixed-data to compare them anyway"
+        )
+    print(f"WARNING: the runs come from {len(sets)} different shard sets: {named}", file=sys.stderr, flush=True)
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -124,6 +146,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     cache: dict[str, Any] = {}
     every = [summarise_run(run, cache) for run in cv_runs]
+    data_sets = _data_sets(every)
+    check_one_data_set(data_sets, cfg.allow_mixed_data)
     # Table 5 and the per-fold figures show the runs with all labels; the curve shows every fraction.
     entries = [e for e in every if e["labelled_fraction"] == 1.0] or every
     labels = display_labels(entries)
@@ -139,7 +163,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "protocols": protocols,
         "budgets": budgets(every),
         "published": published_rows(entries),
-        "data": _data_sets(every),
+        "data": data_sets,
+        "mixed_data": len(data_sets) > 1,
         "pretrain": [],
         "figures": [],
         "std_kind": "population (ddof=0) over the folds where the metric is defined",
@@ -152,17 +177,20 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         figures["confusion_matrices"] = fig_confusion(entries, labels)
     report["pretrain"] = _pretrain_part(pretrain_runs, figures)
 
-    # Everything goes into a staging folder that replaces OUT only once it is whole.
+    # Everything goes into a staging folder that replaces OUT only once it is whole; a failure removes it.
     stage = staging_folder(out)
-    write_resolved_config(stage, cfg, extra={"cv_runs": cv_runs, "pretrain_runs": pretrain_runs})
-    for name, fig in figures.items():
-        save_figure(fig, stage / f"{name}.png")
-        report["figures"].append(f"{name}.png")
-    markdown = report_markdown(report)
-    write_text_atomic(stage / "report.md", markdown)
-    write_json_atomic(stage / "report.json", report)
-    _log_tensorboard(stage / "tb", report, figures, markdown)
-    swap_in(stage, out)
+    try:
+        write_resolved_config(stage, cfg, extra={"cv_runs": cv_runs, "pretrain_runs": pretrain_runs})
+        for name, fig in figures.items():
+            save_figure(fig, stage / f"{name}.png")
+            report["figures"].append(f"{name}.png")
+        markdown = report_markdown(report)
+        write_text_atomic(stage / "report.md", markdown)
+        write_json_atomic(stage / "report.json", report)
+        _log_tensorboard(stage / "tb", report, figures, markdown)
+        swap_in(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # gone after swap_in; left by a failure (a full disk) otherwise
     if entries:
         print(markdown_table(report))
     print(f"evaluate: report written to {out / 'report.md'}")

@@ -9,6 +9,7 @@ the run's ``config.json``; when the shards are gone, the AUROC is skipped with a
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,15 @@ def run_data(run_dir: Path) -> dict | None:
         manifest = read_json_object(shards / "manifest.json", "shard manifest")
     except UserError:
         return None
-    return {"path": str(shards.resolve()), "dataset": manifest.get("dataset"), "counts": manifest.get("counts")}
+    # The shard set's identity is its content (two copies of one set are the same data), else its path.
+    hashes = [s.get("sha256") for s in manifest.get("shards") or [] if isinstance(s, dict)]
+    identity = hashlib.sha256("".join(map(str, hashes)).encode()).hexdigest() if hashes and all(hashes) else None
+    return {
+        "path": str(shards.resolve()),
+        "dataset": manifest.get("dataset"),
+        "counts": manifest.get("counts"),
+        "identity": identity or str(shards.resolve()),
+    }
 
 
 def _confusion(folds: list[dict], oof: list[dict] | None) -> tuple[dict[str, int] | None, str | None]:

@@ -23,16 +23,19 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
-from ddp_vad.errors import UserError
-from ddp_vad.files import atomic_path, write_json_atomic
+from ddp_vad.errors import UserError, os_error_message
+from ddp_vad.files import atomic_path, sha256_file, write_json_atomic
+from ddp_vad.train.distributed import all_gather_objects, object_group
 
 STATE_FILE = "train_state.json"
 _NAME = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
+_LEGACY_FILES = ("pytorch_model.bin", "pytorch_model_1.bin", "optimizer.bin", "optimizer_1.bin")  # G, D and their Adams
 
 
 def checkpoint_name(step: int) -> str:
@@ -66,16 +69,34 @@ def remove_partial(ckpt_dir: str | Path) -> list[Path]:
 
 
 def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path | None:
-    """Which checkpoint to load for ``--resume``: ``auto`` (latest if any, else none), ``latest`` (must exist),
-    ``none`` (fresh start; refused when ``ckpt_dir`` already holds checkpoints, so nothing is overwritten),
-    or the path of a checkpoint folder."""
+    """Which checkpoint to load for ``--resume`` (call on the main process only):
+
+    ``auto`` (the newest intact one, if any), ``latest`` (the newest intact one; must exist), ``none`` (fresh start;
+    refused when ``ckpt_dir`` already holds checkpoints, so nothing is overwritten), or the path of a checkpoint
+    folder. A damaged newer checkpoint is set aside as ``step_XXXXXXX.damaged`` with a warning and the next older one
+    is tried; when none is usable nothing is moved and the run stops (exit 2).
+    """
     existing = list_checkpoints(ckpt_dir)
-    if resume == "auto":
-        return existing[-1][1] if existing else None
-    if resume == "latest":
+    if resume in ("auto", "latest"):
         if not existing:
-            raise UserError(f"--resume latest: no checkpoint in {ckpt_dir}")
-        return existing[-1][1]
+            if resume == "latest":
+                raise UserError(f"--resume latest: no checkpoint in {ckpt_dir}")
+            return None
+        problems = [(path, checkpoint_problem(path)) for _, path in reversed(existing)]
+        usable = next((i for i, (_, problem) in enumerate(problems) if problem is None), None)
+        if usable is None:
+            listing = "; ".join(f"{p.name}: {problem}" for p, problem in problems)
+            raise UserError(
+                f"no usable checkpoint in {ckpt_dir} ({listing}); move them away to start afresh, or choose "
+                "another --out"
+            )
+        for path, problem in problems[:usable]:  # set aside so retention never keeps them over intact ones
+            aside = path.with_name(path.name + ".damaged")
+            shutil.rmtree(aside, ignore_errors=True)
+            path.rename(aside)
+            print(f"warning: checkpoint {path} is damaged ({problem}); moved to {aside.name}, resuming from the "
+                  f"older {problems[usable][0].name}", file=sys.stderr, flush=True)  # fmt: skip
+        return problems[usable][0]
     if resume == "none":
         if existing:
             raise UserError(
@@ -88,7 +109,42 @@ def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path | None:
         raise UserError(f"--resume: checkpoint folder not found: {path}")
     if not (path / STATE_FILE).is_file():
         raise UserError(f"--resume: {path} is not a complete ddp_vad checkpoint (no {STATE_FILE})")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise UserError(f"--resume: checkpoint {path} is damaged ({problem})")
     return path
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (a missing, truncated or changed file), or None.
+
+    Checkpoints list their files with size and sha256 in ``train_state.json``; older ones (without the list) need
+    their model and optimizer files, each of which must load (``weights_only``).
+    """
+    path = Path(path)
+    try:
+        state = read_train_state(path)
+    except UserError as exc:
+        return str(exc)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return f"{STATE_FILE} holds no step"
+    files = state.get("files")
+    if isinstance(files, dict):
+        for name, meta in files.items():
+            file = path / name
+            if not file.is_file():
+                return f"{name} is missing"
+            if file.stat().st_size != meta.get("bytes") or sha256_file(file) != meta.get("sha256"):
+                return f"{name} is truncated or changed (size or sha256 differs from {STATE_FILE})"
+        return None
+    for name in _LEGACY_FILES:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        try:
+            torch.load(path / name, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
+            return f"{name} cannot be read ({type(exc).__name__})"
+    return None
 
 
 def read_train_state(path: str | Path) -> dict:
@@ -96,27 +152,63 @@ def read_train_state(path: str | Path) -> dict:
     file = Path(path) / STATE_FILE
     try:
         return json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read {file}: {exc}") from None
+
+
+def _file_list(folder: Path) -> dict[str, dict]:
+    """Size and sha256 of every file accelerate wrote (what :func:`checkpoint_problem` checks on resume)."""
+    return {
+        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != STATE_FILE
+    }
+
+
+def _agree_or_clean(accelerator, error: str | None, tmp: Path, step: int, ckpt_dir: Path) -> None:
+    """Stop every process when any failed to write its part; the main process first removes the staging folder,
+    so a full disk is not filled further and the previous checkpoints stay as they were."""
+    world = accelerator.num_processes
+    errors = [e for e in all_gather_objects(error, object_group(world), world) if e]
+    if not errors:
+        return
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    kept = list_checkpoints(ckpt_dir)
+    previous = f"{kept[-1][1].name} is kept" if kept else "no earlier checkpoint exists"
+    raise UserError(f"checkpoint of step {step} not written: {errors[0]}; its staging folder was removed, {previous}")
 
 
 def save_checkpoint(accelerator, ckpt_dir: str | Path, step: int, train_state: dict, keep: int) -> Path:
     """Save accelerate's state plus ``train_state`` as ``ckpt_dir/step_XXXXXXX`` atomically; keep the newest
-    ``keep`` checkpoints. Every process must call this (each writes its RNG state)."""
+    ``keep`` checkpoints. Every process must call this (each writes its RNG state). A failed write (disk full)
+    removes the staging folder and stops every process with one message."""
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / checkpoint_name(step)
     tmp = ckpt_dir / f"{_TMP_PREFIX}{final.name}"
+    error = None
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=False)  # see the module docstring (cuDNN-packed LSTM)
-    accelerator.wait_for_everyone()
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as exc:
+            error = os_error_message(exc)
+    _agree_or_clean(accelerator, error, tmp, step, ckpt_dir)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=False)  # see the module docstring (cuDNN-packed LSTM)
+    except OSError as exc:
+        error = os_error_message(exc)
+    _agree_or_clean(accelerator, error, tmp, step, ckpt_dir)
     if accelerator.is_main_process:
-        write_json_atomic(tmp / STATE_FILE, {"step": step, **train_state})
-        if final.exists():  # e.g. a run resumed from an earlier checkpoint re-reaches this step
-            shutil.rmtree(final)
-        tmp.rename(final)
+        try:
+            write_json_atomic(tmp / STATE_FILE, {"step": step, **train_state, "files": _file_list(tmp)})
+            if final.exists():  # e.g. a run resumed from an earlier checkpoint re-reaches this step
+                shutil.rmtree(final)
+            tmp.rename(final)
+        except OSError as exc:
+            error = os_error_message(exc)
+    _agree_or_clean(accelerator, error, tmp, step, ckpt_dir)
+    if accelerator.is_main_process:
         for _, old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -25,7 +25,15 @@ import torch
 
 from ddp_vad.data.reader import frames_to_float
 from ddp_vad.errors import UserError
-from ddp_vad.models import DISCRIMINATOR_FILE, LRCN, FeatureExtractor, ModelConfig, build_lrcn, load_model_config
+from ddp_vad.models import (
+    DISCRIMINATOR_FILE,
+    LRCN,
+    FeatureExtractor,
+    ModelConfig,
+    build_lrcn,
+    load_model,
+    load_model_config,
+)
 from ddp_vad.train.distributed import all_gather_objects
 
 SCRATCH = "scratch"
@@ -53,8 +61,6 @@ def gan_features(source: str | Path, manifest: dict) -> tuple[ModelConfig, dict[
 
     The GAN must have been trained on windows of the shards' length and frame size.
     """
-    from safetensors.torch import load_file
-
     path = discriminator_file(source)
     model_cfg = load_model_config(path)
     got = (model_cfg.window, model_cfg.height, model_cfg.width)
@@ -64,9 +70,8 @@ def gan_features(source: str | Path, manifest: dict) -> tuple[ModelConfig, dict[
             f"GAN run {source} was trained on windows of {got[0]} frames of {got[1]}x{got[2]} (HxW) but the shards "
             f"hold {want[0]} frames of {want[1]}x{want[2]}: pretrain on these shards or use shards of the GAN's size"
         )
-    prefix = "features."
-    state = {k[len(prefix) :]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
-    return model_cfg, state
+    disc, _ = load_model(path, build_lrcn)  # checks every tensor against the stored config (a UserError naming path)
+    return model_cfg, {k: v.detach().clone() for k, v in disc.features.state_dict().items()}
 
 
 def fold_seed(seed: int, fold: int) -> int:

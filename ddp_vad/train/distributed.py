@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from ddp_vad.errors import UserError
+from ddp_vad.errors import UserError, error_message
 
 ALLOW_NO_PG_ENV = "DDP_VAD_ALLOW_NO_PROCESS_GROUP"
 PRECISIONS = ("no", "bf16", "fp16")  # accelerate's mixed-precision names
@@ -304,3 +305,64 @@ def raise_agreed(error: str | None, group, world: int) -> None:
     errors = [e for e in all_gather_objects(error, group, world) if e]
     if errors:
         raise UserError(errors[0])
+
+
+def decide_on_main(decide: Callable[[], _T], is_main: bool, group, world: int) -> _T:
+    """Run ``decide`` on the main process only and hand its result to every process.
+
+    For decisions that read files (which checkpoint to resume from): nodes without a shared filesystem would each
+    see their own folder and decide differently. A UserError on the main process stops every process.
+    """
+    value, error = None, None
+    if is_main:
+        try:
+            value = decide()
+        except UserError as exc:
+            error = str(exc)
+    value, error = all_gather_objects((value, error), group, world)[0]  # rank 0 is the main process
+    if error:
+        raise UserError(error)
+    return value
+
+
+@contextlib.contextmanager
+def main_lock(folder: str | os.PathLike, what: str, is_main: bool, group, world: int) -> Iterator[None]:
+    """:func:`ddp_vad.runlock.run_lock` taken by the main process only; every process stops when it is refused."""
+    from ddp_vad.runlock import run_lock
+
+    with contextlib.ExitStack() as stack:
+        error = None
+        if is_main:
+            try:
+                stack.enter_context(run_lock(folder, what))
+            except (UserError, OSError) as exc:  # refused, or --out under a regular file: tell every process
+                error = error_message(exc)
+        raise_agreed(error, group, world)
+        yield
+
+
+def main_process_only(run: Callable[[], _T], what: str) -> _T | None:
+    """Run a stage that is not distributed (synth, shard build, baselines, evaluate) on the main process only.
+
+    Under a launcher with several processes the others wait (on the long-timeout group) and return None; an error
+    on the main process stops every process with the same message, so none waits forever.
+    """
+    if launched_world_size() <= 1:
+        return run()
+    state = process_state()
+    world = state.num_processes
+    value, failure = None, None
+    if state.is_main_process:
+        print(f"{what}: {world} processes were launched; the main process does the work, the others wait",
+              file=sys.stderr, flush=True)  # fmt: skip
+        try:
+            value = run()
+        except Exception as exc:  # told to the others below, then raised here unchanged (the CLI formats it)
+            failure = exc
+    error = None if failure is None else error_message(failure)
+    errors = [e for e in all_gather_objects(error, object_group(world), world) if e]
+    if failure is not None:
+        raise failure
+    if errors:
+        raise UserError(errors[0])
+    return value

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +69,17 @@ def fold_status(run_dir: Path, k: int, fp: dict) -> tuple[str, Any, str | None]:
         return "new", None, None
     try:
         state = load_fold_checkpoint(ckpts[-1][1])
-    except UserError as exc:
-        return "new", None, str(exc)
-    if json.loads(state["fingerprint"]) != fp:
-        diff = differences(fp, json.loads(state["fingerprint"]))
+        old = json.loads(state["fingerprint"])
+    except (UserError, KeyError, TypeError, ValueError) as exc:
+        # Only the newest epoch is kept, so there is nothing older to fall back to: the fold starts again.
+        aside = ckpts[-1][1].with_name(ckpts[-1][1].name + ".damaged")
+        ckpts[-1][1].replace(aside)
+        reason = str(exc) if isinstance(exc, UserError) else f"no fingerprint ({type(exc).__name__})"
+        print(f"warning: fold {k}: damaged checkpoint ({reason}); moved to {aside.name}, the fold restarts from "
+              "epoch 0", file=sys.stderr, flush=True)  # fmt: skip
+        return "new", None, None
+    if old != fp:
+        diff = differences(fp, old)
         return "new", None, f"{ckpts[-1][1]} was made with other settings ({diff}); use another --out"
     return "resume", state, None
 

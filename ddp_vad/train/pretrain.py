@@ -29,7 +29,7 @@ from tqdm import tqdm
 from ddp_vad.config import write_resolved_config
 from ddp_vad.data.reader import frames_to_float, infinite_batches
 from ddp_vad.data.shards import load_manifest
-from ddp_vad.errors import NonFiniteLossError, UserError
+from ddp_vad.errors import NonFiniteLossError, UserError, error_message
 from ddp_vad.models import (
     DISCRIMINATOR_FILE,
     GENERATOR_FILE,
@@ -41,14 +41,18 @@ from ddp_vad.models import (
 )
 from ddp_vad.options import option
 from ddp_vad.presets import PRESET_NAMES
-from ddp_vad.train.checkpoint import list_checkpoints, read_train_state, remove_partial, resolve_resume, save_checkpoint
+from ddp_vad.train.checkpoint import read_train_state, remove_partial, resolve_resume, save_checkpoint
 from ddp_vad.train.distributed import (
     PRECISIONS,
     broadcast_buffers,
     check_process_group,
     check_shard_count,
+    decide_on_main,
+    main_lock,
     make_accelerator,
+    object_group,
     print_main,
+    raise_agreed,
     seed_everything,
     state_dict_sha256,
 )
@@ -135,7 +139,12 @@ def _resume(accelerator, resume_from: Path, model_cfg: ModelConfig, preset: str)
             f"{made.get('height')}x{made.get('width')}); this run asks for preset {preset} on "
             f"{model_cfg.height}x{model_cfg.width}"
         )
-    accelerator.load_state(str(resume_from))  # weights, optimizers, scaler, this rank's RNG states
+    error = None
+    try:
+        accelerator.load_state(str(resume_from))  # weights, optimizers, scaler, this rank's RNG states
+    except Exception as exc:  # noqa: BLE001 - a file damaged after it was checked, or missing on this node
+        error = f"cannot load checkpoint {resume_from} on process {rank}: {error_message(exc)}"
+    raise_agreed(error, object_group(world), world)  # no rank goes on alone with half-loaded state
     step = int(state["step"])
     positions = state.get("data") or [[0, 0]]
     if int(state.get("world_size", 0)) == world and len(positions) == world:
@@ -149,6 +158,28 @@ def _resume(accelerator, resume_from: Path, model_cfg: ModelConfig, preset: str)
         )
     print_main(is_main, f"resuming from {resume_from} (step {step})")
     return step, epoch, skip, state.get("health") or {}
+
+
+def _next_batch(batches, last: dict | None, error: str | None, batch_size: int, model_cfg: ModelConfig):
+    """The next batch and this rank's data error. A rank whose stream fails keeps stepping on its last batch (or
+    zeros) so that its peers are not left alone in a collective; every rank stops at the next log step."""
+    if error is None:
+        try:
+            with torch.random.fork_rng(devices=[]):  # a new epoch's DataLoader draws from the CPU RNG: isolate it
+                return next(batches), None
+        except UserError as exc:
+            error = str(exc)
+    if last is None:
+        shape = (batch_size, model_cfg.window, model_cfg.height, model_cfg.width)
+        last = {"frames": torch.zeros(shape, dtype=torch.uint8), "key": []}
+    return last, error
+
+
+def _agree_on_data(accelerator, error: str | None, group) -> None:
+    """Stop every rank, with the failing rank's message, when any rank's data stream failed (one small reduce)."""
+    flag = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
+    if accelerator.reduce(flag, reduction="sum").item() > 0:
+        raise_agreed(error, group, accelerator.num_processes)
 
 
 def _check_finite(rows: np.ndarray, first: int, last_ckpt: Path | None) -> None:
@@ -212,15 +243,25 @@ def _export(accelerator, gen, disc, run_dir: Path, model_cfg: ModelConfig, debug
 
 def run_pretrain(cfg: PretrainConfig) -> Path:
     """Train the GAN described by ``cfg``; returns the run folder."""
-    run_dir, manifest = Path(cfg.out), load_manifest(cfg.shards)
-    ckpt_dir = run_dir / "checkpoints"
-    accelerator = make_accelerator(cfg.mixed_precision, project_dir=str(run_dir))
+    manifest = load_manifest(cfg.shards)
+    accelerator = make_accelerator(cfg.mixed_precision, project_dir=cfg.out)
     check_process_group(accelerator.num_processes)
+    world = accelerator.num_processes
+    with main_lock(cfg.out, "pretrain", accelerator.is_main_process, object_group(world), world):
+        return _train(cfg, accelerator, manifest)
+
+
+def _train(cfg: PretrainConfig, accelerator, manifest: dict) -> Path:
+    """The run itself, under the run folder's lock."""
+    run_dir = Path(cfg.out)
+    ckpt_dir = run_dir / "checkpoints"
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    group = object_group(world)
     device = accelerator.device
     model_cfg = model_config_for(cfg.preset, manifest)
     check_shard_count(len(manifest["shards"]), world, cfg.workers, is_main)
-    resume_from = resolve_resume(cfg.resume, ckpt_dir)
+    # Decided by the main process for all: nodes without a shared filesystem would each see their own checkpoints.
+    resume_from = decide_on_main(lambda: resolve_resume(cfg.resume, ckpt_dir), is_main, group, world)
     debug_keys = [] if cfg.debug_keys or os.environ.get(DEBUG_ENV, "") not in ("", "0") else None
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -249,7 +290,9 @@ def run_pretrain(cfg: PretrainConfig) -> Path:
     skipped = {"d": 0, "g": 0}
     stats: list[torch.Tensor] = []
     step = start_step
-    last_ckpt = list_checkpoints(ckpt_dir)[-1][1] if list_checkpoints(ckpt_dir) else None
+    last_ckpt = resume_from
+    data_error: str | None = None  # this rank's stream gave no batch: agreed by all ranks at the next log step
+    batch = None
     pbar = tqdm(total=cfg.steps, initial=min(start_step, cfg.steps), desc="pretrain", unit="step",
                 disable=not (is_main and cfg.progress), dynamic_ncols=True)  # fmt: skip
     try:
@@ -257,8 +300,7 @@ def run_pretrain(cfg: PretrainConfig) -> Path:
             monitor.similarity(unwrapped_gen, 0)
         t_last, steps_last = time.perf_counter(), step
         while step < cfg.steps:
-            with torch.random.fork_rng(devices=[]):  # a new epoch's DataLoader draws from the CPU RNG: isolate it
-                batch = next(batches)
+            batch, data_error = _next_batch(batches, batch, data_error, cfg.batch_size, model_cfg)
             if debug_keys is not None:
                 debug_keys.extend(f"{batches.epoch} {k}" for k in batch["key"])
             real = frames_to_float(batch["frames"].to(device, non_blocking=True))
@@ -275,6 +317,7 @@ def run_pretrain(cfg: PretrainConfig) -> Path:
             do_ckpt = step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
             if do_ckpt or step % cfg.log_every == 0:
                 # One small all-reduce every log_every steps: no per-step host sync.
+                _agree_on_data(accelerator, data_error, group)
                 rows = accelerator.reduce(torch.stack(stats), reduction="mean").cpu().double().numpy()
                 first, now = step - len(stats) + 1, time.perf_counter()
                 stats.clear()

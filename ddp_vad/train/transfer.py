@@ -56,6 +56,7 @@ from ddp_vad.train.distributed import (
     PRECISIONS,
     all_gather_objects,
     check_process_group,
+    main_lock,
     make_accelerator,
     object_group,
     print_main,
@@ -300,6 +301,15 @@ def run_transfer(cfg: TransferConfig) -> Path:
 
     acc = make_accelerator(cfg.mixed_precision, project_dir=str(run_dir))
     check_process_group(acc.num_processes)
+    world = acc.num_processes
+    with main_lock(run_dir, "transfer", acc.is_main_process, object_group(world), world):
+        return _cross_validate(cfg, acc, manifest, n_folds, (model_cfg, features_state, notes), t_start)
+
+
+def _cross_validate(cfg: TransferConfig, acc, manifest: dict, n_folds: int, model: tuple, t_start: float) -> Path:
+    """The folds of one run, under the run folder's lock (``model``: config, GAN feature weights, notes)."""
+    run_dir = Path(cfg.out)
+    model_cfg, features_state, notes = model
     is_main, world = acc.is_main_process, acc.num_processes
     group = object_group(world)
     for note in notes:

@@ -80,13 +80,12 @@ def frame_files(
 
 
 def read_frame(path: Path) -> np.ndarray:
-    """Decode one frame to a 2-D uint8 array (colour frames are converted to grayscale)."""
+    """Decode one frame to a 2-D uint8 array (colour and palette frames are converted to grayscale; 16-bit frames
+    are scaled by their bit depth, never clipped)."""
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode != "L":
-                img = img.convert("L")
-            return np.asarray(img)
+            return _gray_u8(img, path)
     except (OSError, ValueError, SyntaxError) as exc:
         raise UserError(f"cannot read frame {path}: {exc}") from None
 
@@ -95,9 +94,41 @@ def read_rgb(path: Path) -> np.ndarray:
     """Decode one frame to uint8 [H, W, 3] (for annotated copies, which keep the colours)."""
     try:
         with Image.open(path) as img:
+            img.load()
+            if img.mode in _WIDE_MODES:  # Pillow's RGB conversion would clip these to 255: scale as gray instead
+                return np.repeat(_gray_u8(img, path)[..., None], 3, axis=2)
             return np.asarray(img.convert("RGB"))
     except (OSError, ValueError, SyntaxError) as exc:
         raise UserError(f"cannot read frame {path}: {exc}") from None
+
+
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # more than 8 bits per sample
+
+
+def _bits_per_sample(img: Image.Image) -> int | None:
+    """The bit depth the file declares: TIFF's BitsPerSample tag; 16 for 16-bit modes and PNG's integer mode."""
+    tags = getattr(img, "tag_v2", None)
+    if tags is not None and 258 in tags:
+        bits = tags[258]
+        return int(bits[0] if isinstance(bits, tuple) else bits)
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
+        return 16
+    return None
+
+
+def _gray_u8(img: Image.Image, path: Path) -> np.ndarray:
+    """A decoded image as uint8 gray: values of a wider integer frame map 0..2^bits-1 onto 0..255 (rounded)."""
+    if img.mode not in _WIDE_MODES:
+        return np.asarray(img if img.mode == "L" else img.convert("L"))  # palette, RGB, 1-bit: through the colours
+    bits = _bits_per_sample(img)
+    if img.mode == "F" or bits is None or bits > 16:
+        depth = "floating-point" if img.mode == "F" else f"{bits or 'unknown'}-bit"
+        raise UserError(f"frame {path}: {depth} samples are not supported; convert the frames to 8 or 16 bit")
+    values = np.asarray(img).astype(np.int64)
+    top = (1 << bits) - 1
+    if values.size and (values.min() < 0 or values.max() > top):
+        raise UserError(f"frame {path}: values {values.min()}..{values.max()} do not fit its {bits}-bit depth")
+    return ((values * 255 + top // 2) // top).astype(np.uint8)
 
 
 def resize_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
