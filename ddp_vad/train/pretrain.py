@@ -251,13 +251,30 @@ def run_pretrain(cfg: PretrainConfig) -> Path:
         return _train(cfg, accelerator, manifest)
 
 
+@dataclass
+class _Gan:
+    """The prepared (DDP-wrapped) models and optimizers of one run."""
+
+    gen: torch.nn.Module
+    disc: torch.nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+
+
+def _build(cfg: PretrainConfig, accelerator, model_cfg: ModelConfig) -> _Gan:
+    seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    gen, disc = build_generator(model_cfg), build_lrcn(model_cfg)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr_d or cfg.lr, betas=(cfg.beta1, 0.999))
+    return _Gan(*accelerator.prepare(gen, disc, opt_g, opt_d))
+
+
 def _train(cfg: PretrainConfig, accelerator, manifest: dict) -> Path:
-    """The run itself, under the run folder's lock."""
+    """The run itself, under the run folder's lock: set up (or resume), loop, export."""
     run_dir = Path(cfg.out)
     ckpt_dir = run_dir / "checkpoints"
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     group = object_group(world)
-    device = accelerator.device
     model_cfg = model_config_for(cfg.preset, manifest)
     check_shard_count(len(manifest["shards"]), world, cfg.workers, is_main)
     # Decided by the main process for all: nodes without a shared filesystem would each see their own checkpoints.
@@ -268,11 +285,7 @@ def _train(cfg: PretrainConfig, accelerator, manifest: dict) -> Path:
         remove_partial(ckpt_dir)
     accelerator.wait_for_everyone()
 
-    seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    gen, disc = build_generator(model_cfg), build_lrcn(model_cfg)
-    opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr_d or cfg.lr, betas=(cfg.beta1, 0.999))
-    gen, disc, opt_g, opt_d = accelerator.prepare(gen, disc, opt_g, opt_d)
+    gan = _build(cfg, accelerator, model_cfg)
     start_step, epoch, skip, health = 0, 0, 0, {}
     if resume_from is not None:
         start_step, epoch, skip, health = _resume(accelerator, resume_from, model_cfg, cfg.preset)
@@ -283,73 +296,78 @@ def _train(cfg: PretrainConfig, accelerator, manifest: dict) -> Path:
     batches = infinite_batches(
         cfg.shards, cfg.batch_size, seed=cfg.seed, start_epoch=epoch, skip_batches=skip, rank=rank, world_size=world,
         workers=cfg.workers, cache=cfg.cache, shuffle_buffer=cfg.shuffle_buffer,
-        pin_memory=device.type == "cuda",  # the batches are copied with non_blocking=True
+        pin_memory=accelerator.device.type == "cuda",  # the batches are copied with non_blocking=True
     )  # fmt: skip
-    monitor = GanMonitor(run_dir, cfg, manifest, model_cfg.z_dim, device, start_step, health) if is_main else None
-    unwrapped_gen = accelerator.unwrap_model(gen)
-    skipped = {"d": 0, "g": 0}
-    stats: list[torch.Tensor] = []
-    step = start_step
-    last_ckpt = resume_from
-    data_error: str | None = None  # this rank's stream gave no batch: agreed by all ranks at the next log step
-    batch = None
-    pbar = tqdm(total=cfg.steps, initial=min(start_step, cfg.steps), desc="pretrain", unit="step",
-                disable=not (is_main and cfg.progress), dynamic_ncols=True)  # fmt: skip
+    monitor = None
+    if is_main:
+        monitor = GanMonitor(run_dir, cfg, manifest, model_cfg.z_dim, accelerator.device, start_step, health)
     try:
-        if is_main and start_step == 0 and cfg.similarity_every:
-            monitor.similarity(unwrapped_gen, 0)
-        t_last, steps_last = time.perf_counter(), step
-        while step < cfg.steps:
-            batch, data_error = _next_batch(batches, batch, data_error, cfg.batch_size, model_cfg)
-            if debug_keys is not None:
-                debug_keys.extend(f"{batches.epoch} {k}" for k in batch["key"])
-            real = frames_to_float(batch["frames"].to(device, non_blocking=True))
-            noise = cfg.instance_noise * (1.0 - step / cfg.steps)  # annealed linearly to 0
-            stats.append(
-                gan_step(accelerator, gen, disc, opt_g, opt_d, real, model_cfg.z_dim, cfg.label_smoothing, noise)
-            )
-            if accelerator.scaler is not None:
-                skipped["d"] += int(opt_d.step_was_skipped)
-                skipped["g"] += int(opt_g.step_was_skipped)
-            step += 1
-            pbar.update(1)
-
-            do_ckpt = step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-            if do_ckpt or step % cfg.log_every == 0:
-                # One small all-reduce every log_every steps: no per-step host sync.
-                _agree_on_data(accelerator, data_error, group)
-                rows = accelerator.reduce(torch.stack(stats), reduction="mean").cpu().double().numpy()
-                first, now = step - len(stats) + 1, time.perf_counter()
-                stats.clear()
-                _check_finite(rows, first, last_ckpt)
-                if is_main:
-                    rate = (step - steps_last) * cfg.batch_size * world / max(now - t_last, 1e-9)
-                    _log(monitor, accelerator, rows, first, step, rate, skipped, (opt_g, opt_d))
-                    pbar.set_postfix(loss_d=f"{rows[-1, 0]:.3f}", loss_g=f"{rows[-1, 1]:.3f}", sps=f"{rate:.1f}")
-                t_last, steps_last = now, step
-            if is_main and cfg.similarity_every and step % cfg.similarity_every == 0:
-                monitor.similarity(unwrapped_gen, step)
-            if is_main and cfg.image_every and (step % cfg.image_every == 0 or step == cfg.steps):
-                monitor.image(unwrapped_gen, step)
-            if do_ckpt:
-                state = _train_state(accelerator, batches, model_cfg, cfg, monitor)
-                last_ckpt = save_checkpoint(accelerator, ckpt_dir, step, state, cfg.keep_checkpoints)
-                if is_main:
-                    monitor.writer.flush()
-        pbar.close()
-        if is_main:
-            monitor.write_health()
-            monitor.hparams(hparams_of(cfg), step)
+        step = _loop(cfg, accelerator, gan, batches, monitor, model_cfg, start_step, resume_from, debug_keys)
     finally:
         if monitor is not None:
             monitor.close()
-
-    _export(accelerator, gen, disc, run_dir, model_cfg, debug_keys)
+    _export(accelerator, gan.gen, gan.disc, run_dir, model_cfg, debug_keys)
     if is_main:
         _write_config(run_dir, cfg, model_cfg, manifest, accelerator, step=step)
     accelerator.wait_for_everyone()
     print_main(is_main, f"pretrain done: {step} steps; weights in {run_dir}")
     return run_dir
+
+
+def _loop(cfg, accelerator, gan: _Gan, batches, monitor, model_cfg, start_step, last_ckpt, debug_keys) -> int:
+    """Steps ``start_step + 1 .. cfg.steps``: GAN step, then every ``log_every`` steps one reduce of the stats (the
+    NaN check, logging), similarity and images on the main process, checkpoints. Returns the last step."""
+    is_main, world = accelerator.is_main_process, accelerator.num_processes
+    ckpt_dir, group = Path(cfg.out) / "checkpoints", object_group(world)
+    unwrapped_gen = accelerator.unwrap_model(gan.gen)
+    skipped, stats, step = {"d": 0, "g": 0}, [], start_step
+    data_error: str | None = None  # this rank's stream gave no batch: agreed by all ranks at the next log step
+    batch = None
+    pbar = tqdm(total=cfg.steps, initial=min(start_step, cfg.steps), desc="pretrain", unit="step",
+                disable=not (is_main and cfg.progress), dynamic_ncols=True)  # fmt: skip
+    if is_main and start_step == 0 and cfg.similarity_every:
+        monitor.similarity(unwrapped_gen, 0)
+    t_last, steps_last = time.perf_counter(), step
+    while step < cfg.steps:
+        batch, data_error = _next_batch(batches, batch, data_error, cfg.batch_size, model_cfg)
+        if debug_keys is not None:
+            debug_keys.extend(f"{batches.epoch} {k}" for k in batch["key"])
+        real = frames_to_float(batch["frames"].to(accelerator.device, non_blocking=True))
+        noise = cfg.instance_noise * (1.0 - step / cfg.steps)  # annealed linearly to 0
+        stats.append(gan_step(accelerator, gan.gen, gan.disc, gan.opt_g, gan.opt_d, real, model_cfg.z_dim,
+                              cfg.label_smoothing, noise))  # fmt: skip
+        if accelerator.scaler is not None:
+            skipped["d"] += int(gan.opt_d.step_was_skipped)
+            skipped["g"] += int(gan.opt_g.step_was_skipped)
+        step += 1
+        pbar.update(1)
+        do_ckpt = step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        if do_ckpt or step % cfg.log_every == 0:
+            # One small all-reduce every log_every steps: no per-step host sync.
+            _agree_on_data(accelerator, data_error, group)
+            rows = accelerator.reduce(torch.stack(stats), reduction="mean").cpu().double().numpy()
+            first, now = step - len(stats) + 1, time.perf_counter()
+            stats.clear()
+            _check_finite(rows, first, last_ckpt)
+            if is_main:
+                rate = (step - steps_last) * cfg.batch_size * world / max(now - t_last, 1e-9)
+                _log(monitor, accelerator, rows, first, step, rate, skipped, (gan.opt_g, gan.opt_d))
+                pbar.set_postfix(loss_d=f"{rows[-1, 0]:.3f}", loss_g=f"{rows[-1, 1]:.3f}", sps=f"{rate:.1f}")
+            t_last, steps_last = now, step
+        if is_main and cfg.similarity_every and step % cfg.similarity_every == 0:
+            monitor.similarity(unwrapped_gen, step)
+        if is_main and cfg.image_every and (step % cfg.image_every == 0 or step == cfg.steps):
+            monitor.image(unwrapped_gen, step)
+        if do_ckpt:
+            state = _train_state(accelerator, batches, model_cfg, cfg, monitor)
+            last_ckpt = save_checkpoint(accelerator, ckpt_dir, step, state, cfg.keep_checkpoints)
+            if is_main:
+                monitor.writer.flush()
+    pbar.close()
+    if is_main:
+        monitor.write_health()
+        monitor.hparams(hparams_of(cfg), step)
+    return step
 
 
 def _write_config(
