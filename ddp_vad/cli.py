@@ -140,7 +140,15 @@ def shard_group() -> None:
 @click.option("--folds", default=10, type=click.IntRange(min=2), help="Number of CV folds to assign.")
 @click.option("--seed", default=0, type=int, help="Seed for balancing and fold assignment.")
 @click.option("--workers", default=None, type=click.IntRange(min=1), help="Decoding processes (default: cores).")
-@click.option("--shard-size", default=200, type=click.IntRange(min=1), help="Samples per tar shard.")
+@click.option(
+    "--shard-size", default=200, type=click.IntRange(min=1), help="Windows per tar shard (whole blocks, at most this)."
+)
+@click.option(
+    "--block-windows",
+    default=64,
+    type=click.IntRange(min=1),
+    help="Windows per block: a block stores its frames once; consecutive blocks of a clip share window-1 frames.",
+)
 @click.option(
     "--anomaly-types",
     default=None,
