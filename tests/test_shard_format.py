@@ -1,9 +1,10 @@
-"""Shard format v2 (frames stored once, in blocks): same windows as v1, old sets refused."""
+"""Shard format v2 (frames stored once, in blocks): same windows as v1, old sets refused, manifest validation."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +96,30 @@ def test_a_v1_shard_set_is_refused_with_one_line(v1, tiny_data, tmp_path):
     result = CliRunner().invoke(cli, ["shard", "info", str(old)])
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and "rebuild with `ddp_vad shard build`" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m.pop("counts"), r"'counts' must be an object, it is missing"),
+        (lambda m: m.update(folds="many"), r"'folds' must be an integer >= 2, got 'many'"),
+        (lambda m: m["counts"].update(kept="12"), r"'counts.kept' must be an integer >= 0, got '12'"),
+        (lambda m: m["shards"][1].update(samples=None), r"'shards\[1\].samples' must be an integer"),
+        (lambda m: m["shards"][0].update(name="../x.tar"), r"'shards\[0\].name' must be a tar file name"),
+        (lambda m: m.update(window=10.0), r"'window' must be an integer >= 1, got 10.0"),
+        (lambda m: m["protocols"]["clip"].update(available="yes"), r"'protocols.clip.available' must be true"),
+        (lambda m: m.update(shards={}), r"'shards' must be a list"),
+    ],
+)
+def test_a_manifest_with_wrong_types_is_one_error_naming_the_key(tiny_shards, tmp_path, change, message):
+    copy = Path(shutil.copytree(tiny_shards, tmp_path / "s"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    change(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=message):
+        load_manifest(copy)
+    for args in (["shard", "info", str(copy)], ["baselines", "--shards", str(copy), "--out", str(tmp_path / "b")]):
+        result = CliRunner().invoke(cli, args)
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and "manifest.json" in lines[0], result.output
+        assert "Traceback" not in result.output
