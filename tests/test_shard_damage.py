@@ -1,4 +1,4 @@
-"""Damaged shards: one rule for every reader.
+"""Damaged shards: one rule for every reader, and the split by sample when shards are fewer than readers.
 
 Each of four damages (truncated tar, broken tar header, deleted tar, corrupted block json) is applied to a copy of
 a built set. Streaming training reports the shard once, by name, with the windows lost, and carries on; readers
@@ -8,16 +8,20 @@ line naming the shard and ``shard info --verify``.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from ddp_vad.cli import cli
 from ddp_vad.data.reader import infinite_batches, iter_windows, load_window_set, stream_batches
-from ddp_vad.data.shards import load_manifest, verify_shards
+from ddp_vad.data.shards import ShardConfig, build_shards, load_manifest, verify_shards
 from ddp_vad.errors import UserError
 from ddp_vad.eval.metrics import read_shard_frame_labels
 from ddp_vad.eval.report import real_windows
@@ -132,3 +136,73 @@ def test_pretraining_runs_on_with_a_damaged_shard(damaged, tmp_path):
         result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "gan" / "similarity.csv").read_text().count("\n") >= 2
+
+
+# -------------------------------------------------------------------------------------- split by sample
+@pytest.fixture(scope="module")
+def one_shard(tmp_path_factory) -> Path:
+    from tests.conftest import TINY_CLIPS, write_ucsd
+
+    root = tmp_path_factory.mktemp("one")
+    data = write_ucsd(root / "data", TINY_CLIPS)
+    cfg = ShardConfig(data=str(data), out=str(root / "s"), height=24, width=36, folds=4, workers=1, shard_size=1000)
+    return build_shards(cfg, show_progress=False)
+
+
+def test_fewer_shards_than_readers_split_by_sample(one_shard):
+    assert len(load_manifest(one_shard)["shards"]) == 1
+    everything = sorted(load_window_set(one_shard).keys)
+    for epoch in (0, 1):
+        seen = []
+        for rank in (0, 1):
+            keys = [k for b in stream_batches(one_shard, 4, epoch=epoch, rank=rank, world_size=2, workers=2)
+                    for k in b["key"]]  # fmt: skip
+            again = [k for b in stream_batches(one_shard, 4, epoch=epoch, rank=rank, world_size=2, workers=2)
+                     for k in b["key"]]  # fmt: skip
+            assert keys == again  # deterministic
+            assert abs(len(keys) - len(everything) / 2) <= 2
+            seen.append(set(keys))
+        assert not seen[0] & seen[1] and sorted(seen[0] | seen[1]) == everything
+
+
+def test_split_by_sample_is_said_once(one_shard, capsys):
+    with pytest.warns(UserWarning, match=r"1 shard\(s\) < 3 process\(es\) x 1 loader worker\(s\): splitting by sample"):
+        list(stream_batches(one_shard, 4, rank=0, world_size=3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        list(stream_batches(one_shard, 4, epoch=1, rank=0, world_size=3))  # the same run's next epoch: silent
+        list(stream_batches(one_shard, 4, rank=1, world_size=3))  # never from a non-main rank
+    assert capsys.readouterr().err.count("splitting by sample") == 1
+    batches = infinite_batches(one_shard, 4, rank=2, world_size=3)
+    assert len(next(batches)["key"]) == 4  # the last rank gets data too: no DDP hang
+    assert np.unique([len(b["key"]) for b in stream_batches(one_shard, 100, rank=2, world_size=3)]).size == 1
+
+
+@pytest.mark.slow
+def test_two_real_processes_split_one_shard_by_sample(one_shard, tmp_path):
+    """torchrun, 2 processes x 2 loader workers on a single shard: disjoint halves, every window once."""
+    script = Path(__file__).with_name("_dist_stream.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script),
+           str(one_shard), str(tmp_path), "0"]  # fmt: skip
+    result = subprocess.run(cmd, timeout=120, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [(tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert ranks[0] and ranks[1] and not set(ranks[0]) & set(ranks[1])
+    assert sorted(ranks[0] + ranks[1]) == sorted(load_window_set(one_shard).keys)
+    assert result.stderr.count("splitting by sample") == 2  # said once, by rank 0 (the warning + its WARNING line)
+
+
+@pytest.mark.slow
+def test_torchrun_pretrain_on_fewer_shards_than_processes(one_shard, tmp_path):
+    """The issue's case: `torchrun --nproc_per_node 2 -m ddp_vad pretrain` on a one-shard set trains (by sample)."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")) if p)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "ddp_vad",
+           "pretrain", "--shards", str(one_shard), "--out", str(tmp_path / "gan"), "--preset", "tiny", "--steps", "3",
+           "--batch-size", "4", "--workers", "1", "--checkpoint-every", "0", "--similarity-every", "0",
+           "--image-every", "0", "--no-progress"]  # fmt: skip
+    result = subprocess.run(cmd, timeout=240, env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "splitting by sample" in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "gan" / "generator.safetensors").is_file()

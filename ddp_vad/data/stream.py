@@ -5,6 +5,9 @@ Chain: the epoch's shard list (seeded shuffle) -> split by node (rank) -> split 
 expanded into windows (views) -> seeded buffer shuffle (a batch mixes blocks and clips) -> (fold filter) -> batch.
 Workers move each frame once (as part of a block), not once per window that holds it.
 
+When a rank has fewer shards than loader workers to feed (shards < processes x workers) the split is by sample
+instead: every worker of every rank reads every shard and keeps every (P x W)-th window, deterministically.
+
 The loader is never passed to ``accelerator.prepare`` (it would re-shard or broadcast): batches are moved to the
 device by the training loop.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import random
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -42,12 +46,45 @@ def frames_to_float(frames: torch.Tensor) -> torch.Tensor:
     return frames.unsqueeze(2).to(torch.float32).div_(255.0)
 
 
+# ------------------------------------------------------------------------------------------ splitting
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if rank is not None and world_size is not None:
         return rank, world_size
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def split_mode(num_shards: int, processes: int, workers: int) -> str:
+    """The split of the windows: "shards" when every loader worker of every process gets a shard, else "samples"."""
+    if num_shards == 0:
+        raise UserError("the shard set lists no shards; rebuild it with `ddp_vad shard build`")
+    return "shards" if num_shards >= processes * max(workers, 1) else "samples"
+
+
+_ANNOUNCED: set[tuple[int, int, int]] = set()
+
+
+def announce_split(num_shards: int, processes: int, workers: int, is_main: bool = True) -> str:
+    """Return :func:`split_mode`; when the split is by sample, the main process says so once (per process and
+    shard/process/worker count: the pretraining check and every epoch's stream share one message)."""
+    mode = split_mode(num_shards, processes, workers)
+    if mode == "samples" and is_main and (num_shards, processes, workers) not in _ANNOUNCED:
+        _ANNOUNCED.add((num_shards, processes, workers))
+        readers = processes * max(workers, 1)
+        message = (
+            f"{num_shards} shard(s) < {processes} process(es) x {max(workers, 1)} loader worker(s): splitting by "
+            f"sample (every process reads every shard and keeps every {readers}-th window); rebuild with a smaller "
+            "--shard-size to split by shard"
+        )
+        warnings.warn(message, UserWarning, stacklevel=2)
+        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+    return mode
 
 
 # ------------------------------------------------------------------------------------------- stages
@@ -77,13 +114,17 @@ def _cached_blocks(src: Iterable[dict]) -> Iterator:
         yield from _BLOCK_CACHE[url]
 
 
-def _kept(src: Iterable) -> Iterator:
-    """(block, positions of its kept windows); damage reports pass through."""
+def _select(src: Iterable, rank: int, world: int, by_sample: bool) -> Iterator:
+    """(block, positions of the windows this reader emits); by sample: every (P x W)-th kept window."""
+    worker, workers = _worker()
+    slot, stride, n = rank * workers + worker, world * workers, 0
     for item in src:
         if isinstance(item, ShardDamaged):
             yield item
             continue
         pos = item.kept_positions()
+        if by_sample:
+            pos, n = pos[(n + np.arange(len(pos))) % stride == slot], n + len(pos)
         if len(pos):
             yield item, pos
 
@@ -154,34 +195,31 @@ def stream_batches(
 ) -> Iterable[dict]:
     """One epoch of batches (see the module docstring for the chain).
 
-    ``split="nodes"`` gives each rank a disjoint share of the shards (DDP training). ``split="all"`` gives every
-    rank every window (fold-parallel fine-tuning, with ``fold_filter(meta) -> bool`` selecting samples).
-    ``cache=True`` keeps decoded blocks in this process's memory across epochs (forces ``workers=0``). Damaged
-    shards are reported once and skipped.
+    ``split="nodes"`` gives each rank a disjoint share of the windows (DDP training): by shard, or by sample when
+    shards < processes x workers. ``split="all"`` gives every rank every window (fold-parallel fine-tuning, with
+    ``fold_filter(meta) -> bool`` selecting samples). ``cache=True`` keeps decoded blocks in this process's memory
+    across epochs (forces ``workers=0``). Damaged shards are reported once and skipped.
     """
     if split not in ("nodes", "all"):
         raise UserError(f"split must be 'nodes' or 'all', got {split!r}")
     rank, world_size = _rank_and_world(rank, world_size)
     workers = 0 if cache else workers
-    items = _epoch_items(shard_dir, load_manifest(shard_dir), epoch, seed, shuffle)
+    manifest = load_manifest(shard_dir)
+    items = _epoch_items(shard_dir, manifest, epoch, seed, shuffle)
+    by_sample = False
     if split == "nodes":
-        if len(items) < world_size:
-            raise UserError(
-                f"{shard_dir} has {len(items)} shards for {world_size} processes: some would get no data; "
-                "rebuild with a smaller --shard-size"
-            )
-        items = items[rank::world_size]
-    if workers > len(items):
-        warnings.warn(
-            f"{len(items)} shards per process but {workers} loader workers: using {len(items)} workers "
-            "(rebuild with a smaller --shard-size for more parallel reading)",
-            stacklevel=2,
-        )
-        workers = len(items)
+        by_sample = announce_split(len(items), world_size, workers, is_main=rank == 0) == "samples"
+        items = items if by_sample else items[rank::world_size]
+    else:
+        rank, world_size = 0, 1
+        if workers > len(items):  # every rank reads everything: only the workers split, by shard
+            warnings.warn(f"{len(items)} shards but {workers} loader workers: using {len(items)}", stacklevel=2)
+            workers = len(items)
 
     read = _cached_blocks if cache else _read_blocks
+    split_stage = [] if by_sample else [wds.split_by_worker]
     source = functools.partial(iter, items)  # a callable: DataPipeline would splice a list into its stages
-    blocks = [source, wds.split_by_worker, read, _kept]
+    blocks = [source, *split_stage, read, functools.partial(_select, rank=rank, world=world_size, by_sample=by_sample)]
     if workers > 0:  # workers read and decode; whole blocks cross to the main process
         blocks = [DataLoader(wds.DataPipeline(*blocks), batch_size=None, num_workers=workers, collate_fn=_as_is)]
     stages = [*blocks, _expand]
