@@ -9,10 +9,12 @@ decoding are shared with the current code, so the two formats are compared on th
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import random
 import tarfile
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +23,31 @@ import webdataset as wds
 
 from ddp_vad.data.format import load_npy, npy_parts
 from ddp_vad.data.plan import ShardConfig, WindowPlan, plan_windows
-from ddp_vad.data.sources.ucsd import UCSDDataset, discover
+from ddp_vad.data.sources.ucsd import Clip, UCSDDataset, discover, read_clip
 from ddp_vad.data.tario import TarShardWriter
-from ddp_vad.data.writer import CLIPS_PER_GROUP, _decoded_clips, _manifest, _prepare_output
+from ddp_vad.data.writer import _manifest, _prepare_output
 from ddp_vad.files import atomic_path, swap_in, write_json_atomic
 
 FORMAT_V1 = "ddp_vad-shards/1"
+CLIPS_PER_GROUP = 4
 
 
 # ------------------------------------------------------------------------------------------------ writing
+def _decode_clip(args: tuple[Clip, int, int]) -> np.ndarray:
+    clip, height, width = args
+    return read_clip(clip, height, width)
+
+
+def _decoded_clips(clips: list[Clip], cfg: ShardConfig) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, frames) per clip, decoded in ``cfg.workers`` processes and pickled back to the writing process."""
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+    pool = ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx)
+    try:
+        yield from enumerate(pool.map(_decode_clip, [(c, cfg.height, cfg.width) for c in clips], chunksize=1))
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
 def _make_sample(dataset: UCSDDataset, plan: WindowPlan, cfg: ShardConfig, pos: int, frames: np.ndarray) -> dict:
     w = plan.kept[pos]
     clip = dataset.clips[plan.clip_index[w]]
@@ -72,7 +90,7 @@ def _write_all_shards(dataset: UCSDDataset, plan: WindowPlan, cfg: ShardConfig, 
     pending: list[int] = []
     group: list[int] = []
     shards: list[dict] = []
-    for i, frames in _decoded_clips([dataset.clips[c] for c in clip_order], cfg, False):
+    for i, frames in _decoded_clips([dataset.clips[c] for c in clip_order], cfg):
         frames_by_clip[clip_order[i]] = frames
         group.append(clip_order[i])
         last = i == len(clip_order) - 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,10 @@ def v1():
     """The frozen v1 builder/reader of benchmarks/v1_format.py (not a package: loaded from its file)."""
     spec = importlib.util.spec_from_file_location("v1_format", REPO / "benchmarks" / "v1_format.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its decode function must pickle by name for the worker processes
     spec.loader.exec_module(module)
-    return module
+    yield module
+    del sys.modules[spec.name]
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,11 @@ A killed build leaves only the hidden staging folder, which the next build remov
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
-import os
-import shutil
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,47 +27,18 @@ from ddp_vad.data.windows import fold_summary
 from ddp_vad.errors import UserError
 from ddp_vad.files import atomic_path, staging_folder, swap_in, write_json_atomic
 
-# Clips are decoded in worker processes and written group by group: while the main process writes the shards of
-# one group the workers decode the next, and only a few clips are held in memory at once. Each group's blocks are
-# shuffled (seeded) before they fill shards, so a shard mixes blocks of several clips of both splits. A group is
-# only written once all its clips are decoded: smaller groups start writing sooner and leave a shorter write after
-# the last decode (v1 format, 8 -> 4 clips: build/decode ratio 1.69 -> 1.44 on the 10-clip sample, median of 4).
+# Clips are split, in a seeded order, into groups of CLIPS_PER_GROUP; each group is one job: decode the group's clips
+# and write the group's shards (block order shuffled within the group, so a shard mixes blocks of several clips of
+# both splits). Which blocks go into which shard is planned up front, so the shards do not depend on the number of
+# workers, and only a few clips per worker are in memory at once. With several processes each worker runs whole
+# jobs: the decoded frames never travel, since handing them to a writing main process cost more than writing them
+# (sample, decode in one worker: frames returned by pickle 1.34 s, through page-cache files 1.22 s, not returned
+# 1.14 s; median of 5). With one process, a thread writes a group while the next one decodes.
 CLIPS_PER_GROUP = 4
 
 
-def _decode_clip(args: tuple[Clip, int, int, Path | None]) -> np.ndarray | tuple[str, tuple[int, ...]]:
-    clip, height, width, handoff = args
-    frames = read_clip(clip, height, width)
-    if handoff is None:
-        return frames
-    # Handed over as a file in the page cache, not pickled through a pipe: 0.2 s less per 70 MB of frames on the
-    # sample (bench: decode in a worker and return the frames 1.50 s, return nothing 1.27 s; median of 5).
-    path = handoff / f"{os.getpid()}-{clip.name}.u8"
-    frames.tofile(path)
-    return str(path), frames.shape
-
-
-def _decoded_clips(
-    clips: list[Clip], cfg: ShardConfig, show_progress: bool, handoff: Path | None = None
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (index, frames) for each clip, decoded in ``cfg.workers`` processes (frames handed over through files
-    in the folder ``handoff`` when given: read-only memory maps, their files already removed)."""
-    jobs = [(c, cfg.height, cfg.width, handoff) for c in clips]
-    bar = tqdm(total=sum(c.n_frames for c in clips), desc="decode", unit="frame", disable=not show_progress)
-    # Even with one worker, decoding runs in a separate process so that writing overlaps with it.
-    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-    pool = ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx)
-    try:
-        for i, result in enumerate(pool.map(_decode_clip, jobs, chunksize=1)):
-            if handoff is not None:
-                path, shape = result
-                result = np.memmap(path, np.uint8, "r", shape=shape)
-                os.unlink(path)  # the mapping stays valid; the pages go when the clip's blocks are written
-            bar.update(len(result))
-            yield i, result
-    finally:
-        bar.close()
-        pool.shutdown(cancel_futures=True)
+def _decode_clip(clip: Clip, height: int, width: int) -> np.ndarray:
+    return read_clip(clip, height, width)
 
 
 def _write_shard(path: Path, blocks: list[Block]) -> str:
@@ -107,8 +77,8 @@ def _prepare_output(out: Path, overwrite: bool) -> Path:
     return staging_folder(out)
 
 
-def _clip_blocks(dataset: UCSDDataset, plan: WindowPlan, cfg: ShardConfig, ci: int, spans: list, frames) -> list:
-    """The blocks of clip ``ci`` (``spans``: window rows per block, from plan_blocks; ``frames``: the clip)."""
+def _clip_blocks(dataset: UCSDDataset, plan: WindowPlan, cfg: ShardConfig, ci: int, spans: list) -> list[Block]:
+    """The blocks of clip ``ci`` without their frames (``spans``: window rows per block, from plan_blocks)."""
     clip = dataset.clips[ci]
     types = dataset.anomaly_types.get(clip.name, []) if clip.split == "test" else []
     # Per-window columns over all windows (O(windows) per clip: negligible next to decoding it).
@@ -125,7 +95,7 @@ def _clip_blocks(dataset: UCSDDataset, plan: WindowPlan, cfg: ShardConfig, ci: i
                 anomaly_types=list(types),
                 first=first,
                 window=cfg.window,
-                frames=frames[first:end],  # a view: the npy payload is written straight from the decoded clip
+                frames=None,  # set by the worker that decodes the clip
                 frame_labels=np.asarray(clip.frame_labels[first:end], np.uint8),
                 start=plan.start[rows],
                 label=plan.label[rows],
@@ -146,34 +116,76 @@ def _take_shard(pending: list[Block], shard_size: int) -> list[Block]:
     return taken
 
 
-def _write_all_shards(
-    dataset: UCSDDataset, plan: WindowPlan, cfg: ShardConfig, stage: Path, show_progress: bool
-) -> list[dict]:
-    """Decode the clips that have kept windows and write every shard into ``stage``; returns the shard entries."""
+def _plan_jobs(dataset: UCSDDataset, plan: WindowPlan, cfg: ShardConfig) -> list[dict]:
+    """The build as jobs, one per group of clips: {"clips", "shards": [(name, blocks without frames), ...]}."""
     rng = np.random.default_rng(cfg.seed)
     spans = plan_blocks(plan, min(cfg.block_windows, cfg.shard_size))
     needed = sorted(spans)
     clip_order = [needed[i] for i in rng.permutation(len(needed))]
-    pending: list[Block] = []
-    group: list[Block] = []
+    jobs, n_shards = [], 0
+    for g in range(0, len(clip_order), CLIPS_PER_GROUP):
+        group = clip_order[g : g + CLIPS_PER_GROUP]
+        blocks = [b for ci in group for b in _clip_blocks(dataset, plan, cfg, ci, spans[ci])]
+        pending = [blocks[j] for j in rng.permutation(len(blocks))]
+        shards = []
+        while pending:
+            shards.append((f"{dataset.name}-{n_shards + len(shards):06d}.tar", _take_shard(pending, cfg.shard_size)))
+        jobs.append({"clips": [dataset.clips[ci] for ci in group], "shards": shards})
+        n_shards += len(shards)
+    return jobs
+
+
+def _decode_job(job: dict, height: int, width: int) -> dict[str, np.ndarray]:
+    return {clip.name: _decode_clip(clip, height, width) for clip in job["clips"]}
+
+
+def _write_job(job: dict, frames: dict[str, np.ndarray], stage: Path) -> list[dict]:
+    """Write one group's shards from its decoded clips; returns their manifest entries."""
+    entries = []
+    for name, blocks in job["shards"]:
+        for b in blocks:  # views: the npy payloads are written straight from the decoded clips
+            b.frames = frames[b.clip][b.first : b.first + len(b.frame_labels)]
+        entries.append(write_shard(stage / name, blocks))
+    return entries
+
+
+def _run_job(job: dict, height: int, width: int, stage: Path) -> list[dict]:
+    """Decode one group of clips and write its shards (in a worker process)."""
+    return _write_job(job, _decode_job(job, height, width), stage)
+
+
+def _job_results(jobs: list[dict], cfg: ShardConfig, stage: Path) -> Iterator[list[dict]]:
+    """Each job's shard entries, in job order."""
+    if cfg.workers == 1:
+        # One process: a thread writes a group (sha256 and file writes release the GIL) while the next one decodes.
+        with ThreadPoolExecutor(1) as writer:
+            pending = None
+            for job in jobs:
+                written = writer.submit(_write_job, job, _decode_job(job, cfg.height, cfg.width), stage)
+                if pending is not None:
+                    yield pending.result()
+                pending = written
+            if pending is not None:
+                yield pending.result()
+        return
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+    pool = ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx)
+    try:
+        yield from pool.map(functools.partial(_run_job, height=cfg.height, width=cfg.width, stage=stage), jobs)
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _write_all_shards(
+    dataset: UCSDDataset, plan: WindowPlan, cfg: ShardConfig, stage: Path, show_progress: bool
+) -> list[dict]:
+    """Decode the clips that have kept windows and write every shard into ``stage``; returns the shard entries."""
+    jobs = _plan_jobs(dataset, plan, cfg)
     shards: list[dict] = []
-    bar = tqdm(total=len(plan.kept), desc="write", unit="window", disable=not show_progress)
-    clips = [dataset.clips[c] for c in clip_order]
-    handoff = stage / ".decoded"  # inside the staging folder: a killed build's leftovers go with it
-    handoff.mkdir()
-    for i, frames in _decoded_clips(clips, cfg, show_progress, handoff):
-        group += _clip_blocks(dataset, plan, cfg, clip_order[i], spans[clip_order[i]], frames)
-        last = i == len(clip_order) - 1
-        if (i + 1) % CLIPS_PER_GROUP and not last:
-            continue
-        pending += [group[j] for j in rng.permutation(len(group))]
-        group = []
-        while pending and (last or sum(b.n_kept for b in pending) >= cfg.shard_size):
-            blocks = _take_shard(pending, cfg.shard_size)
-            shards.append(write_shard(stage / f"{dataset.name}-{len(shards):06d}.tar", blocks))
-            bar.update(shards[-1]["samples"])
-    bar.close()
-    shutil.rmtree(handoff)
+    with tqdm(total=len(plan.kept), desc="build", unit="window", disable=not show_progress) as bar:
+        for entries in _job_results(jobs, cfg, stage):
+            shards += entries
+            bar.update(sum(e["samples"] for e in entries))
     return shards
 
 
