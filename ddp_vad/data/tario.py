@@ -75,7 +75,7 @@ def _check_header(header: bytes) -> None:
         raise ValueError("tar header checksum mismatch (broken tar header)")
 
 
-def tar_members(path: str | Path, want: Callable[[str], bool] | None = None) -> Iterator[tuple[str, bytes | None]]:
+def tar_members(path: str | Path, want: Callable[[str], bool] | None = None) -> Iterator[tuple[str, bytearray | None]]:
     """(name, payload) of each regular file of a ustar archive, in file order; ``want(name)`` False skips the
     payload (seeks past it, payload None).
 
@@ -108,8 +108,8 @@ def tar_members(path: str | Path, want: Callable[[str], bool] | None = None) -> 
                 f.seek(padded, 1)
                 yield full, None
                 continue
-            payload = f.read(size)
-            if len(payload) < size:
+            payload = bytearray(size)  # writable: arrays over it can become torch tensors without a copy
+            if f.readinto(payload) < size:
                 raise ValueError("truncated tar member")
             f.seek(padded - size, 1)  # padding to the next block
             yield full, payload
