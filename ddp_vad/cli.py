@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import click
 
 from ddp_vad.config import load_config_file
+from ddp_vad.data.shards import ShardConfig, build_shards, print_info
 from ddp_vad.data.synth import SynthConfig, run_synth
 from ddp_vad.errors import UserError, error_message
 from ddp_vad.eval.baselines import BaselinesConfig, run_baselines
@@ -20,8 +20,6 @@ from ddp_vad.runlock import run_lock
 from ddp_vad.train.distributed import main_lock, main_process_only, object_group, process_state
 from ddp_vad.train.pretrain import PretrainConfig, run_pretrain
 from ddp_vad.train.transfer import TransferConfig, run_transfer
-
-DEFAULT_SHARDS = Path("shards")  # relative to the working directory, never inside an installed package
 
 
 def _apply_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -90,16 +88,6 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-def _call(module: str, function: str, config_class: str | None = None, **kwargs):
-    """Import the stage lazily (keeps `--help` fast) and run it."""
-    import importlib
-
-    mod = importlib.import_module(f"ddp_vad.{module}")
-    if config_class is None:
-        return getattr(mod, function)(**kwargs)
-    return getattr(mod, function)(getattr(mod, config_class)(**kwargs))
-
-
 def command(group: click.Group, name: str, **settings) -> Callable:
     """``group.command`` plus ``--config``."""
 
@@ -134,63 +122,15 @@ def shard_group() -> None:
     """Build and inspect webdataset shards of labelled 10-frame windows."""
 
 
-@command(shard_group, "build")
-@click.argument("data", type=click.Path())
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Output folder. Default: shards/<dataset-name> in the working directory.",
-)
-@click.option("--dataset", default=None, help="UCSDped1 or UCSDped2 when DATA holds both.")
-@click.option("--window", default=10, type=click.IntRange(min=1), help="Frames per window.")
-@click.option("--stride", default=1, type=click.IntRange(min=1), help="Step between window starts.")
-@click.option("--height", default=120, type=click.IntRange(min=8), help="Resize frames to this height.")
-@click.option("--width", default=182, type=click.IntRange(min=8), help="Resize frames to this width.")
-@click.option(
-    "--min-anomalous",
-    default=5,
-    type=click.IntRange(min=1),
-    help="A window is anomalous when at least this many of its frames are.",
-)
-@click.option(
-    "--balance",
-    default="undersample",
-    type=click.Choice(["undersample", "none"]),
-    help="Under-sample the majority class to the minority count (seeded).",
-)
-@click.option("--folds", default=10, type=click.IntRange(min=2), help="Number of CV folds to assign.")
-@click.option("--seed", default=0, type=int, help="Seed for balancing and fold assignment.")
-@click.option("--workers", default=None, type=click.IntRange(min=1), help="Decoding processes (default: cores).")
-@click.option("--shard-size", default=200, type=click.IntRange(min=1), help="Samples per tar shard.")
-@click.option(
-    "--anomaly-types",
-    default=None,
-    type=click.Path(dir_okay=False),
-    help="JSON {clip: [types]} for real data (synthetic data brings anomaly_types.json).",
-)
-@click.option("--overwrite", is_flag=True, help="Replace an existing shard set in --out.")
-@click.option(
-    "--format",
-    default=None,
-    type=click.Choice(["ucsd", "avenue", "shanghaitech", "videos"]),
-    help="Layout of DATA (default: detected). videos = train/ and test/ (videos or frame folders) + labels.csv.",
-)
-@click.option(
-    "--fps",
-    default=None,
-    type=click.FloatRange(min=0, min_open=True),
-    help="Resample videos to this frame rate by their timestamps (default: every decoded frame).",
-)
+@stage_command(shard_group, "build", ShardConfig)
 def shard_build_cmd(**kwargs) -> None:
     """Cut clips in DATA (UCSD, Avenue, ShanghaiTech, or videos + labels.csv) into labelled windows and write tar
     shards + manifest.json."""
-    if kwargs["out"] is None:
-        kwargs["out"] = str(DEFAULT_SHARDS / (kwargs["dataset"] or Path(kwargs["data"]).resolve().name))
+    cfg = ShardConfig(**kwargs)
 
     def build() -> None:
-        with run_lock(kwargs["out"], what="shard build"):  # one writer per shard folder (a lock file beside it)
-            _call("data.shards", "build_shards", "ShardConfig", **kwargs)
+        with run_lock(cfg.out, what="shard build"):  # one writer per shard folder (a lock file beside it)
+            build_shards(cfg)
 
     main_process_only(build, "shard build")
 
@@ -200,7 +140,7 @@ def shard_build_cmd(**kwargs) -> None:
 @click.option("--verify", is_flag=True, help="Re-read every shard; check sample counts and sha256.")
 def shard_info_cmd(directory: str, verify: bool) -> None:
     """Print counts and class balance of a shard set; --verify checks every shard against the manifest."""
-    _call("data.shards", "print_info", directory=directory, verify=verify)
+    print_info(directory, verify=verify)
 
 
 # ------------------------------------------------------------------------------------- baselines

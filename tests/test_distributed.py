@@ -116,7 +116,7 @@ def _keys_by_epoch(path: Path) -> list[tuple[int, str]]:
 
 @pytest.mark.slow
 def test_pretrain_ranks_read_disjoint_shards(chain):
-    from ddp_vad.data.reader import epoch_shards, iter_tar
+    from ddp_vad.data.reader import epoch_shards, iter_windows
 
     debug = chain["gan"] / "debug"
     seen = {r: _keys_by_epoch(debug / f"keys_rank{r}.txt") for r in range(NPROC)}
@@ -130,7 +130,7 @@ def test_pretrain_ranks_read_disjoint_shards(chain):
         assert not per_rank[0] & per_rank[1], f"epoch {e}: both ranks read {sorted(per_rank[0] & per_rank[1])}"
         for r in range(NPROC):
             # split_by_node: rank r reads shards r, r+P, ... of the epoch's shuffled shard list, and nothing else
-            allowed = {s["key"] for url in urls[r::NPROC] for s in iter_tar(url)}
+            allowed = {w["key"] for w in iter_windows(chain["shards"], shards=urls[r::NPROC], frames=False)}
             assert per_rank[r] <= allowed, f"epoch {e}, rank {r} read keys outside its shards"
             assert len(per_rank[r]) == len([1 for ep, _ in seen[r] if ep == e]), "a key repeated within an epoch"
     # Uneven data: the ranks leave epoch 0 at different steps, and still both finish every step (no hang).

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -46,15 +45,28 @@ def _write_run(run, method, folds, oof_lines, shards):
 
 
 def _write_label_shards(path):
-    """A minimal shard folder: manifest + one tar holding only the json members (all evaluate reads)."""
+    """A minimal shard set: one tar with one block per clip (window 2, 4x4 frames) and its manifest."""
+    from ddp_vad.data.format import FORMAT, Block
+    from ddp_vad.data.writer import write_shard
+
     path.mkdir()
-    with tarfile.open(path / "s-000000.tar", "w") as tar:
-        for key, labels in FRAME_LABELS.items():
-            data = json.dumps({"clip": key[:2], "start": int(key[3:]), "frame_labels": labels}).encode()
-            info = tarfile.TarInfo(f"{key}.json")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    manifest = {"window": 2, "height": 4, "width": 4, "folds": 2, "shards": [{"name": "s-000000.tar"}]}
+    blocks = []
+    for clip in sorted({key[:2] for key in FRAME_LABELS}):
+        starts = sorted(int(key[3:]) for key in FRAME_LABELS if key[:2] == clip)
+        labels = np.zeros(starts[-1] + 2, np.uint8)
+        for s in starts:
+            labels[s : s + 2] = FRAME_LABELS[f"{clip}_{s:04d}"]
+        n = len(starts)
+        blocks.append(Block(key=f"{clip}_0000", clip=clip, split="test", anomaly_types=[], first=0, window=2,
+                            frames=np.zeros((len(labels), 4, 4), np.uint8), frame_labels=labels,
+                            start=np.array(starts), label=labels[starts], kept=np.ones(n, bool),
+                            fold_window=np.zeros(n, np.int64), fold_clip=np.zeros(n, np.int64)))  # fmt: skip
+    entry = write_shard(path / "s-000000.tar", blocks)
+    counts = dict(clips=4, train_clips=0, test_clips=4, windows=8, anomalous=4, normal=4, kept=8, kept_anomalous=4,
+                  kept_normal=4)  # fmt: skip
+    manifest = {"format": FORMAT, "dataset": "s", "source": str(path), "balance": "none", "window": 2, "stride": 1,
+                "height": 4, "width": 4, "min_anomalous": 1, "folds": 2, "seed": 0, "counts": counts,
+                "shards": [entry]}  # fmt: skip
     (path / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -227,4 +239,4 @@ def test_runs_from_different_shard_sets_are_refused_naming_both(runs, tmp_path):
     result = CliRunner().invoke(cli, ["evaluate", str(lrcn), str(synth_run), "--out", str(out), "--allow-mixed-data"])
     assert result.exit_code == 0 and "WARNING: the runs come from 2 different shard sets" in result.stderr
     report = json.loads((out / "report.json").read_text())
-    assert report["mixed_data"] is True and {d["dataset"] for d in report["data"]} == {None, "SynthPed"}
+    assert report["mixed_data"] is True and {d["dataset"] for d in report["data"]} == {"s", "SynthPed"}

@@ -372,8 +372,11 @@ def test_several_processes_without_a_process_group_are_refused(monkeypatch):
 
 
 def test_fewer_shards_than_processes_times_workers(capsys):
-    with pytest.warns(UserWarning, match="2 shard"):
+    with pytest.warns(UserWarning, match="2 shard.*splitting by sample"):
         check_shard_count(2, 2, 2)
     assert "WARNING" in capsys.readouterr().err
-    with pytest.raises(UserError, match="1 shard"):
+    # Fewer shards than processes: no longer an error, every rank reads every shard and keeps its share.
+    with pytest.warns(UserWarning, match="1 shard.*every 2-th window"):
         check_shard_count(1, 2, 0)
+    with pytest.raises(UserError, match="no shards"):
+        check_shard_count(0, 2, 0)

@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from ddp_vad.cli import cli
-from ddp_vad.data import shards as shards_mod
-from ddp_vad.data.reader import load_window_set
-from ddp_vad.data.shards import ShardConfig, build_shards, load_manifest, verify_shards
+from ddp_vad.data import writer as writer_mod
+from ddp_vad.data.reader import iter_blocks, iter_windows, load_window_set
+from ddp_vad.data.shards import FORMAT, ShardConfig, build_shards, load_manifest, verify_shards
 from ddp_vad.data.sources.ucsd import discover, read_clip
 from ddp_vad.errors import UserError
 
@@ -67,31 +67,45 @@ def test_contract_fields_and_no_pickle(tiny_shards):
         "kept_anomalous",
         "kept_normal",
     }
+    assert manifest["format"] == FORMAT
     names = [s["name"] for s in manifest["shards"]]
     assert names == [f"UCSDped1-{i:06d}.tar" for i in range(len(names))]
     assert sorted(p.name for p in Path(tiny_shards).glob("*.tar")) == names
-    with tarfile.open(Path(tiny_shards) / names[0]) as tar:
+    with tarfile.open(Path(tiny_shards) / names[0]) as tar:  # plain webdataset tars: tarfile reads them
         members = tar.getnames()
         key = members[0].split(".")[0]
         assert re.fullmatch(r"(Train|Test)\d{3}_\d{4}", key)
-        assert {m.split(".", 1)[1] for m in members if m.startswith(key + ".")} == {
-            "frames.npy",
-            "cls",
-            "json",
-        }
+        assert {m.split(".", 1)[1] for m in members if m.startswith(key + ".")} == {"frames.npy", "json"}
         frames = np.load(io.BytesIO(tar.extractfile(f"{key}.frames.npy").read()), allow_pickle=False)
-        assert frames.dtype == np.uint8 and frames.shape == (10, 24, 36)
         meta = json.loads(tar.extractfile(f"{key}.json").read())
-        assert set(meta) == {
-            "clip",
-            "start",
-            "frame_labels",
-            "anomaly_types",
-            "split",
-            "fold_window",
-            "fold_clip",
-        }
-        assert tar.extractfile(f"{key}.cls").read() in (b"0", b"1")
+        assert set(meta) == {"clip", "split", "anomaly_types", "first_frame", "window", "frame_labels", "windows"}
+        assert set(meta["windows"]) == {"start", "label", "kept", "fold_window", "fold_clip"}
+        assert frames.dtype == np.uint8 and frames.shape == (len(meta["frame_labels"]), 24, 36)
+        assert key == f"{meta['clip']}_{meta['first_frame']:04d}" and meta["windows"]["start"][0] == meta["first_frame"]
+    # What the stages see per window is the v1 per-window json, unchanged.
+    window = next(iter_windows(tiny_shards))
+    assert window["frames"].dtype == np.uint8 and window["frames"].shape == (10, 24, 36)
+    meta_keys = {"clip", "start", "frame_labels", "anomaly_types", "split", "fold_window", "fold_clip"}
+    assert set(window["meta"]) == meta_keys
+    assert window["label"] in (0, 1)
+
+
+def test_frames_are_stored_once_in_blocks(tiny_shards):
+    manifest = load_manifest(tiny_shards)
+    blocks = list(iter_blocks(tiny_shards))
+    assert len(blocks) == sum(s["blocks"] for s in manifest["shards"])
+    assert sum(len(b.frames) for b in blocks) == sum(s["frames"] for s in manifest["shards"])
+    by_clip: dict[str, list] = {}
+    for b in blocks:
+        assert b.kept.any() and b.n_kept <= manifest["block_windows"]
+        by_clip.setdefault(b.clip, []).append(b)
+    for clip_blocks in by_clip.values():  # every window in exactly one block; blocks overlap by <= window-1 frames
+        clip_blocks.sort(key=lambda b: b.first)
+        starts = np.concatenate([b.start for b in clip_blocks])
+        assert (np.diff(starts) > 0).all()
+        for a, b in zip(clip_blocks, clip_blocks[1:], strict=False):
+            assert a.first + len(a.frames) - b.first <= 9
+    assert sum(len(b.frames) for b in blocks) < 1.5 * manifest["clip_frames"]
 
 
 def test_counts_on_the_real_sample_follow_its_gt_file(sample_dir, tmp_path):
@@ -142,20 +156,20 @@ def test_a_build_killed_midway_leaves_the_old_set_intact(tiny_data, tmp_path, mo
     out = build_shards(_cfg(tiny_data, tmp_path / "s"), show_progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     calls = {"n": 0}
-    real_write = shards_mod._write_shard
+    real_write = writer_mod._write_shard
 
-    def dying_write(path, samples):
+    def dying_write(path, blocks):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt  # stands in for a kill between two shards
-        return real_write(path, samples)
+        return real_write(path, blocks)
 
-    monkeypatch.setattr(shards_mod, "_write_shard", dying_write)
+    monkeypatch.setattr(writer_mod, "_write_shard", dying_write)
     with pytest.raises(KeyboardInterrupt):
         build_shards(_cfg(tiny_data, out, overwrite=True), show_progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     # No complete-looking tar outside the hidden staging folder; the next build cleans it up.
-    monkeypatch.setattr(shards_mod, "_write_shard", real_write)
+    monkeypatch.setattr(writer_mod, "_write_shard", real_write)
     build_shards(_cfg(tiny_data, out, overwrite=True), show_progress=False)
     assert not list(tmp_path.glob(".*"))
 

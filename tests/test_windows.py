@@ -50,8 +50,11 @@ def test_stratified_folds_are_balanced_and_deterministic():
     sizes = np.bincount(folds, minlength=10)
     pos = np.bincount(folds, weights=labels, minlength=10)
     assert sizes.max() - sizes.min() <= 1 and pos.max() - pos.min() <= 1
+    assert not np.array_equal(folds, stratified_folds(labels, 10, seed=1))  # the seed matters
     with pytest.raises(UserError, match="cannot make 10 folds from 5 windows"):
         stratified_folds(labels[:5], 10, 0)
+    with pytest.raises(UserError, match="no class has 4 windows"):
+        stratified_folds(np.array([0, 0, 0, 1, 1, 1]), 4, 0)
 
 
 def test_grouped_folds_never_split_a_clip():
@@ -64,3 +67,21 @@ def test_grouped_folds_never_split_a_clip():
     assert set(folds) == set(range(5))
     np.testing.assert_array_equal(folds, grouped_stratified_folds(labels, groups, 5, seed=1))
     assert (grouped_stratified_folds(labels, groups, 30, seed=1) == -1).all()  # 23 clips < 30 folds
+    assert (grouped_stratified_folds(labels, groups, 23, seed=1) >= 0).all()  # 23 clips = 23 folds: one each
+
+
+def test_grouped_folds_are_stratified_as_far_as_clips_allow():
+    # 40 clips of 10 windows, every other clip all-anomalous: 4 + 4 clips per fold is possible, and is what we get.
+    groups = np.repeat(np.arange(40), 10)
+    labels = (groups % 2 == 0).astype(int)
+    for seed in range(3):
+        folds = grouped_stratified_folds(labels, groups, 5, seed)
+        assert np.bincount(folds, minlength=5).tolist() == [80] * 5
+        assert np.bincount(folds, weights=labels, minlength=5).tolist() == [40] * 5
+    # Uneven random clips: every fold stays within 10 points of the overall anomaly rate.
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(23), rng.integers(5, 40, 23))
+    labels = rng.integers(0, 2, len(groups))
+    folds = grouped_stratified_folds(labels, groups, 5, seed=1)
+    rates = np.bincount(folds, weights=labels) / np.bincount(folds)
+    assert np.abs(rates - labels.mean()).max() < 0.1

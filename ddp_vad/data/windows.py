@@ -1,12 +1,15 @@
-"""Pure functions: sliding windows, window labels, class balancing and fold assignment.
+"""Pure functions: sliding windows, window labels, class balancing and fold assignment (scikit-learn's splitters).
 
-Everything here is deterministic from its arguments (seeded numpy generators, no global state), so every
-process of a distributed job computes the same windows and folds.
+Everything here is deterministic from its arguments (seeded numpy generators and scikit-learn splitters, no global
+state), so every process of a distributed job computes the same windows and folds.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from ddp_vad.errors import UserError
 
@@ -45,57 +48,44 @@ def undersample(labels: np.ndarray, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(kept))
 
 
-def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Fold index per item: a seeded shuffle inside each class, dealt round-robin over ``k`` folds.
+def _fold_of_each(splitter, labels: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+    """Fold index per item from a scikit-learn splitter (item i is in the test set of fold ``folds[i]``)."""
+    folds = np.full(len(labels), -1, np.int64)
+    with warnings.catch_warnings():  # "least populated class has fewer members than n_splits": a fact, not a fault
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        for fold, (_, test) in enumerate(splitter.split(np.zeros((len(labels), 1)), labels, groups)):
+            folds[test] = fold
+    return folds
 
-    Every fold gets the same number of items of each class (+-1), like a stratified k-fold.
+
+def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold index per item: scikit-learn's ``StratifiedKFold`` (shuffled, seeded).
+
+    Every fold gets the same number of items of each class (+-1), and fold sizes differ by at most one.
     """
     labels = np.asarray(labels)
     if k < 2:
         raise UserError(f"folds must be >= 2, got {k}")
     if len(labels) < k:
         raise UserError(f"cannot make {k} folds from {len(labels)} windows")
-    rng = np.random.default_rng(seed)
-    folds = np.empty(len(labels), np.int64)
-    offset = 0
-    for cls in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == cls))
-        # Continue dealing where the previous class stopped so fold sizes stay within one of each other.
-        folds[idx] = (np.arange(len(idx)) + offset) % k
-        offset = (offset + len(idx)) % k
-    return folds
+    classes, counts = np.unique(labels, return_counts=True)
+    if counts.max() < k:
+        raise UserError(f"cannot make {k} stratified folds: no class has {k} windows ({counts.tolist()} per class)")
+    return _fold_of_each(StratifiedKFold(k, shuffle=True, random_state=seed % 2**32), labels)
 
 
 def grouped_stratified_folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Fold index per item with every group (clip) entirely inside one fold.
+    """Fold index per item with every group (clip) entirely inside one fold: scikit-learn's
+    ``StratifiedGroupKFold`` (shuffled, seeded), which places groups so that the folds' class proportions stay as
+    even as the groups allow.
 
-    Groups are shuffled (seeded) and then placed greedily, largest first, into the fold where they least
-    increase the spread of per-fold class counts, which keeps folds stratified as far as groups allow.
     Returns -1 for every item when there are fewer groups than folds (the protocol is then unavailable).
     """
     labels = np.asarray(labels)
-    groups = np.asarray(groups)
-    names, inverse = np.unique(groups, return_inverse=True)
-    if len(names) < k:
+    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    if inverse.max(initial=-1) + 1 < k:
         return np.full(len(labels), -1, np.int64)
-    pos = np.bincount(inverse, weights=labels, minlength=len(names))
-    size = np.bincount(inverse, minlength=len(names)).astype(np.float64)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(names))
-    order = order[np.argsort(-size[order], kind="stable")]
-    # Scale both classes alike so the rarer one counts as much as the common one.
-    w_pos, w_neg = 1.0 / max(pos.sum(), 1.0) ** 2, 1.0 / max((size - pos).sum(), 1.0) ** 2
-    fold_pos, fold_neg = np.zeros(k), np.zeros(k)
-    fold_of_group = np.empty(len(names), np.int64)
-    for g in order:
-        # Growth of the sum of squared class counts if g joins each fold: least-loaded fold wins.
-        cost = w_pos * fold_pos * pos[g] + w_neg * fold_neg * (size[g] - pos[g])
-        cost += 1e-12 * (fold_pos + fold_neg)  # tie-break towards smaller folds
-        best = int(np.argmin(cost))
-        fold_of_group[g] = best
-        fold_pos[best] += pos[g]
-        fold_neg[best] += size[g] - pos[g]
-    return fold_of_group[inverse]
+    return _fold_of_each(StratifiedGroupKFold(k, shuffle=True, random_state=seed % 2**32), labels, inverse)
 
 
 def fold_summary(labels: np.ndarray, folds: np.ndarray, k: int) -> list[dict]:

@@ -122,16 +122,10 @@ def fig_similarity(curves: list[tuple[str, dict[str, list[float]]]]):
 
 def real_windows(shard_dir: Path, n: int) -> list[tuple[str, np.ndarray]]:
     """The first ``n`` windows of a shard set (key, uint8 [T, H, W]), read lazily from the first shards."""
-    from ddp_vad.data.reader import iter_tar
-    from ddp_vad.data.shards import load_manifest, shard_paths
+    from ddp_vad.data.reader import load_window_set
 
-    out: list[tuple[str, np.ndarray]] = []
-    for path in shard_paths(shard_dir, load_manifest(shard_dir)):
-        for sample in iter_tar(path):
-            out.append((sample["key"], sample["frames"]))
-            if len(out) >= n:
-                return out
-    return out
+    ws = load_window_set(shard_dir, n=n, on_damage="skip")  # figures only: a damaged shard is reported, skipped
+    return list(zip(ws.keys, ws.frames, strict=True))
 
 
 def _latent_dim(generator: Any, model_cfg: Any) -> int:

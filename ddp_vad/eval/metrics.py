@@ -17,10 +17,8 @@ ones, with the positive class = anomalous (label 1):
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
-import tarfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -221,27 +219,14 @@ def read_oof_scores(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def read_shard_frame_labels(shard_dir: str | os.PathLike) -> dict[str, list[int]]:
-    """Per-window frame labels ``{key: [0/1 x T]}`` read from the shards' json members only.
+    """Per-window frame labels ``{key: [0/1 x T]}`` read from the shards' block metadata only.
 
-    Much cheaper than materialising every window (no frames are decoded). Raises UserError when the
-    folder holds no manifest or a listed shard cannot be read.
+    Much cheaper than materialising every window (no frames are read). Raises UserError when the
+    folder holds no manifest or a listed shard is damaged (frame-level metrics need every window).
     """
-    from ddp_vad.data.shards import load_manifest, shard_paths
+    from ddp_vad.data.reader import iter_windows
 
-    manifest = load_manifest(shard_dir)
-    labels: dict[str, list[int]] = {}
-    for tar_path in shard_paths(shard_dir, manifest):
-        try:
-            with tarfile.open(tar_path, mode="r|") as tar:  # one sequential pass
-                for member in tar:
-                    key, _, ext = Path(member.name).name.partition(".")
-                    if not member.isfile() or ext != "json":
-                        continue
-                    meta = json.loads(tar.extractfile(member).read())
-                    labels[key] = [int(v) for v in meta["frame_labels"]]
-        except (tarfile.TarError, OSError, KeyError, json.JSONDecodeError) as exc:
-            raise UserError(f"cannot read frame labels from {tar_path}: {exc}") from None
-    return labels
+    return {w["key"]: w["meta"]["frame_labels"] for w in iter_windows(shard_dir, frames=False)}
 
 
 def _frame_label_map(frame_labels: Any) -> Mapping[str, Sequence[int]]:

@@ -98,7 +98,8 @@ def run_data(run_dir: Path) -> dict | None:
         return None
     # The shard set's identity is its content (two copies of one set are the same data), else its path.
     hashes = [s.get("sha256") for s in manifest.get("shards") or [] if isinstance(s, dict)]
-    identity = hashlib.sha256("".join(map(str, hashes)).encode()).hexdigest() if hashes and all(hashes) else None
+    content = f"{manifest.get('dataset')}|" + "".join(map(str, hashes))
+    identity = hashlib.sha256(content.encode()).hexdigest() if hashes and all(hashes) else None
     return {
         "path": str(shards.resolve()),
         "dataset": manifest.get("dataset"),

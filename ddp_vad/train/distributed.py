@@ -56,20 +56,11 @@ def check_process_group(num_processes: int) -> None:
 
 
 def check_shard_count(num_shards: int, num_processes: int, workers: int, is_main: bool = True) -> None:
-    """Warn when shards are fewer than processes x loader workers (some workers would idle); error when
-    fewer than processes (a rank with no data would hang DDP)."""
-    if num_shards < num_processes:
-        raise UserError(
-            f"{num_shards} shard(s) for {num_processes} processes: some ranks would get no data; rebuild the "
-            "shards with a smaller --shard-size"
-        )
-    if workers > 0 and num_shards < num_processes * workers and is_main:
-        message = (
-            f"WARNING: {num_shards} shard(s) < {num_processes} processes x {workers} loader workers: some workers "
-            "get no shard (rebuild with a smaller --shard-size or use fewer --workers)"
-        )
-        warnings.warn(message, stacklevel=2)
-        print(message, file=sys.stderr, flush=True)
+    """Error when the set lists no shard; when shards < processes x loader workers the stream splits by sample
+    instead of by shard (no rank or worker goes without data), and the main process says so once."""
+    from ddp_vad.data.stream import announce_split
+
+    announce_split(num_shards, num_processes, workers, is_main)
 
 
 def print_main(is_main: bool, *args, **kwargs) -> None:

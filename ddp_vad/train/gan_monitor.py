@@ -14,9 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ddp_vad.config import hparams_values
-from ddp_vad.data.reader import frames_to_float, iter_tar
-from ddp_vad.data.shards import shard_paths
-from ddp_vad.errors import UserError
+from ddp_vad.data.reader import frames_to_float, load_window_set
 from ddp_vad.files import write_json_atomic, write_text_atomic
 from ddp_vad.train.gan import STAT_NAMES, generate_windows
 from ddp_vad.train.gan_health import HEALTH_FILE, GanHealth
@@ -35,26 +33,8 @@ def window_similarity(fake: torch.Tensor, real: torch.Tensor) -> tuple[float, fl
 
 def sample_real_windows(shard_dir: str | Path, manifest: dict, n: int, seed: int) -> np.ndarray:
     """``n`` real windows (uint8 [n, T, H, W]) drawn uniformly (seeded) from the whole shard set; reads only the
-    shards that hold them."""
-    counts = [int(s["samples"]) for s in manifest["shards"]]
-    total = sum(counts)
-    if total == 0:
-        raise UserError(f"{shard_dir} holds no samples")
-    picks = np.sort(np.random.default_rng([seed, 7]).choice(total, size=min(n, total), replace=False))
-    out = np.empty((len(picks), manifest["window"], manifest["height"], manifest["width"]), np.uint8)
-    starts = np.cumsum([0, *counts])
-    j = 0
-    for shard, path in enumerate(shard_paths(shard_dir, manifest)):
-        wanted = set((picks[(picks >= starts[shard]) & (picks < starts[shard + 1])] - starts[shard]).tolist())
-        if not wanted:
-            continue
-        for i, sample in enumerate(iter_tar(path)):
-            if i in wanted:
-                out[j] = sample["frames"]
-                j += 1
-    if j != len(picks):
-        raise UserError(f"{shard_dir}: shards hold fewer samples than the manifest lists")
-    return out
+    shards that hold them (a damaged shard is reported and skipped, like in the training stream)."""
+    return load_window_set(shard_dir, n=n, seed=[seed, 7], on_damage="skip").frames
 
 
 def seeded_cpu_generator(*parts: int) -> torch.Generator:

@@ -1,0 +1,330 @@
+"""Streaming windows for training, open_clip style, from shards of blocks.
+
+Chain: the epoch's shard list (seeded shuffle) -> split by node (rank) -> split by loader worker -> tar to blocks
+(a damaged shard is reported once and skipped) -> [loader workers hand whole blocks to the main process] -> blocks
+expanded into windows (views) -> seeded buffer shuffle (a batch mixes blocks and clips) -> (fold filter) -> batch.
+Workers move each frame once (as part of a block), not once per window that holds it.
+
+When a rank has fewer shards than loader workers to feed (shards < processes x workers) the split is by sample
+instead: every worker of every rank reads every shard and keeps every (P x W)-th window, deterministically.
+
+The loader is never passed to ``accelerator.prepare`` (it would re-shard or broadcast): batches are moved to the
+device by the training loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from ddp_vad.data.format import ShardDamaged, iter_shard, report_damaged
+from ddp_vad.data.manifest import load_manifest
+from ddp_vad.errors import UserError
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack window samples into a batch dict of tensors (frames stay uint8: 4x cheaper to move)."""
+    return {
+        "frames": torch.from_numpy(np.stack([s["frames"] for s in samples])),
+        "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
+        "key": [s["key"] for s in samples],
+        "meta": [s["meta"] for s in samples],
+    }
+
+
+def frames_to_float(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 [B,T,H,W] -> float32 [B,T,1,H,W] in [0, 1] (call it after moving the batch to the device)."""
+    return frames.unsqueeze(2).to(torch.float32).div_(255.0)
+
+
+# ------------------------------------------------------------------------------------------ splitting
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def split_mode(num_shards: int, processes: int, workers: int) -> str:
+    """The split of the windows: "shards" when every loader worker of every process gets a shard, else "samples"."""
+    if num_shards == 0:
+        raise UserError("the shard set lists no shards; rebuild it with `ddp_vad shard build`")
+    return "shards" if num_shards >= processes * max(workers, 1) else "samples"
+
+
+_ANNOUNCED: set[tuple[int, int, int]] = set()
+
+
+def announce_split(num_shards: int, processes: int, workers: int, is_main: bool = True) -> str:
+    """Return :func:`split_mode`; when the split is by sample, the main process says so once (per process and
+    shard/process/worker count: the pretraining check and every epoch's stream share one message)."""
+    mode = split_mode(num_shards, processes, workers)
+    if mode == "samples" and is_main and (num_shards, processes, workers) not in _ANNOUNCED:
+        _ANNOUNCED.add((num_shards, processes, workers))
+        readers = processes * max(workers, 1)
+        message = (
+            f"{num_shards} shard(s) < {processes} process(es) x {max(workers, 1)} loader worker(s): splitting by "
+            f"sample (every process reads every shard and keeps every {readers}-th window); rebuild with a smaller "
+            "--shard-size to split by shard"
+        )
+        warnings.warn(message, UserWarning, stacklevel=2)
+        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+    return mode
+
+
+# ------------------------------------------------------------------------------------------- stages
+def _read_one(item: dict) -> Iterator:
+    """Blocks of one shard; a damaged shard ends with its ShardDamaged (reported by the main process)."""
+    try:
+        yield from iter_shard(item["dir"], item["entry"], item["manifest"])
+    except ShardDamaged as exc:
+        yield exc
+
+
+def _read_blocks(src: Iterable[dict]) -> Iterator:
+    for item in src:
+        yield from _read_one(item)
+
+
+_BLOCK_CACHE: dict[str, list] = {}
+
+
+def _cached_blocks(src: Iterable[dict]) -> Iterator:
+    """Like _read_blocks, but each shard is read from disk once per process and then served from memory."""
+    for item in src:
+        # The sha256 in the key: a set rebuilt in the same folder is not served from a stale cache.
+        url = f"{Path(item['dir']) / item['entry']['name']}@{item['entry']['sha256']}"
+        if url not in _BLOCK_CACHE:
+            _BLOCK_CACHE[url] = list(_read_one(item))
+        yield from _BLOCK_CACHE[url]
+
+
+def _select(src: Iterable, rank: int, world: int, by_sample: bool) -> Iterator:
+    """(block, positions of the windows this reader emits); by sample: every (P x W)-th kept window."""
+    worker, workers = _worker()
+    slot, stride, n = rank * workers + worker, world * workers, 0
+    for item in src:
+        if isinstance(item, ShardDamaged):
+            yield item
+            continue
+        pos = item.kept_positions()
+        if by_sample:
+            pos, n = pos[(n + np.arange(len(pos))) % stride == slot], n + len(pos)
+        if len(pos):
+            yield item, pos
+
+
+def _to_shared(src: Iterable) -> Iterator:
+    """In a loader worker: block frames as torch tensors, which the DataLoader hands over in shared memory (one
+    copy) instead of pickling them through a pipe (three)."""
+    for item in src:
+        if not isinstance(item, ShardDamaged):
+            item[0].frames = torch.from_numpy(item[0].frames)
+        yield item
+
+
+def _expand(src: Iterable) -> Iterator[dict]:
+    """Blocks -> window samples (frames are views into the block); damaged shards are reported here, once."""
+    for item in src:
+        if isinstance(item, ShardDamaged):
+            report_damaged(item)
+            continue
+        block, positions = item
+        if isinstance(block.frames, torch.Tensor):
+            block.frames = block.frames.numpy()
+        for j in positions.tolist():
+            yield block.window_sample(j)
+
+
+def _seeded_shuffle(bufsize: int, seed: tuple[int, ...]) -> Callable[[Iterable], Iterator]:
+    """Buffer shuffle whose order depends only on ``seed`` (reproducible runs)."""
+
+    def stage(src: Iterable) -> Iterator:
+        rng = random.Random(hash(seed))
+        buf: list = []
+        for item in src:
+            buf.append(item)
+            if len(buf) >= bufsize:
+                j = rng.randrange(len(buf))
+                buf[j], buf[-1] = buf[-1], buf[j]
+                yield buf.pop()
+        rng.shuffle(buf)
+        yield from buf
+
+    return stage
+
+
+def _as_is(item):
+    return item
+
+
+# ------------------------------------------------------------------------------------------ epochs
+def _epoch_items(shard_dir: str | Path, manifest: dict, epoch: int, seed: int, shuffle: bool) -> list[dict]:
+    items = [{"dir": str(shard_dir), "entry": entry, "manifest": manifest} for entry in manifest["shards"]]
+    if shuffle:
+        perm = np.random.default_rng([seed, epoch]).permutation(len(items))
+        items = [items[i] for i in perm]
+    return items
+
+
+def epoch_shards(shard_dir: str | Path, epoch: int, seed: int, shuffle: bool = True) -> list[str]:
+    """The shard list of one epoch: a permutation that depends only on (seed, epoch)."""
+    items = _epoch_items(shard_dir, load_manifest(shard_dir), epoch, seed, shuffle)
+    return [str(Path(shard_dir) / it["entry"]["name"]) for it in items]
+
+
+def stream_batches(
+    shard_dir: str | Path,
+    batch_size: int,
+    *,
+    epoch: int = 0,
+    seed: int = 0,
+    split: str = "nodes",
+    rank: int | None = None,
+    world_size: int | None = None,
+    workers: int = 0,
+    shuffle: bool = True,
+    shuffle_buffer: int = 1000,
+    fold_filter: Callable[[dict], bool] | None = None,
+    drop_last: bool = False,
+    cache: bool = False,
+    pin_memory: bool = False,
+) -> Iterable[dict]:
+    """One epoch of batches (see the module docstring for the chain).
+
+    ``split="nodes"`` gives each rank a disjoint share of the windows (DDP training): by shard, or by sample when
+    shards < processes x workers. ``split="all"`` gives every rank every window (fold-parallel fine-tuning, with
+    ``fold_filter(meta) -> bool`` selecting samples). ``cache=True`` keeps decoded blocks in this process's memory
+    across epochs (forces ``workers=0``). Damaged shards are reported once and skipped. ``pin_memory=True`` (CUDA
+    only) returns batches in page-locked memory, so that ``.to(device, non_blocking=True)`` really is asynchronous.
+    """
+    if split not in ("nodes", "all"):
+        raise UserError(f"split must be 'nodes' or 'all', got {split!r}")
+    rank, world_size = _rank_and_world(rank, world_size)
+    workers = 0 if cache else workers
+    manifest = load_manifest(shard_dir)
+    items = _epoch_items(shard_dir, manifest, epoch, seed, shuffle)
+    by_sample = False
+    if split == "nodes":
+        by_sample = announce_split(len(items), world_size, workers, is_main=rank == 0) == "samples"
+        items = items if by_sample else items[rank::world_size]
+    else:
+        rank, world_size = 0, 1
+        if workers > len(items):  # every rank reads everything: only the workers split, by shard
+            warnings.warn(f"{len(items)} shards but {workers} loader workers: using {len(items)}", stacklevel=2)
+            workers = len(items)
+
+    read = _cached_blocks if cache else _read_blocks
+    split_stage = [] if by_sample else [wds.split_by_worker]
+    source = functools.partial(iter, items)  # a callable: DataPipeline would splice a list into its stages
+    blocks = [source, *split_stage, read, functools.partial(_select, rank=rank, world=world_size, by_sample=by_sample)]
+    if workers > 0:  # workers read and decode; whole blocks cross to the main process
+        pipeline = wds.DataPipeline(*blocks, _to_shared)
+        blocks = [DataLoader(pipeline, batch_size=None, num_workers=workers, collate_fn=_as_is)]
+    stages = [*blocks, _expand]
+    if shuffle and shuffle_buffer > 1:
+        stages.append(_seeded_shuffle(shuffle_buffer, (seed, epoch, rank)))
+    if fold_filter is not None:
+        stages.append(wds.select(lambda s: fold_filter(s["meta"])))
+    stages.append(wds.batched(batch_size, collation_fn=collate, partial=not drop_last))
+    if pin_memory:
+        stages.append(_pinned)
+    return wds.DataPipeline(*stages)
+
+
+def _pinned(batches: Iterable[dict]) -> Iterator[dict]:
+    """Pipeline stage: every tensor of a batch in page-locked memory."""
+    for batch in batches:
+        yield {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class InfiniteBatches:
+    """Endless batches for step-based training: epoch after epoch, each with a fresh shard/sample order.
+
+    Every rank gets an endless stream, so ranks never run dry at different times (no DDP hang). ``epoch`` and
+    ``index`` (batches already taken from that epoch) say where the stream is; pass them back as
+    ``start_epoch``/``skip_batches`` to resume at exactly the same batch.
+    """
+
+    def __init__(
+        self,
+        shard_dir: str | Path,
+        batch_size: int,
+        *,
+        start_epoch: int = 0,
+        skip_batches: int = 0,
+        **stream_kwargs,
+    ):
+        self.shard_dir, self.batch_size, self.stream_kwargs = shard_dir, batch_size, stream_kwargs
+        self.epoch, self.index = start_epoch, 0
+        self._skip = skip_batches
+        self._it: Iterator[dict] | None = None
+
+    def __iter__(self) -> InfiniteBatches:
+        return self
+
+    def __next__(self) -> dict:
+        for _ in range(3):  # an epoch that yields nothing twice in a row would loop forever
+            if self._it is None:
+                self._it = iter(stream_batches(self.shard_dir, self.batch_size, epoch=self.epoch, **self.stream_kwargs))
+                self.index = 0
+                while self._skip > 0:
+                    self._skip -= 1
+                    if next(self._it, None) is None:
+                        break
+                    self.index += 1
+            batch = next(self._it, None)
+            if batch is not None:
+                self.index += 1
+                return batch
+            self._it = None
+            self.epoch += 1
+        raise UserError(f"{self.shard_dir} gives this process no full batch of {self.batch_size} samples")
+
+
+def infinite_batches(
+    shard_dir: str | Path,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    start_epoch: int = 0,
+    skip_batches: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    workers: int = 0,
+    drop_last: bool = True,
+    cache: bool = False,
+    shuffle_buffer: int = 1000,
+    pin_memory: bool = False,
+) -> InfiniteBatches:
+    """Endless version of :func:`stream_batches` with ``split="nodes"`` (see :class:`InfiniteBatches`)."""
+    return InfiniteBatches(
+        shard_dir,
+        batch_size,
+        start_epoch=start_epoch,
+        skip_batches=skip_batches,
+        seed=seed,
+        split="nodes",
+        rank=rank,
+        world_size=world_size,
+        workers=workers,
+        drop_last=drop_last,
+        cache=cache,
+        shuffle_buffer=shuffle_buffer,
+        pin_memory=pin_memory,
+    )
