@@ -21,7 +21,7 @@ from ddp_vad.eval.baselines import METHODS
 from ddp_vad.options import option
 from ddp_vad.presets import PRESET_NAMES, PRESETS
 from ddp_vad.train.classifier import TRAIN_SCOPES
-from ddp_vad.train.crossval import PROTOCOLS, check_fraction
+from ddp_vad.train.crossval import PROTOCOL_HELP, PROTOCOLS, check_fraction
 from ddp_vad.train.distributed import patient_barrier, print_main, process_state
 
 CURVE = (0.05, 0.1, 0.25, 0.5, 1.0)  # the default label-efficiency curve
@@ -48,7 +48,7 @@ class PipelineConfig:
     )
     seed: int = option(0, "Seed of every stage.")
     folds: int | None = option(None, "CV folds (default: the preset's).")
-    protocol: str = option("window", "Fold protocol.", choices=PROTOCOLS)
+    protocol: str = option("leakfree", PROTOCOL_HELP, choices=PROTOCOLS)
     train: str = option("head", "What transfer fine-tunes.", choices=TRAIN_SCOPES)
     steps: int | None = option(None, "GAN steps (default: the preset's).")
     epochs: int | None = option(None, "Fine-tuning epochs per fold.")
@@ -148,7 +148,7 @@ def _pretrain(cfg: PipelineConfig, plan: dict, dirs: dict[str, Path], main: bool
     run_pretrain(PretrainConfig(
         shards=str(dirs["shards"]), out=str(dirs["gan"]), preset=cfg.preset, steps=plan["steps"],
         batch_size=plan["batch_size"], seed=cfg.seed, resume="auto", similarity_every=plan["similarity_every"],
-        checkpoint_every=plan["checkpoint_every"], image_every=plan["checkpoint_every"],
+        checkpoint_every=plan["checkpoint_every"], image_every=plan["checkpoint_every"], protocol=cfg.protocol,
     ))  # fmt: skip
 
 

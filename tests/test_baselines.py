@@ -34,7 +34,7 @@ def synth_shards(tmp_path_factory):
 def window_run(synth_shards, tmp_path_factory):
     """All five methods once, protocol window."""
     out = tmp_path_factory.mktemp("baselines") / "bl"
-    run_baselines(BaselinesConfig(shards=str(synth_shards), out=str(out), rf_trees=20))
+    run_baselines(BaselinesConfig(shards=str(synth_shards), out=str(out), rf_trees=20, protocol="window"))
     return out
 
 
@@ -74,7 +74,7 @@ def test_outputs_format_and_folds(window_run, synth_shards):
 
 def test_resume_skips_finished_methods(window_run, synth_shards, capsys):
     before = (window_run / "nb" / "metrics.json").stat().st_mtime_ns
-    run_baselines(BaselinesConfig(shards=str(synth_shards), out=str(window_run), methods="nb"))
+    run_baselines(BaselinesConfig(shards=str(synth_shards), out=str(window_run), methods="nb", protocol="window"))
     assert (window_run / "nb" / "metrics.json").stat().st_mtime_ns == before
     assert "already done" in capsys.readouterr().out
     with pytest.raises(UserError, match="protocol 'window'"):
@@ -113,7 +113,7 @@ def test_bad_config(synth_shards, tmp_path):
     with pytest.raises(UserError, match="--methods"):
         BaselinesConfig(shards=str(synth_shards), out=str(tmp_path), methods="logreg,tree")
     with pytest.raises(UserError, match="--folds 5"):
-        run_baselines(BaselinesConfig(shards=str(synth_shards), out=str(tmp_path), folds=5))
+        run_baselines(BaselinesConfig(shards=str(synth_shards), out=str(tmp_path), folds=5, protocol="window"))
     result = CliRunner().invoke(cli, ["baselines", "--shards", str(tmp_path / "none"), "--out", str(tmp_path)])
     assert result.exit_code == 2 and result.output.startswith("error:") and str(tmp_path / "none") in result.output
 
@@ -163,5 +163,8 @@ def test_labelled_fraction_run_trains_on_fewer_windows(synth_shards, tmp_path):
 
 
 def _run_fraction(shards, out, fraction):
-    run_baselines(BaselinesConfig(shards=str(shards), out=str(out), methods="logreg", labelled_fraction=fraction))
+    cfg = BaselinesConfig(
+        shards=str(shards), out=str(out), methods="logreg", labelled_fraction=fraction, protocol="window"
+    )
+    run_baselines(cfg)
     return out / "logreg"

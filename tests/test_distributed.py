@@ -102,7 +102,7 @@ def chain(tmp_path_factory) -> dict[str, Path]:
     result = _launch(
         ["-m", "ddp_vad", "pretrain", "--shards", str(shards), "--out", str(gan), "--preset", "tiny",
          "--steps", str(STEPS), "--batch-size", str(BATCH), "--workers", "1", "--debug-keys", "--checkpoint-every", "0",
-         "--similarity-every", "5", "--image-every", "0", "--log-every", "5", "--no-progress"],
+         "--similarity-every", "5", "--image-every", "0", "--log-every", "5", "--no-progress", "--protocol", "window"],
         cwd=root,
     )  # fmt: skip
     _check_ok(result)
@@ -168,7 +168,7 @@ def transfer_runs(chain) -> tuple[Path, Path]:
 
     root, parallel, single = chain["root"], chain["root"] / "transfer-p2", chain["root"] / "transfer-p1"
     options = {"shards": str(chain["shards"]), "from": str(chain["gan"]), "train": "head", "epochs": "2",
-               "batch-size": "8", "seed": "0"}  # fmt: skip
+               "batch-size": "8", "seed": "0", "protocol": "window"}  # fmt: skip
     result = _launch(
         ["-m", "ddp_vad", "transfer", "--out", str(parallel), "--no-progress",
          *[a for k, v in options.items() for a in (f"--{k}", v)]],
@@ -178,7 +178,7 @@ def transfer_runs(chain) -> tuple[Path, Path]:
     assert result.stdout.count("transfer: GAN+LRCN recall") == 1  # the main process reports, once
     with torch_threads(1):  # like each torchrun worker (OMP_NUM_THREADS=1): same kernels, same float sums
         run_transfer(TransferConfig(shards=options["shards"], out=str(single), source=options["from"], train="head",
-                                    epochs=2, batch_size=8, seed=0, progress=False))  # fmt: skip
+                                    epochs=2, batch_size=8, seed=0, progress=False, protocol="window"))  # fmt: skip
     return parallel, single
 
 
@@ -213,7 +213,8 @@ def test_pipeline_under_torchrun_prepares_data_once_and_trains_on_both_processes
     # Data preparation is main-process work: a second process that also ran synth / shard build would race it on
     # the same files; the training stages must form one 2-process group (not two single-process runs).
     out = tmp_path / "run"
-    args = ["-m", "ddp_vad", "pipeline", "--out", str(out), "--preset", "tiny", "--methods", "nb", "--curve", "1"]
+    args = ["-m", "ddp_vad", "pipeline", "--out", str(out), "--preset", "tiny", "--methods", "nb", "--curve", "1",
+            "--protocol", "window"]  # fmt: skip
     result = _launch(args, cwd=tmp_path)
     _check_ok(result)
     log = result.stdout

@@ -60,7 +60,8 @@ def _write_label_shards(path):
         blocks.append(Block(key=f"{clip}_0000", clip=clip, split="test", anomaly_types=[], first=0, window=2,
                             frames=np.zeros((len(labels), 4, 4), np.uint8), frame_labels=labels,
                             start=np.array(starts), label=labels[starts], kept=np.ones(n, bool),
-                            fold_window=np.zeros(n, np.int64), fold_clip=np.zeros(n, np.int64)))  # fmt: skip
+                            fold_window=np.zeros(n, np.int64), fold_clip=np.zeros(n, np.int64),
+                            fold_leakfree=np.zeros(n, np.int64)))  # fmt: skip
     entry = write_shard(path / "s-000000.tar", blocks)
     counts = dict(clips=4, train_clips=0, test_clips=4, windows=8, anomalous=4, normal=4, kept=8, kept_anomalous=4,
                   kept_normal=4)  # fmt: skip

@@ -246,7 +246,7 @@ def test_fold_result_that_is_not_an_object_is_exit_2_naming_it(tiny_shards, tmp_
     result_file.parent.mkdir(parents=True)
     result_file.write_text("[1, 2, 3]")
     args = ["transfer", "--shards", str(tiny_shards), "--out", str(tmp_path / "t"), "--from", "scratch", "--epochs",
-            "1", "--preset", "tiny", "--no-progress"]  # fmt: skip
+            "1", "--preset", "tiny", "--no-progress", "--protocol", "window"]  # fmt: skip
     result = CliRunner().invoke(cli, args)
     _error_line(result, 2, str(result_file), "must hold a JSON object")
     assert result_file.read_text() == "[1, 2, 3]"
@@ -254,7 +254,8 @@ def test_fold_result_that_is_not_an_object_is_exit_2_naming_it(tiny_shards, tmp_
 
 def test_damaged_fold_checkpoint_restarts_that_fold_with_a_warning(tiny_shards, tmp_path):
     args = ["transfer", "--shards", str(tiny_shards), "--out", str(tmp_path / "t"), "--from", "scratch",
-            "--epochs", "2", "--batch-size", "16", "--preset", "tiny", "--no-progress"]  # fmt: skip
+            "--epochs", "2", "--batch-size", "16", "--preset", "tiny", "--no-progress",
+            "--protocol", "window"]  # fmt: skip
     assert CliRunner().invoke(cli, args).exit_code == 0
     run = tmp_path / "t"
     first = json.loads((run / "folds" / "fold_01" / "result.json").read_text())

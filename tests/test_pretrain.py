@@ -58,6 +58,7 @@ def config(shards: Path, out: Path, **kw) -> PretrainConfig:
         log_every=2,
         workers=0,
         progress=False,
+        protocol="window",  # the 64 kept windows of both splits: the epoch arithmetic below counts them
     )
     return PretrainConfig(shards=str(shards), out=str(out), **{**base, **kw})
 
@@ -250,7 +251,7 @@ def test_kill_9_then_resume_auto_matches_an_uninterrupted_run(tiny_shards, tmp_p
     run = tmp_path / "killed"
     args = ["pretrain", "--shards", str(tiny_shards), "--out", str(run), "--preset", "tiny", "--steps", "400",
             "--batch-size", "4", "--checkpoint-every", "4", "--keep-checkpoints", "0", "--similarity-every", "4",
-            "--workers", "0", "--no-progress"]  # fmt: skip
+            "--workers", "0", "--no-progress", "--protocol", "window"]  # fmt: skip
     # kill -9 at a fixed point: in the middle of writing the step-12 checkpoint (its staging folder half written).
     code = (
         "import os, signal, sys\n"
@@ -292,19 +293,20 @@ def test_two_process_gloo_run_splits_data_and_keeps_replicas_identical(tiny_shar
            "-m", "ddp_vad", "pretrain", "--shards", str(tiny_shards), "--out", str(run),
            "--preset", "tiny", "--steps", "10", "--batch-size", "4", "--checkpoint-every", "5",
            "--similarity-every", "5", "--image-every", "5", "--workers", "1", "--debug-keys",
-           "--no-progress"]  # fmt: skip
+           "--no-progress", "--protocol", "window"]  # fmt: skip
     res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
 
-    # Each rank streams its own half of the shards: within an epoch the ranks' samples are disjoint and
-    # together cover the data set (64 windows, 8 shards of 8; 32 per rank = 8 batches of 4 per epoch).
+    # Each rank streams its own half of the shards: within an epoch the ranks' samples are disjoint and together
+    # cover the data set (64 kept windows over 2 x 10 batches of 4: every rank finishes its epoch 0).
     seen = {}
     for r in (0, 1):
         lines = (run / f"debug/keys_rank{r}.txt").read_text().split("\n")
         seen[r] = [line.split()[1] for line in lines if line.startswith("0 ")]
-        assert len(seen[r]) == 32 and len(set(seen[r])) == 32
+        assert len(seen[r]) == len(set(seen[r])) > 0
+    assert 64 - 2 * 3 <= len(seen[0]) + len(seen[1]) <= 64  # each rank drops at most a partial batch of 3
     assert not set(seen[0]) & set(seen[1])
-    assert set(seen[0]) | set(seen[1]) == set(load_window_set(tiny_shards).keys)
+    assert set(seen[0]) | set(seen[1]) <= set(load_window_set(tiny_shards).keys)
 
     hashes = [(run / f"debug/weights_rank{r}.txt").read_text() for r in (0, 1)]
     assert hashes[0] == hashes[1]

@@ -48,7 +48,8 @@ def assert_same_windows(v1, old_dir: Path, new_dir: Path) -> None:
     assert old.keys() == new.keys() and len(new) == load_manifest(new_dir)["counts"]["kept"]
     for key, w in new.items():
         np.testing.assert_array_equal(w["frames"], old[key]["frames"], err_msg=key)
-        assert (w["label"], w["meta"]) == (old[key]["label"], old[key]["meta"]), key
+        meta = {k: v for k, v in w["meta"].items() if k != "fold_leakfree"}  # format 2's addition
+        assert (w["label"], meta) == (old[key]["label"], old[key]["meta"]), key
     ws = load_window_set(new_dir)  # the in-memory set, row by row
     for i, key in enumerate(ws.keys):
         meta = old[key]["meta"]

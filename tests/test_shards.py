@@ -79,13 +79,13 @@ def test_contract_fields_and_no_pickle(tiny_shards):
         frames = np.load(io.BytesIO(tar.extractfile(f"{key}.frames.npy").read()), allow_pickle=False)
         meta = json.loads(tar.extractfile(f"{key}.json").read())
         assert set(meta) == {"clip", "split", "anomaly_types", "first_frame", "window", "frame_labels", "windows"}
-        assert set(meta["windows"]) == {"start", "label", "kept", "fold_window", "fold_clip"}
+        assert set(meta["windows"]) == {"start", "label", "kept", "fold_window", "fold_clip", "fold_leakfree"}
         assert frames.dtype == np.uint8 and frames.shape == (len(meta["frame_labels"]), 24, 36)
         assert key == f"{meta['clip']}_{meta['first_frame']:04d}" and meta["windows"]["start"][0] == meta["first_frame"]
     # What the stages see per window is the v1 per-window json, unchanged.
     window = next(iter_windows(tiny_shards))
     assert window["frames"].dtype == np.uint8 and window["frames"].shape == (10, 24, 36)
-    meta_keys = {"clip", "start", "frame_labels", "anomaly_types", "split", "fold_window", "fold_clip"}
+    meta_keys = {"clip", "start", "frame_labels", "anomaly_types", "split", "fold_window", "fold_clip", "fold_leakfree"}
     assert set(window["meta"]) == meta_keys
     assert window["label"] in (0, 1)
 

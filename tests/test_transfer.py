@@ -64,7 +64,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.torch_t
 
 
 def _cfg(shards, out, source, **kw) -> TransferConfig:
-    kw = {"epochs": 2, "batch_size": 8, "progress": False, **kw}
+    kw = {"epochs": 2, "batch_size": 8, "progress": False, "protocol": "window", **kw}  # 3 test clips: no leak-free
     return TransferConfig(shards=str(shards), out=str(out), source=str(source), **kw)
 
 

@@ -5,8 +5,9 @@ consecutive frames of one clip, two members each (webdataset layout, key ``{clip
 
 - ``{key}.frames.npy``: uint8 [F, H, W], the block's frames (no pickle);
 - ``{key}.json``: {"clip", "split", "anomaly_types", "first_frame", "window", "frame_labels": [F x 0/1],
-  "windows": {"start", "label", "kept", "fold_window", "fold_clip"}} (one list entry per window of the block;
-  folds are -1 for windows that are not kept).
+  "windows": {"start", "label", "kept", "fold_window", "fold_clip", "fold_leakfree"}} (one list entry per window
+  of the block; ``kept`` and the window/clip folds describe the method's balanced set, ``fold_leakfree`` the
+  leak-free protocol's set (-1 outside it); windows of train clips are all stored, for the leak-free GAN).
 
 A window is ``frames[start - first_frame : start - first_frame + window]``: readers expand blocks into windows
 as views, so every frame is stored (and read) about once. Only kept windows (after balancing) are seen by the
@@ -31,7 +32,8 @@ from ddp_vad.errors import UserError
 FORMAT = "ddp_vad-shards/2"
 MANIFEST = "manifest.json"
 FRAMES, META = "frames.npy", "json"
-WINDOW_FIELDS = ("start", "label", "kept", "fold_window", "fold_clip")
+WINDOW_FIELDS = ("start", "label", "kept", "fold_window", "fold_clip", "fold_leakfree")
+SELECTIONS = ("kept", "leakfree", "train")  # which windows a reader yields: see Block.positions
 
 
 # ----------------------------------------------------------------------------------------------- blocks
@@ -52,15 +54,24 @@ class Block:
     kept: np.ndarray  # bool [M]
     fold_window: np.ndarray  # int64 [M], -1 where not kept
     fold_clip: np.ndarray  # int64 [M], -1 where not kept or the protocol is unavailable
+    fold_leakfree: np.ndarray  # int64 [M], -1 outside the leak-free protocol's labelled, balanced set
 
     @property
     def n_kept(self) -> int:
         """Number of kept windows (the ones the stages see)."""
         return int(self.kept.sum())
 
-    def kept_positions(self) -> np.ndarray:
-        """Positions (into the window arrays) of the kept windows, in start order."""
-        return np.flatnonzero(self.kept)
+    def positions(self, select: str = "kept") -> np.ndarray:
+        """Positions of the windows a stage reads: ``kept`` (the method's balanced set, used by the window and clip
+        protocols), ``leakfree`` (the leak-free protocol's labelled set, test clips only) or ``train`` (every window
+        of a train clip: the unlabelled normal footage the leak-free GAN pretrains on)."""
+        if select == "kept":
+            return np.flatnonzero(self.kept)
+        if select == "leakfree":
+            return np.flatnonzero(self.fold_leakfree >= 0)
+        if select == "train":
+            return np.arange(len(self.start)) if self.split == "train" else np.zeros(0, np.int64)
+        raise ValueError(f"unknown window selection {select!r} (one of {', '.join(SELECTIONS)})")
 
     def window_key(self, j: int) -> str:
         """Key of window ``j``: ``{clip}_{start:04d}``."""
@@ -82,6 +93,7 @@ class Block:
             "split": self.split,
             "fold_window": int(self.fold_window[j]),
             "fold_clip": int(self.fold_clip[j]),
+            "fold_leakfree": int(self.fold_leakfree[j]),
         }
         frames = None if self.frames is None else self.frames[o : o + self.window]
         return {"key": self.window_key(j), "frames": frames, "label": int(self.label[j]), "meta": meta}
@@ -136,7 +148,8 @@ def decode_block(key: str, members: dict[str, bytes | None], shape: tuple[int, i
     try:
         meta = json.loads(members[META])
         windows = meta["windows"]
-        cols = {f: np.asarray(windows[f], np.int64) for f in WINDOW_FIELDS}
+        n = len(windows["start"])
+        cols = {f: np.asarray(windows[f] if f in windows else [-1] * n, np.int64) for f in WINDOW_FIELDS}
         frame_labels = np.asarray(meta["frame_labels"], np.uint8)
         block = Block(
             key=key,
@@ -168,8 +181,10 @@ def _check_block(b: Block, shape: tuple[int, int, int]) -> None:
         problem = "window lists of different lengths"
     elif b.start[0] < b.first or b.start[-1] + window > b.first + n or (np.diff(b.start) <= 0).any():
         problem = f"window starts outside frames {b.first}..{b.first + n - 1}"
-    elif not b.kept.any() or not np.isin(b.label, (0, 1)).all():
-        problem = "no kept window, or labels other than 0/1"
+    elif not (b.kept.any() or (b.fold_leakfree >= 0).any() or b.split == "train"):
+        problem = "no window that any protocol uses"
+    elif not np.isin(b.label, (0, 1)).all():
+        problem = "labels other than 0/1"
     if problem:
         raise ValueError(f"block {b.key}: {problem}")
 

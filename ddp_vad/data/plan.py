@@ -86,9 +86,17 @@ class WindowPlan:
     clip_index: np.ndarray  # int64 [N], index into dataset.clips
     start: np.ndarray  # int64 [N], 0-based first frame
     label: np.ndarray  # int64 [N]
-    kept: np.ndarray  # int64 [K], indices of the windows written (sorted)
+    kept: np.ndarray  # int64 [K], the method's balanced windows (sorted): the window and clip protocols' set
     fold_window: np.ndarray  # int64 [K]
     fold_clip: np.ndarray  # int64 [K], -1 when there are fewer clips than folds
+    leakfree: np.ndarray  # int64 [L], the leak-free protocol's set: windows of test clips, balanced among themselves
+    fold_leakfree: np.ndarray  # int64 [L], clip-grouped folds of those (-1 when there are fewer test clips than folds)
+    train: np.ndarray  # int64 [R], every window of the train clips (the leak-free GAN's unlabelled footage)
+
+    @property
+    def stored(self) -> np.ndarray:
+        """Windows whose frames the shards hold: every window some protocol or the GAN reads (sorted)."""
+        return np.union1d(np.union1d(self.kept, self.leakfree), self.train)
 
     def per_window(self, values: np.ndarray) -> np.ndarray:
         """Spread a per-kept-window array ([K]) over all windows ([N]); windows that are not kept get -1."""
@@ -113,21 +121,32 @@ def plan_windows(dataset: Dataset, cfg: ShardConfig) -> WindowPlan:
         raise UserError(f"only {len(kept)} windows to split into --folds {cfg.folds}")
     fold_window = stratified_folds(labels[kept], cfg.folds, cfg.seed)
     fold_clip = grouped_stratified_folds(labels[kept], clip_index[kept], cfg.folds, cfg.seed)
-    return WindowPlan(clip_index, starts, labels, kept, fold_window, fold_clip)
+    # Leak-free: the labelled set is the test clips' windows (both classes come from the same recordings), balanced
+    # among themselves and split into clip-grouped folds; the train clips are left to the GAN, unlabelled.
+    split = np.array([c.split for c in dataset.clips])[clip_index]
+    labelled = np.flatnonzero(split == "test")
+    leakfree = labelled[undersample(labels[labelled], cfg.seed)] if cfg.balance == "undersample" else labelled
+    fold_leakfree = np.full(len(leakfree), -1, np.int64)
+    if len(np.unique(labels[leakfree])) == 2:
+        fold_leakfree = grouped_stratified_folds(labels[leakfree], clip_index[leakfree], cfg.folds, cfg.seed)
+    train = np.flatnonzero(split == "train")
+    return WindowPlan(clip_index, starts, labels, kept, fold_window, fold_clip, leakfree, fold_leakfree, train)
 
 
 def plan_blocks(plan: WindowPlan, block_windows: int) -> dict[int, list[np.ndarray]]:
     """Per clip (index into dataset.clips): the blocks of its windows, each an array of window indices (rows of
     ``plan``) in start order.
 
-    A block holds ``block_windows`` consecutive kept windows and the windows that are not kept between them (their
-    frames are stored anyway, and their metadata says ``kept: 0``); frames before the block's first kept window and
-    after its last are not stored. Every kept window lies in exactly one block; clips without kept windows get none.
+    A block holds ``block_windows`` consecutive stored windows (:attr:`WindowPlan.stored`: read by some protocol or
+    the GAN) and the windows between them (their frames are stored anyway; their metadata says which protocol, if
+    any, uses them); frames before the block's first stored window and after its last are not stored. Every stored
+    window lies in exactly one block; clips without stored windows get none.
     """
+    stored = plan.stored
     is_kept = np.zeros(len(plan.label), bool)
-    is_kept[plan.kept] = True
+    is_kept[stored] = True
     blocks: dict[int, list[np.ndarray]] = {}
-    for ci in np.unique(plan.clip_index[plan.kept]).tolist():
+    for ci in np.unique(plan.clip_index[stored]).tolist():
         rows = np.flatnonzero(plan.clip_index == ci)
         rows = rows[np.argsort(plan.start[rows], kind="stable")]
         kept_at = np.flatnonzero(is_kept[rows])  # positions (in rows) of the clip's kept windows

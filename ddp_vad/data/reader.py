@@ -65,10 +65,11 @@ def iter_blocks(
             yield from _shard_blocks(shard_dir, entry, manifest, on_damage, frames)
 
 
-def iter_windows(shard_dir: str | Path, **kwargs) -> Iterator[dict]:
-    """Kept window samples {"key", "frames", "label", "meta"} of a shard set (arguments as :func:`iter_blocks`)."""
+def iter_windows(shard_dir: str | Path, select: str = "kept", **kwargs) -> Iterator[dict]:
+    """Window samples {"key", "frames", "label", "meta"} of a shard set: the ``select`` ones (see
+    :meth:`Block.positions`; arguments otherwise as :func:`iter_blocks`)."""
     for block in iter_blocks(shard_dir, **kwargs):
-        for j in block.kept_positions().tolist():
+        for j in block.positions(select).tolist():
             yield block.window_sample(j)
 
 
@@ -84,6 +85,7 @@ class WindowSet:
     frame_labels: np.ndarray  # uint8 [N, T]
     fold_window: np.ndarray  # int64 [N]
     fold_clip: np.ndarray  # int64 [N] (-1: protocol unavailable)
+    fold_leakfree: np.ndarray  # int64 [N] (-1: outside the leak-free protocol's labelled set)
     anomaly_types: list[list[str]]
     splits: list[str]
     manifest: dict
@@ -92,7 +94,16 @@ class WindowSet:
         return len(self.keys)
 
     def folds(self, protocol: str) -> np.ndarray:
-        """Fold index per window under ``protocol`` ("window" or "clip")."""
+        """Fold index per window under ``protocol`` ("leakfree", "window" or "clip"); -1 = not in the protocol's
+        labelled set (never trained or tested on)."""
+        if protocol == "leakfree":
+            if not (self.fold_leakfree >= 0).any():
+                raise UserError(
+                    f"protocol 'leakfree' needs at least {self.manifest['folds']} labelled (test) clips with windows "
+                    f"of both classes; these shards have {self.manifest['counts']['test_clips']} test clips (use "
+                    "--protocol clip or window, or fewer --folds at build time)"
+                )
+            return self.fold_leakfree
         if protocol == "window":
             return self.fold_window
         if protocol == "clip":
@@ -102,7 +113,7 @@ class WindowSet:
                     f"{self.manifest['counts']['clips']} (use --protocol window or fewer --folds at build time)"
                 )
             return self.fold_clip
-        raise UserError(f"unknown protocol {protocol!r} (expected 'window' or 'clip')")
+        raise UserError(f"unknown protocol {protocol!r} (expected 'leakfree', 'window' or 'clip')")
 
     def subset(self, index: np.ndarray) -> WindowSet:
         """A WindowSet of the selected windows (boolean mask or integer indices)."""
@@ -116,6 +127,7 @@ class WindowSet:
             frame_labels=self.frame_labels[idx],
             fold_window=self.fold_window[idx],
             fold_clip=self.fold_clip[idx],
+            fold_leakfree=self.fold_leakfree[idx],
             anomaly_types=[self.anomaly_types[i] for i in idx],
             splits=[self.splits[i] for i in idx],
             manifest=self.manifest,
@@ -139,16 +151,26 @@ def load_window_set(
     seed: int | Sequence[int] | None = None,
     on_damage: str = "refuse",
     show_progress: bool = False,
+    select: str = "kept",
 ) -> WindowSet:
     """Windows of ``shard_dir`` in one WindowSet (frames preallocated once): all of them, the first ``n``, or ``n``
     drawn uniformly without replacement (seeded by ``seed``). Only shards that hold wanted windows are read.
 
     ``on_damage`` as in the module docstring: the default refuses a damaged shard (cross-validation needs every
-    window); with "skip" the set holds the readable windows only.
+    window); with "skip" the set holds the readable windows only. ``select`` picks the windows (see
+    :meth:`ddp_vad.data.format.Block.positions`): ``kept`` (the default, the method's balanced set) or ``leakfree``
+    (the leak-free protocol's labelled set; ``n``/``seed`` apply to ``kept`` only).
     """
     manifest = load_manifest(shard_dir)
-    picks = _picks(manifest, n, seed)
-    size = int(manifest["counts"]["kept"]) if picks is None else len(picks)
+    leakfree = manifest.get("protocols", {}).get("leakfree", {})
+    if select == "leakfree" and not leakfree.get("available"):
+        raise UserError(
+            f"protocol 'leakfree' is not available for {shard_dir}: it needs at least {manifest['folds']} test clips "
+            f"holding windows of both classes (these shards: {manifest['counts']['test_clips']} test clips); use "
+            "--protocol clip or window, or fewer --folds at build time"
+        )
+    picks = _picks(manifest, n, seed) if select == "kept" else None
+    size = _selected_count(manifest, select) if picks is None else len(picks)
     t, h, w = manifest["window"], manifest["height"], manifest["width"]
     frames = np.empty((size, t, h, w), np.uint8)
     rows: list[tuple] = []
@@ -156,21 +178,32 @@ def load_window_set(
     for entry in tqdm(manifest["shards"], desc="load", unit="shard", disable=not show_progress):
         lo, hi = offset, offset + entry["samples"]
         offset = hi
-        local = None if picks is None else picks[(picks >= lo) & (picks < hi)] - lo
+        local = None if picks is None else picks[(picks >= lo) & (picks < hi)] - lo  # picks index kept windows
         if local is not None and not len(local):
             continue
         seen = 0  # kept windows of this shard so far
         for block in _shard_blocks(shard_dir, entry, manifest, on_damage, frames=True):
-            pos = block.kept_positions()
+            pos = block.positions(select)
             if local is not None:
                 pos = pos[np.isin(seen + np.arange(len(pos)), local)]
-            seen += len(block.kept_positions())
+            seen += block.n_kept
             for j in pos.tolist():
                 if len(rows) >= size:
                     raise UserError(f"{shard_dir} holds more windows than its manifest lists ({size})")
                 frames[len(rows)] = block.window_frames(j)
                 rows.append(_row(block, j))
     return _window_set(frames[: len(rows)], rows, manifest, shard_dir)
+
+
+def _selected_count(manifest: dict, select: str) -> int:
+    """How many windows ``select`` yields, from the manifest's counts."""
+    counts = manifest["counts"]
+    key = {"kept": "kept", "leakfree": "leakfree_kept", "train": "train_windows"}.get(select)
+    if key is None:
+        raise UserError(f"unknown window selection {select!r}")
+    if key not in counts:
+        raise UserError(f"the shard set has no '{select}' windows recorded: rebuild it with `ddp_vad shard build`")
+    return int(counts[key])
 
 
 def _row(block: Block, j: int) -> tuple:
@@ -183,6 +216,7 @@ def _row(block: Block, j: int) -> tuple:
         block.frame_labels[o : o + block.window],
         int(block.fold_window[j]),
         int(block.fold_clip[j]),
+        int(block.fold_leakfree[j]),
         list(block.anomaly_types),
         block.split,
     )
@@ -191,7 +225,7 @@ def _row(block: Block, j: int) -> tuple:
 def _window_set(frames: np.ndarray, rows: list[tuple], manifest: dict, shard_dir: str | Path) -> WindowSet:
     if not rows:
         raise UserError(f"{shard_dir}: no readable window (run `ddp_vad shard info {shard_dir} --verify`)")
-    keys, labels, clips, starts, frame_labels, fold_window, fold_clip, types, splits = zip(*rows, strict=True)
+    keys, labels, clips, starts, frame_labels, fold_window, fold_clip, fold_lf, types, splits = zip(*rows, strict=True)
     return WindowSet(
         frames=frames,
         labels=np.array(labels, np.int64),
@@ -201,6 +235,7 @@ def _window_set(frames: np.ndarray, rows: list[tuple], manifest: dict, shard_dir
         frame_labels=np.stack(frame_labels).astype(np.uint8),
         fold_window=np.array(fold_window, np.int64),
         fold_clip=np.array(fold_clip, np.int64),
+        fold_leakfree=np.array(fold_lf, np.int64),
         anomaly_types=list(types),
         splits=list(splits),
         manifest=manifest,

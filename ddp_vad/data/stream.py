@@ -114,15 +114,15 @@ def _cached_blocks(src: Iterable[dict]) -> Iterator:
         yield from _BLOCK_CACHE[url]
 
 
-def _select(src: Iterable, rank: int, world: int, by_sample: bool) -> Iterator:
-    """(block, positions of the windows this reader emits); by sample: every (P x W)-th kept window."""
+def _select(src: Iterable, rank: int, world: int, by_sample: bool, select: str = "kept") -> Iterator:
+    """(block, positions of the windows this reader emits); by sample: every (P x W)-th selected window."""
     worker, workers = _worker()
     slot, stride, n = rank * workers + worker, world * workers, 0
     for item in src:
         if isinstance(item, ShardDamaged):
             yield item
             continue
-        pos = item.kept_positions()
+        pos = item.positions(select)
         if by_sample:
             pos, n = pos[(n + np.arange(len(pos))) % stride == slot], n + len(pos)
         if len(pos):
@@ -204,13 +204,16 @@ def stream_batches(
     drop_last: bool = False,
     cache: bool = False,
     pin_memory: bool = False,
+    select: str = "kept",
 ) -> Iterable[dict]:
     """One epoch of batches (see the module docstring for the chain).
 
     ``split="nodes"`` gives each rank a disjoint share of the windows (DDP training): by shard, or by sample when
     shards < processes x workers. ``split="all"`` gives every rank every window (fold-parallel fine-tuning, with
     ``fold_filter(meta) -> bool`` selecting samples). ``cache=True`` keeps decoded blocks in this process's memory
-    across epochs (forces ``workers=0``). Damaged shards are reported once and skipped. ``pin_memory=True`` (CUDA
+    across epochs (forces ``workers=0``). Damaged shards are reported once and skipped. ``select`` picks the windows
+    (``kept``: the method's balanced set; ``train``: every window of the train clips, for the leak-free GAN).
+    ``pin_memory=True`` (CUDA
     only) returns batches in page-locked memory, so that ``.to(device, non_blocking=True)`` really is asynchronous.
     """
     if split not in ("nodes", "all"):
@@ -232,7 +235,8 @@ def stream_batches(
     read = _cached_blocks if cache else _read_blocks
     split_stage = [] if by_sample else [wds.split_by_worker]
     source = functools.partial(iter, items)  # a callable: DataPipeline would splice a list into its stages
-    blocks = [source, *split_stage, read, functools.partial(_select, rank=rank, world=world_size, by_sample=by_sample)]
+    pick = functools.partial(_select, rank=rank, world=world_size, by_sample=by_sample, select=select)
+    blocks = [source, *split_stage, read, pick]
     if workers > 0:  # workers read and decode; whole blocks cross to the main process
         pipeline = wds.DataPipeline(*blocks, _to_shared)
         blocks = [DataLoader(pipeline, batch_size=None, num_workers=workers, collate_fn=_as_is)]
@@ -311,6 +315,7 @@ def infinite_batches(
     cache: bool = False,
     shuffle_buffer: int = 1000,
     pin_memory: bool = False,
+    select: str = "kept",
 ) -> InfiniteBatches:
     """Endless version of :func:`stream_batches` with ``split="nodes"`` (see :class:`InfiniteBatches`)."""
     return InfiniteBatches(
@@ -327,4 +332,5 @@ def infinite_batches(
         cache=cache,
         shuffle_buffer=shuffle_buffer,
         pin_memory=pin_memory,
+        select=select,
     )

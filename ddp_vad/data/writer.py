@@ -85,6 +85,8 @@ def _clip_blocks(dataset: Dataset, plan: WindowPlan, cfg: ShardConfig, ci: int, 
     # Per-window columns over all windows (O(windows) per clip: negligible next to decoding it).
     kept = plan.per_window(np.ones(len(plan.kept), np.int64)) == 1
     fold_window, fold_clip = plan.per_window(plan.fold_window), plan.per_window(plan.fold_clip)
+    fold_leakfree = np.full(len(plan.label), -1, np.int64)
+    fold_leakfree[plan.leakfree] = plan.fold_leakfree
     blocks = []
     for rows in spans:
         first, end = int(plan.start[rows[0]]), int(plan.start[rows[-1]]) + cfg.window
@@ -103,6 +105,7 @@ def _clip_blocks(dataset: Dataset, plan: WindowPlan, cfg: ShardConfig, ci: int, 
                 kept=kept[rows],
                 fold_window=fold_window[rows],
                 fold_clip=fold_clip[rows],
+                fold_leakfree=fold_leakfree[rows],
             )
         )
     return blocks
@@ -235,8 +238,16 @@ def _manifest(cfg: ShardConfig, dataset: Dataset, plan: WindowPlan, shards: list
             "kept": int(len(plan.kept)),
             "kept_anomalous": int(kept_labels.sum()),
             "kept_normal": int(len(kept_labels) - kept_labels.sum()),
+            "leakfree_kept": int(len(plan.leakfree)),
+            "leakfree_anomalous": int(plan.label[plan.leakfree].sum()),
+            "train_windows": int(len(plan.train)),
         },
         "protocols": {
+            "leakfree": {
+                "available": bool((plan.fold_leakfree >= 0).any()),
+                "folds": fold_summary(plan.label[plan.leakfree], plan.fold_leakfree, cfg.folds),
+                "gan_windows": int(len(plan.train)),
+            },
             "window": {"available": True, "folds": fold_summary(kept_labels, plan.fold_window, cfg.folds)},
             "clip": {
                 "available": clip_folds_ok,
@@ -245,7 +256,7 @@ def _manifest(cfg: ShardConfig, dataset: Dataset, plan: WindowPlan, shards: list
             },
         },
         "anomaly_types": {c: t for c, t in sorted(dataset.anomaly_types.items())},
-        "clip_frames": int(sum(dataset.clips[c].n_frames for c in np.unique(plan.clip_index[plan.kept]))),
+        "clip_frames": int(sum(dataset.clips[c].n_frames for c in np.unique(plan.clip_index[plan.stored]))),
         "block_windows": min(cfg.block_windows, cfg.shard_size),
         "build_seconds": round(seconds, 3),
         "decode": decode_stats(),

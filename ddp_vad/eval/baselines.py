@@ -29,7 +29,16 @@ from ddp_vad.errors import UserError
 from ddp_vad.eval.features import MOTION_GRID, feature_size, mean_std, motion_features, standardise_, window_features
 from ddp_vad.eval.metrics import binary_metrics, read_cv_results
 from ddp_vad.options import option
-from ddp_vad.train.crossval import PROTOCOLS, CVWindows, check_fraction, finish_cv, fold_split, score_fold
+from ddp_vad.train.crossval import (
+    PROTOCOL_HELP,
+    PROTOCOLS,
+    CVWindows,
+    check_fraction,
+    finish_cv,
+    fold_split,
+    score_fold,
+    window_selection,
+)
 
 
 @dataclass(frozen=True)
@@ -83,9 +92,7 @@ class BaselinesConfig:
     shards: str = option(help="Shard folder.")
     out: str = option(help="Writes OUT/<method>/ files.")
     methods: str = option(",".join(METHODS), f"Comma-separated: {','.join(METHODS)}.")
-    protocol: str = option(
-        "window", "Folds over windows (the method's) or grouped by clip (no leakage).", choices=PROTOCOLS
-    )
+    protocol: str = option("leakfree", PROTOCOL_HELP, choices=PROTOCOLS)
     folds: int | None = option(None, "Must match the shards' fold count (default: the shards').")
     seed: int = option(0, "Seed of the estimators.")
     height: int = option(60, "Feature height (no upsampling).")
@@ -110,7 +117,7 @@ class BaselinesConfig:
             raise UserError(f"--methods {self.methods}: choose from {','.join(METHODS)}")
         self.methods = ",".join(dict.fromkeys(names))  # de-duplicated, order kept
         if self.protocol not in PROTOCOLS:
-            raise UserError(f"--protocol {self.protocol}: choose window or clip")
+            raise UserError(f"--protocol {self.protocol}: choose one of {', '.join(PROTOCOLS)}")
         if self.folds is not None and int(self.folds) < 2:
             raise UserError(f"--folds {self.folds}: need at least 2")
         if int(self.height) < 1 or int(self.width) < 1:
@@ -251,7 +258,7 @@ def run_baselines(cfg: BaselinesConfig) -> dict[str, Path]:
         return results
 
     t_load = time.perf_counter()
-    ws = load_window_set(cfg.shards)
+    ws = load_window_set(cfg.shards, select=window_selection(cfg.protocol))
     if len(ws) == 0:
         raise UserError(f"--shards {cfg.shards}: no windows")
     cv = CVWindows.from_window_set(ws, cfg.protocol)

@@ -19,7 +19,17 @@ from ddp_vad.errors import UserError
 from ddp_vad.eval.metrics import binary_metrics, write_cv_results
 from ddp_vad.files import read_json_object
 
-PROTOCOLS = ("window", "clip")
+PROTOCOLS = ("leakfree", "window", "clip")  # the first is the default
+PROTOCOL_HELP = (
+    "leakfree (default): labelled test clips in clip-grouped folds, the GAN on the train clips only, so no model "
+    "for a fold has seen its test clips; window: the method's folds over windows (leaky: neighbours share 9 of 10 "
+    "frames); clip: folds grouped by clip over the method's balanced windows."
+)
+
+
+def window_selection(protocol: str) -> str:
+    """Which windows of a shard set a protocol reads (:meth:`ddp_vad.data.format.Block.positions`)."""
+    return "leakfree" if protocol == "leakfree" else "kept"
 
 
 @dataclass

@@ -42,6 +42,7 @@ from ddp_vad.models import (
 from ddp_vad.options import option
 from ddp_vad.presets import PRESET_NAMES
 from ddp_vad.train.checkpoint import read_train_state, remove_partial, resolve_resume, save_checkpoint
+from ddp_vad.train.crossval import PROTOCOLS
 from ddp_vad.train.distributed import (
     PRECISIONS,
     broadcast_buffers,
@@ -97,6 +98,12 @@ class PretrainConfig:
     label_smoothing: float = option(
         0.0, "Stabiliser: one-sided label smoothing, D's target for real windows is 1 - this (0 = the method's GAN)."
     )
+    protocol: str = option(
+        "leakfree",
+        "Which windows the GAN learns from: leakfree = every window of the train clips only (normal footage, never a "
+        "test clip); window/clip = the method's balanced windows of every clip.",
+        choices=PROTOCOLS,
+    )
     instance_noise: float = option(
         0.0, "Stabiliser: std of Gaussian noise on every window D sees, annealed linearly to 0 (0 = the method's GAN)."
     )
@@ -122,6 +129,8 @@ class PretrainConfig:
             raise UserError("--resume must be auto, latest, none or a checkpoint folder")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise UserError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.protocol not in PROTOCOLS:
+            raise UserError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         if not self.instance_noise >= 0.0:
             raise UserError(f"--instance-noise must be >= 0, got {self.instance_noise}")
 
@@ -261,6 +270,19 @@ class _Gan:
     opt_d: torch.optim.Optimizer
 
 
+def gan_windows(protocol: str, manifest: dict, shards: str) -> str:
+    """The window selection the GAN streams: the train clips' windows under the leak-free protocol (so no fold's test
+    clip is ever seen), else the method's balanced windows of every clip."""
+    if protocol != "leakfree":
+        return "kept"
+    if not manifest["counts"].get("train_windows"):
+        raise UserError(
+            f"--protocol leakfree: {shards} has no windows of train clips (normal footage) for the GAN to learn "
+            "from; add train clips to the data, or use --protocol window/clip"
+        )
+    return "train"
+
+
 def _build(cfg: PretrainConfig, accelerator, model_cfg: ModelConfig) -> _Gan:
     seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     gen, disc = build_generator(model_cfg), build_lrcn(model_cfg)
@@ -297,6 +319,7 @@ def _train(cfg: PretrainConfig, accelerator, manifest: dict) -> Path:
         cfg.shards, cfg.batch_size, seed=cfg.seed, start_epoch=epoch, skip_batches=skip, rank=rank, world_size=world,
         workers=cfg.workers, cache=cfg.cache, shuffle_buffer=cfg.shuffle_buffer,
         pin_memory=accelerator.device.type == "cuda",  # the batches are copied with non_blocking=True
+        select=gan_windows(cfg.protocol, manifest, cfg.shards),
     )  # fmt: skip
     monitor = None
     if is_main:

@@ -37,6 +37,7 @@ from ddp_vad.config import hparams_values, write_resolved_config
 from ddp_vad.data.reader import WindowSet, load_window_set
 from ddp_vad.data.shards import fold_count, load_manifest
 from ddp_vad.errors import UserError
+from ddp_vad.files import read_json_object
 from ddp_vad.models import ModelConfig, build_lrcn, model_config_for
 from ddp_vad.options import option
 from ddp_vad.presets import PRESET_NAMES
@@ -51,7 +52,15 @@ from ddp_vad.train.classifier import (
     parameter_counts,
     set_trainable,
 )
-from ddp_vad.train.crossval import PROTOCOLS, CVWindows, check_fraction, finish_cv, fmt_metric
+from ddp_vad.train.crossval import (
+    PROTOCOL_HELP,
+    PROTOCOLS,
+    CVWindows,
+    check_fraction,
+    finish_cv,
+    fmt_metric,
+    window_selection,
+)
 from ddp_vad.train.distributed import (
     PRECISIONS,
     all_gather_objects,
@@ -85,9 +94,7 @@ class TransferConfig:
         choices=TRAIN_SCOPES,
     )
     folds: int | None = option(None, "Must match the shards' fold count (default: the shards').")
-    protocol: str = option(
-        "window", "Folds over windows (the method's) or grouped by clip (no leakage).", choices=PROTOCOLS
-    )
+    protocol: str = option("leakfree", PROTOCOL_HELP, choices=PROTOCOLS)
     epochs: int = option(10, "Training epochs per fold.")
     preset: str | None = option(
         None,
@@ -128,7 +135,7 @@ class TransferConfig:
         if self.train not in TRAIN_SCOPES:
             raise UserError(f"--train {self.train}: choose one of {', '.join(TRAIN_SCOPES)}")
         if self.protocol not in PROTOCOLS:
-            raise UserError(f"--protocol {self.protocol}: choose window or clip")
+            raise UserError(f"--protocol {self.protocol}: choose one of {', '.join(PROTOCOLS)}")
         if self.folds is not None and int(self.folds) < 2:
             raise UserError(f"--folds {self.folds}: need at least 2")
         if int(self.epochs) < 1:
@@ -163,13 +170,32 @@ def resolve_model(cfg: TransferConfig, manifest: dict) -> tuple[ModelConfig, dic
             )
         return model_config_for(cfg.preset or DEFAULT_PRESET, manifest), None, notes
     model_cfg, state = gan_features(cfg.source, manifest)
-    notes = []
+    notes = check_gan_protocol(cfg.source, cfg.protocol)
     if cfg.preset is not None and cfg.preset != model_cfg.preset:
         raise UserError(
             f"--preset {cfg.preset}: the GAN run {cfg.source} brings its own architecture ({model_cfg.preset}); "
             "leave --preset out (it only picks the architecture for --from scratch)"
         )
     return model_cfg, state, notes
+
+
+def check_gan_protocol(source: str, protocol: str) -> list[str]:
+    """Under the leak-free protocol the GAN must have pretrained on the train clips only (``pretrain --protocol
+    leakfree``): a GAN that saw every window has seen each fold's test clips. Returns notes."""
+    if protocol != "leakfree":
+        return []
+    config = discriminator_file(source).parent / "config.json"
+    if not config.is_file():
+        return [f"cannot check what the GAN {source} was pretrained on (no {config}): the leak-free guarantee "
+                "assumes it saw the train clips only"]  # fmt: skip
+    gan_protocol = read_json_object(config, "pretrain run config").get("config", {}).get("protocol", "window")
+    if gan_protocol != "leakfree":
+        raise UserError(
+            f"--protocol leakfree: the GAN run {source} was pretrained with --protocol {gan_protocol} (windows of "
+            "every clip, the test clips included), which breaks the guarantee; pretrain it with --protocol leakfree, "
+            "or use --protocol window/clip here"
+        )
+    return []
 
 
 def holdout_mask(ws: WindowSet, holdout_type: str | None) -> np.ndarray:
@@ -315,7 +341,7 @@ def _cross_validate(cfg: TransferConfig, acc, manifest: dict, n_folds: int, mode
     for note in notes:
         print_main(is_main, f"transfer: note: {note}")
 
-    ws = load_window_set(cfg.shards, show_progress=is_main and cfg.progress)
+    ws = load_window_set(cfg.shards, show_progress=is_main and cfg.progress, select=window_selection(cfg.protocol))
     if len(ws) == 0:
         raise UserError(f"--shards {cfg.shards}: no windows")
     fp = fingerprint(cfg, manifest, model_cfg, str(acc.mixed_precision))
