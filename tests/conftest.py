@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -152,3 +155,27 @@ def square_frames(n: int, size=(36, 48), seed: int = 0) -> np.ndarray:
         x = (i * 3) % (w - 8)
         out[i, h // 3 : h // 3 + 8, x : x + 8] = 230
     return out
+
+
+def torchrun(args: list[str], cwd: Path, *, nproc: int = 2, timeout: float = 240, env: dict | None = None):
+    """``torchrun --standalone --nproc_per_node NPROC ARGS`` on the CPU (one thread per process, this checkout on
+    PYTHONPATH); the whole process group (launcher and workers) is killed when it outlives ``timeout``, so a hang
+    fails the test instead of blocking the suite."""
+    full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    for name, value in (env or {}).items():
+        if value is None:  # None removes a variable
+            full_env.pop(name, None)
+        else:
+            full_env[name] = value
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    full_env.pop("DDP_VAD_ALLOW_NO_PROCESS_GROUP", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group this test started: torchrun and its workers
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(args[:4])} did not finish within {timeout}s (hang?)\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -13,17 +13,14 @@ processes leave rank 0 with two folds and rank 1 with one (rank 1 waits at the f
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CLIPS, torch_threads, write_ucsd
+from conftest import TINY_CLIPS, torch_threads, torchrun, write_ucsd
 
 from ddp_vad.errors import UserError
 from ddp_vad.train.distributed import (
@@ -63,22 +60,8 @@ def test_enough_shards_or_a_non_main_process_stays_silent():
 
 # ---------------------------------------------------------------------------------------- the chain
 def _launch(args: list[str], *, nproc: int = NPROC, cwd: Path) -> subprocess.CompletedProcess:
-    """Run ``torchrun --standalone --nproc_per_node nproc ARGS`` on the CPU; kill the whole process group (launcher
-    and workers) when it outlives TIMEOUT_S, so a hang fails the test."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "DDP_VAD_DEBUG": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    env.pop(ALLOW_NO_PG_ENV, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
-    proc = subprocess.Popen(
-        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the group this test created: torchrun and its workers
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(args[:4])} did not finish within {TIMEOUT_S}s (hang?)\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    """``torchrun`` (conftest) with the toolkit's debug mode on."""
+    return torchrun(args, cwd, nproc=nproc, timeout=TIMEOUT_S, env={"DDP_VAD_DEBUG": "1"})
 
 
 def _check_ok(result: subprocess.CompletedProcess) -> None:

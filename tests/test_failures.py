@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_CLIPS, write_ucsd
+from conftest import TINY_CLIPS, torchrun, write_ucsd
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -326,19 +326,8 @@ def test_stages_inside_a_locked_pipeline_folder_pass_and_outsiders_are_refused(t
 
 # --------------------------------------------------------------------- several processes agree
 def _torchrun(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node 2 ARGS`` on the CPU; the whole process group is killed on a hang (a failure)."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    env.pop("DDP_VAD_DEBUG", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the group this test started: torchrun and its workers
-        out, err = proc.communicate()
-        pytest.fail(f"{args[:3]} hung\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    """``torchrun --nproc_per_node 2 ARGS`` (conftest) without the toolkit's debug mode."""
+    return torchrun(args, cwd, timeout=timeout, env={"DDP_VAD_DEBUG": None})
 
 
 @pytest.mark.slow

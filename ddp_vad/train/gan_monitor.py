@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ddp_vad.config import hparams_values
 from ddp_vad.data.reader import frames_to_float, load_window_set
@@ -131,7 +132,7 @@ class GanMonitor:
 
     def _report(self, warnings: list[str], step: int) -> None:
         for message in warnings:
-            print(f"pretrain: WARNING (GAN health): {message}", flush=True)
+            tqdm.write(f"pretrain: WARNING (GAN health): {message}")  # on its own line, above the progress bar
             self.writer.add_text("health/warnings", message, step)
 
     def write_health(self) -> None:
