@@ -29,7 +29,7 @@ def test_verdict_compares_gan_and_lrcn_at_each_fraction_against_the_fold_spread(
     text = verdict(by_method, "leakfree")
     assert "helps at 1 of 2 labelled fractions" in text and "exceeds the fold spread at 1 of them" in text
     assert "at 0.1 of the labels GAN+LRCN is 0.100 above LRCN" in text
-    assert "at 1 of the labels GAN+LRCN is 0.020 below LRCN" in text
+    assert "with all labels GAN+LRCN is 0.020 below LRCN" in text
     assert "does not beat the best motion baseline (motion-gb, 0.900)" in text
     assert "beats the best classic pixel baseline (logreg, 0.750)" in text
     assert "leaks" not in text
@@ -67,5 +67,5 @@ def test_report_has_the_curve_figure_table_verdict_and_budgets(tmp_path):
     assert "helps at 2 of 2 labelled fractions" in report["verdict"]
     md = (tmp_path / "report" / "report.md").read_text()
     assert md.index("## Label efficiency") < md.index("## Verdict") < md.index("## Table 5")
-    assert "clip-grouped folds" in md and "3 epochs, batch 8, trains head" in md
+    assert "clip-grouped folds" in md and "3 epochs, batch 8, trains head (labelled fractions 0.25, 1)" in md
     assert (tmp_path / "report" / "fig1_label_efficiency.png").read_bytes()[:4] == b"\x89PNG"

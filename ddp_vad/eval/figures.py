@@ -67,6 +67,9 @@ def fig_label_efficiency(by_method: dict[str, dict[float, dict]], metric: str = 
                     linestyle="-" if learned else ":", label=method)  # fmt: skip
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
     ax.set_xscale("log")
+    fractions = sorted({f for runs in by_method.values() for f in runs})
+    ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
+    ax.minorticks_off()
     ax.set_xlabel("labelled fraction of each fold's training windows (log scale)")
     ax.set_ylabel(f"{metric} (mean ± std over folds)")
     ax.set_ylim(0.0, 1.02)

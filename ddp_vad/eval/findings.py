@@ -54,6 +54,10 @@ def _best_baseline(at_full: dict[str, dict], prefix: str | None) -> tuple[str, f
     return max(pool.items(), key=lambda kv: kv[1]) if pool else None
 
 
+def _share(fraction: float) -> str:
+    return "with all labels" if fraction >= 1.0 else f"at {fraction:g} of the labels"
+
+
 def verdict(by_method: dict[str, dict[float, dict]], protocol: str) -> str:
     """One paragraph: does GAN+LRCN beat LRCN at each labelled fraction, by how much, beyond the fold spread? And
     where do the classic and motion baselines stand at full labels? Accuracy over folds (balanced test folds)."""
@@ -71,7 +75,7 @@ def verdict(by_method: dict[str, dict[float, dict]], protocol: str) -> str:
         clear += abs(diff) > spread
         side = "above" if diff > 0 else "below" if diff < 0 else "level with"
         size = "larger" if abs(diff) > spread else "smaller"
-        parts.append(f"at {f:g} of the labels GAN+LRCN is {abs(diff):.3f} {side} LRCN ({ga:.3f} vs {sa:.3f}; "
+        parts.append(f"{_share(f)} GAN+LRCN is {abs(diff):.3f} {side} LRCN ({ga:.3f} vs {sa:.3f}; "
                      f"{size} than the fold spread {spread:.3f})")  # fmt: skip
     if not parts:
         return "No verdict: GAN+LRCN and LRCN share no labelled fraction with defined accuracy."
@@ -90,15 +94,19 @@ def verdict(by_method: dict[str, dict[float, dict]], protocol: str) -> str:
 
 
 def budgets(entries: list[dict]) -> list[str]:
-    """Markdown lines: what each learned method was given (epochs, batch size, what was trained)."""
-    lines = []
+    """Markdown lines: what each learned method was given (epochs, batch size, what was trained), once per method
+    and budget, with the labelled fractions it was run at."""
+    by_budget: dict[tuple, list[float]] = defaultdict(list)
     for e in entries:
         x = e.get("extra", {})
         if "epochs" in x:
-            fraction = e.get("labelled_fraction", 1.0)
-            lines.append(f"- {e['method']} (labelled fraction {fraction:g}): {x['epochs']} epochs, "
-                         f"batch {x.get('batch_size', '?')}, trains {x.get('train', '?')}")  # fmt: skip
-    return sorted(set(lines))
+            key = (e["method"], x["epochs"], x.get("batch_size", "?"), x.get("train", "?"))
+            by_budget[key].append(float(e.get("labelled_fraction", 1.0)))
+    return [
+        f"- {method}: {epochs} epochs, batch {batch}, trains {train} (labelled fractions "
+        f"{', '.join(f'{f:g}' for f in sorted(fractions))})"
+        for (method, epochs, batch, train), fractions in sorted(by_budget.items())
+    ]
 
 
 def published_rows(entries: list[dict]) -> list[dict[str, Any]]:
