@@ -52,8 +52,13 @@ def _setup(report: dict[str, Any]) -> list[str]:
     out = ["## Setup", ""]
     for data in report.get("data", []):
         c = data.get("counts") or {}
-        out.append(f"- Data: `{data.get('path')}` ({data.get('dataset')}): {c.get('clips', '?')} clips, "
-                   f"{c.get('windows', '?')} windows, {c.get('kept', '?')} kept after balancing.")  # fmt: skip
+        line = (f"- Data: `{data.get('path')}` ({data.get('dataset')}): {c.get('clips', '?')} clips "
+                f"({c.get('train_clips', '?')} train, {c.get('test_clips', '?')} test), {c.get('windows', '?')} "
+                f"windows; the method's balanced set {c.get('kept', '?')} windows")  # fmt: skip
+        if "leakfree_kept" in c:
+            line += (f"; leak-free labelled set {c['leakfree_kept']} windows of the test clips, the GAN's "
+                     f"{c.get('train_windows', '?')} windows of the train clips")  # fmt: skip
+        out.append(line + ".")
     for protocol in report.get("protocols", []):
         out.append(f"- Protocol `{protocol}`: {PROTOCOL_GUARANTEES.get(protocol, 'unknown protocol')}")
     if report.get("budgets"):
