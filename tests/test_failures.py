@@ -358,3 +358,27 @@ def test_synth_under_a_launcher_runs_once_on_the_main_process(tmp_path):
     assert result.stderr.count("the main process does the work") == 1
     assert len(list((tmp_path / "data" / "SynthPed").rglob("*.tif"))) == 24
     assert not list((tmp_path / "data").glob(".*partial"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_decode_workers_die_with_a_killed_shard_build(tmp_path):
+    import psutil
+
+    from ddp_vad.data.synth import SynthConfig, run_synth
+
+    data = run_synth(SynthConfig(out=str(tmp_path / "data"), train_clips=6, test_clips=10, frames=200, seed=0),
+                     show_progress=False)  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "ddp_vad", "shard", "build", str(data), "--out", str(tmp_path / "s"), "--workers", "2"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, workers = time.time() + 60, []
+        while len(workers) < 2 and time.time() < deadline and proc.poll() is None:
+            workers = psutil.Process(proc.pid).children(recursive=True)
+            time.sleep(0.02)
+        assert len(workers) >= 2, "the build never started its decode workers"
+    finally:
+        proc.kill()  # kill -9 of the build itself, not of its workers
+        proc.wait(timeout=30)
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"orphaned decode workers: {[p.pid for p in alive]}"

@@ -7,8 +7,12 @@ A killed build leaves only the hidden staging folder, which the next build remov
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import multiprocessing as mp
+import os
+import signal
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -158,6 +162,20 @@ def _run_job(job: dict, height: int, width: int, stage: Path) -> list[dict]:
     return _write_job(job, _decode_job(job, height, width), stage)
 
 
+def die_with_parent() -> None:
+    """Decode-worker initializer: on Linux, ask the kernel to kill this worker when its parent dies, so a ``kill -9``
+    of a shard build leaves no orphaned decoder behind (elsewhere workers exit at their next task as before)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no prctl (musl variants): best effort
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def _job_results(jobs: list[dict], cfg: ShardConfig, stage: Path) -> Iterator[list[dict]]:
     """Each job's shard entries, in job order."""
     if cfg.workers == 1:
@@ -173,7 +191,7 @@ def _job_results(jobs: list[dict], cfg: ShardConfig, stage: Path) -> Iterator[li
                 yield pending.result()
         return
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-    pool = ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx)
+    pool = ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx, initializer=die_with_parent)
     try:
         yield from pool.map(functools.partial(_run_job, height=cfg.height, width=cfg.width, stage=stage), jobs)
     finally:
