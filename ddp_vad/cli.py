@@ -146,7 +146,7 @@ def shard_info_cmd(directory: str, verify: bool) -> None:
 # ------------------------------------------------------------------------------------- baselines
 @stage_command(cli, "baselines", BaselinesConfig)
 def baselines_cmd(**kwargs) -> None:
-    """Cross-validate classic ML baselines on flattened 60x90 windows (same folds as transfer).
+    """Cross-validate classic ML baselines (60x90 pixels, frame-difference motion) on the same folds as transfer.
 
     A method whose OUT/<method>/metrics.json exists is skipped, so a re-run resumes.
     """

@@ -49,7 +49,7 @@ class PipelineConfig:
     seed: int = option(0, "Seed of every stage.")
     folds: int | None = option(None, "CV folds (default: the preset's).")
     protocol: str = option("leakfree", PROTOCOL_HELP, choices=PROTOCOLS)
-    train: str = option("head", "What transfer fine-tunes.", choices=TRAIN_SCOPES)
+    train: str = option("head", "What GAN+LRCN fine-tunes (the scratch LRCN trains everything).", choices=TRAIN_SCOPES)
     steps: int | None = option(None, "GAN steps (default: the preset's).")
     epochs: int | None = option(None, "Fine-tuning epochs per fold.")
     batch_size: int | None = option(None, "GAN batch size per process.")
