@@ -60,3 +60,12 @@ def test_pretrain_logs_win_rate_and_gradient_norms_and_writes_health_and_hparams
     # Same seed and data: only the real targets differ, so the very first D loss already differs.
     assert [e.value for e in acc2.Scalars("loss/d")][0] != pytest.approx(loss_plain[0])
     assert json.loads((smoothed / "config.json").read_text())["config"]["label_smoothing"] == 0.2
+
+
+def test_with_label_smoothing_a_win_is_judged_against_the_smoothed_target():
+    health = GanHealth(total_steps=100, label_smoothing=0.1)
+    assert health.real_bar == pytest.approx(0.855)
+    # D(real) 0.88 is as far as a smoothed D goes (target 0.9); with D(fake) ~0 it still wins outright.
+    warned = health.observe_steps(_rows(0.88, 0.001, 50), 1, STAT_NAMES)
+    assert len(warned) == 1 and "D(real) > 0.855" in warned[0]
+    assert GanHealth(total_steps=100).observe_steps(_rows(0.88, 0.001, 50), 1, STAT_NAMES) == []

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +183,9 @@ def test_resume_gives_bit_identical_weights_csv_and_events(tiny_shards, tmp_path
     (resumed / "checkpoints/.tmp-step_0000009").mkdir()  # a save torn by kill -9
     (resumed / "checkpoints/.tmp-step_0000009/model.safetensors").write_bytes(b"torn")
     capsys.readouterr()
+    # A real resume is a later process. Within one process and one second, TensorBoard orders event files by a
+    # per-process counter compared as text ('...9' after '...10') and would read the resumed file first.
+    time.sleep(1.05)
     steps = count_gan_steps(monkeypatch)
     run_pretrain(config(tiny_shards, resumed, steps=20, **opts))
     assert len(steps) == 14  # steps 7..20 only

@@ -5,8 +5,8 @@ A GAN can fail without anyone noticing: on real Ped1 (demo preset) the discrimin
 learn. Two warnings, each printed once, logged to TensorBoard and written to ``RUN/gan_health.json`` (and read by
 ``evaluate``):
 
-* **D wins outright**: mean D(real) > 0.95 and mean D(fake) < 0.05 for a sustained stretch of consecutive steps
-  (at least 50 steps and 10% of the run);
+* **D wins outright**: mean D(real) > 0.95 of its target (1, or 1 - s with ``--label-smoothing s``) and mean
+  D(fake) < 0.05 for a sustained stretch of consecutive steps (at least 50 steps and 10% of the run);
 * **similarity stalls**: the cosine similarity of generated to real windows has not beaten its earlier best by 0.005
   over the last 30% of its points (at least 3, after at least 6 points).
 
@@ -28,6 +28,7 @@ class GanHealth:
     """Running health counts of one pretrain run (main process)."""
 
     total_steps: int
+    label_smoothing: float = 0.0  # D's target for real windows is 1 - this: the win test is relative to it
     win_streak: int = 0  # consecutive steps at which D won outright, up to the last step seen
     longest_win_streak: int = 0
     win_steps: int = 0
@@ -36,6 +37,11 @@ class GanHealth:
     similarity: list = field(default_factory=list)  # [step, cosine] points
     warnings: list = field(default_factory=list)
     warned: list = field(default_factory=list)  # kinds already warned about ("d_wins", "similarity_stalls")
+
+    @property
+    def real_bar(self) -> float:
+        """D(real) above which D wins: 0.95 of its target (1 with plain labels, 1 - s with smoothing)."""
+        return WIN_PROB * (1.0 - self.label_smoothing)
 
     @property
     def sustained(self) -> int:
@@ -47,7 +53,7 @@ class GanHealth:
         new = []
         for i, row in enumerate(rows):
             stats = dict(zip(names, (float(v) for v in row), strict=True))
-            wins = stats["d_real"] > WIN_PROB and stats["d_fake"] < 1 - WIN_PROB
+            wins = stats["d_real"] > self.real_bar and stats["d_fake"] < 1 - WIN_PROB
             self.win_streak = self.win_streak + 1 if wins else 0
             self.win_steps += int(wins)
             if wins and self.first_win_step is None:
@@ -57,7 +63,8 @@ class GanHealth:
             if self.win_streak == self.sustained:
                 new += self._warn(
                     "d_wins",
-                    f"the discriminator wins outright (D(real) > {WIN_PROB}, D(fake) < {1 - WIN_PROB:.2f}) for "
+                    f"the discriminator wins outright (D(real) > {self.real_bar:.3f}, "
+                    f"D(fake) < {1 - WIN_PROB:.2f}) for "
                     f"{self.sustained} consecutive steps up to step {first_step + i}: its features stop learning. "
                     "Try --label-smoothing 0.1 or --instance-noise 0.1, or a lower --lr-d",
                 )
@@ -93,9 +100,7 @@ class GanHealth:
         return {**asdict(self), "sustained_steps": self.sustained, "win_prob": WIN_PROB}
 
     @classmethod
-    def restore(cls, data: dict | None, total_steps: int) -> GanHealth:
+    def restore(cls, data: dict | None, total_steps: int, label_smoothing: float = 0.0) -> GanHealth:
         """A health state from a checkpoint (a fresh one without), for a run of ``total_steps``."""
-        if not data:
-            return cls(total_steps)
-        keep = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**{**keep, "total_steps": total_steps})
+        keep = {k: v for k, v in (data or {}).items() if k in cls.__dataclass_fields__}
+        return cls(**{**keep, "total_steps": total_steps, "label_smoothing": label_smoothing})

@@ -90,7 +90,7 @@ class GanMonitor:
         from torch.utils.tensorboard import SummaryWriter
 
         self.cfg, self.z_dim, self.device, self.run_dir = cfg, z_dim, device, run_dir
-        self.health = GanHealth.restore(health, cfg.steps)
+        self.health = GanHealth.restore(health, cfg.steps, cfg.label_smoothing)
         self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else 0)
         self.real_pool = self.fixed_z = None
         if cfg.similarity_every or cfg.image_every:
