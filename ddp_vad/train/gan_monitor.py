@@ -130,6 +130,16 @@ class GanMonitor:
                 self.writer.add_scalar(tags[name], value, first_step + i)
         self._report(self.health.observe_steps(rows, first_step, STAT_NAMES), first_step + len(rows) - 1)
 
+    def progress(self, rows: np.ndarray, first: int, step: int, rate: float, opts, amp_skipped: dict | None) -> None:
+        """The per-step stats since the last log, the optimizers' learning rates, throughput and, with fp16, the
+        optimizer steps the GradScaler skipped."""
+        self.losses(rows, first)
+        opt_g, opt_d = opts
+        self.scalars(step, lr__g=opt_g.param_groups[0]["lr"], lr__d=opt_d.param_groups[0]["lr"],
+                     throughput__samples_per_s=rate)  # fmt: skip
+        if amp_skipped is not None:
+            self.scalars(step, amp__skipped_steps_d=amp_skipped["d"], amp__skipped_steps_g=amp_skipped["g"])
+
     def _report(self, warnings: list[str], step: int) -> None:
         for message in warnings:
             tqdm.write(f"pretrain: WARNING (GAN health): {message}")  # on its own line, above the progress bar

@@ -216,16 +216,6 @@ def _train_state(accelerator, batches, model_cfg: ModelConfig, cfg: PretrainConf
     }
 
 
-def _log(monitor: GanMonitor, accelerator, rows, first: int, step: int, rate: float, skipped: dict, opts) -> None:
-    """Main process: the per-step stats since the last log, learning rates, throughput, skipped fp16 steps."""
-    monitor.losses(rows, first)
-    opt_g, opt_d = opts
-    monitor.scalars(step, lr__g=opt_g.param_groups[0]["lr"], lr__d=opt_d.param_groups[0]["lr"],
-                    throughput__samples_per_s=rate)  # fmt: skip
-    if accelerator.scaler is not None:
-        monitor.scalars(step, amp__skipped_steps_d=skipped["d"], amp__skipped_steps_g=skipped["g"])
-
-
 def hparams_of(cfg: PretrainConfig) -> dict:
     """The hyperparameters a pretrain run is compared by in TensorBoard's HParams dashboard."""
     keys = ("preset", "steps", "batch_size", "lr", "lr_d", "beta1", "seed", "label_smoothing", "instance_noise",
@@ -240,9 +230,8 @@ def _export(accelerator, gen, disc, run_dir: Path, model_cfg: ModelConfig, debug
         save_model(g_mod, run_dir / GENERATOR_FILE, model_cfg, kind="generator")
         save_model(d_mod, run_dir / DISCRIMINATOR_FILE, model_cfg, kind="discriminator")
     if debug_keys is not None:  # test/debug aid: what this rank read ("epoch key" lines) and its weights' hash
-        dbg = run_dir / "debug"
+        dbg, rank = run_dir / "debug", accelerator.process_index
         dbg.mkdir(parents=True, exist_ok=True)
-        rank = accelerator.process_index
         with (dbg / f"keys_rank{rank}.txt").open("a") as f:
             f.writelines(k + "\n" for k in debug_keys)
         (dbg / f"weights_rank{rank}.txt").write_text(
@@ -374,7 +363,8 @@ def _loop(cfg, accelerator, gan: _Gan, batches, monitor, model_cfg, start_step, 
             _check_finite(rows, first, last_ckpt)
             if is_main:
                 rate = (step - steps_last) * cfg.batch_size * world / max(now - t_last, 1e-9)
-                _log(monitor, accelerator, rows, first, step, rate, skipped, (gan.opt_g, gan.opt_d))
+                amp = skipped if accelerator.scaler is not None else None  # fp16 only
+                monitor.progress(rows, first, step, rate, (gan.opt_g, gan.opt_d), amp)
                 pbar.set_postfix(loss_d=f"{rows[-1, 0]:.3f}", loss_g=f"{rows[-1, 1]:.3f}", sps=f"{rate:.1f}")
             t_last, steps_last = now, step
         if is_main and cfg.similarity_every and step % cfg.similarity_every == 0:

@@ -1,6 +1,6 @@
 """Reader for the UCSD Anomaly Detection layout (Ped1, Ped2 and the synthetic data written the same way).
 
-Layout (DESIGN.md section 2)::
+Layout (docs/data.md)::
 
     ROOT/UCSDped1/Train/Train001/001.tif ...
     ROOT/UCSDped1/Test/Test001/001.tif ...        Test/Test001_gt/001.bmp (optional masks)
