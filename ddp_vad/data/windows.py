@@ -13,8 +13,6 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from ddp_vad.errors import UserError
 
-PROTOCOLS = ("window", "clip")
-
 
 def window_starts(n_frames: int, window: int, stride: int) -> np.ndarray:
     """0-based start frames of the windows inside one clip (windows never cross the clip's end)."""
