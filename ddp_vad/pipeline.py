@@ -1,7 +1,10 @@
 """``ddp_vad pipeline``: synth (when no --data) -> shards -> pretrain -> transfer (GAN and scratch) -> baselines
 -> evaluate, laid out as docs/run-folders.md fixes::
 
-    OUT/data  OUT/shards  OUT/gan  OUT/lrcn-gan  OUT/lrcn-scratch  OUT/baselines/<method>  OUT/report
+    OUT/data  OUT/shards  OUT/gan  OUT/lrcn-gan  OUT/lrcn-scratch  OUT/lrcn-random  OUT/baselines/<method>
+    OUT/report
+
+``lrcn-random`` is the control of the GAN's claim: the same head as GAN+LRCN on a frozen, randomly initialised LRCN.
 
 Every stage resumes: a finished stage is skipped on a re-run, an interrupted one continues from its checkpoints.
 Under ``accelerate launch``/``torchrun`` the data stages, baselines and evaluation run on the main process while
@@ -21,10 +24,11 @@ from ddp_vad.eval.baselines import METHODS
 from ddp_vad.options import option
 from ddp_vad.presets import PRESET_NAMES, PRESETS
 from ddp_vad.train.classifier import TRAIN_SCOPES
-from ddp_vad.train.crossval import PROTOCOL_HELP, PROTOCOLS, check_fraction
+from ddp_vad.train.crossval import PROTOCOL_HELP, PROTOCOLS, check_fraction, check_repeats
 from ddp_vad.train.distributed import patient_barrier, print_main, process_state
 
 CURVE = (0.05, 0.1, 0.25, 0.5, 1.0)  # the default label-efficiency curve
+LEARNED_RUNS = ("lrcn-gan", "lrcn-scratch", "lrcn-random")
 
 
 @dataclass
@@ -49,6 +53,9 @@ class PipelineConfig:
     seed: int = option(0, "Seed of every stage.")
     folds: int | None = option(None, "CV folds (default: the preset's).")
     protocol: str = option("leakfree", PROTOCOL_HELP, choices=PROTOCOLS)
+    repeats: int | None = option(
+        None, "Repeat the cross-validation with this many fold seeds (default: the preset's); mean ± std over all."
+    )
     train: str = option("head", "What GAN+LRCN fine-tunes (the scratch LRCN trains everything).", choices=TRAIN_SCOPES)
     steps: int | None = option(None, "GAN steps (default: the preset's).")
     epochs: int | None = option(None, "Fine-tuning epochs per fold.")
@@ -74,6 +81,8 @@ class PipelineConfig:
         for f in fractions:
             check_fraction(f)
         self.curve = ",".join(f"{f:g}" for f in sorted({*fractions, 1.0}))  # the contract runs use all labels
+        if self.repeats is not None:
+            check_repeats(self.repeats)
         for name in ("folds", "steps", "epochs", "batch_size", "workers"):
             value = getattr(self, name)
             if value is not None and value < (2 if name == "folds" else 1):
@@ -83,8 +92,8 @@ class PipelineConfig:
 
     def plan(self) -> dict:
         """The preset's run sizes with explicit options on top."""
-        plan = dict(PRESETS[self.preset].run)
-        for name in ("folds", "steps", "epochs", "batch_size"):
+        plan = {"repeats": 1, **PRESETS[self.preset].run}
+        for name in ("folds", "steps", "epochs", "batch_size", "repeats"):
             if getattr(self, name) is not None:
                 plan[name] = getattr(self, name)
         return plan
@@ -105,7 +114,7 @@ def layout(out: Path, fractions: list[float]) -> dict[str, Path]:
     dirs = {name: out / name for name in ("data", "shards", "gan", "report")}
     for f in fractions:
         root = out if f == 1.0 else out / "curve" / f"f{f:g}"
-        for name in ("lrcn-gan", "lrcn-scratch", "baselines"):
+        for name in LEARNED_RUNS + ("baselines",):
             dirs[f"{name}@{f:g}"] = root / name
     return dirs
 
@@ -153,11 +162,14 @@ def _pretrain(cfg: PipelineConfig, plan: dict, dirs: dict[str, Path], main: bool
 
 
 def _transfer(cfg: PipelineConfig, plan: dict, dirs: dict[str, Path], fraction: float, main: bool) -> None:
-    """GAN+LRCN (fine-tunes what --train says) and LRCN from scratch (trains everything) at one labelled fraction,
-    with the same epochs and batch size: a fair budget."""
+    """GAN+LRCN (fine-tunes what --train says), LRCN from scratch (trains everything) and the random-init control
+    (the head on a frozen random LRCN) at one labelled fraction, with the same epochs and batch size: a fair
+    budget."""
     from ddp_vad.train.transfer import TransferConfig, run_transfer
 
-    for name, source, train in (("lrcn-gan", str(dirs["gan"]), cfg.train), ("lrcn-scratch", "scratch", "all")):
+    runs = (("lrcn-gan", str(dirs["gan"]), cfg.train), ("lrcn-scratch", "scratch", "all"),
+            ("lrcn-random", "random", "head"))  # fmt: skip
+    for name, source, train in runs:
         run = dirs[f"{name}@{fraction:g}"]
         if (run / "metrics.json").is_file():
             _log(f"transfer --from {source} (labelled fraction {fraction:g}): reusing {run}", main)
@@ -165,8 +177,8 @@ def _transfer(cfg: PipelineConfig, plan: dict, dirs: dict[str, Path], fraction: 
             _log(f"transfer --from {source} --train {train} --labelled-fraction {fraction:g} -> {run}", main)
             run_transfer(TransferConfig(
                 shards=str(dirs["shards"]), out=str(run), source=source, train=train, folds=plan["folds"],
-                protocol=cfg.protocol, epochs=plan["epochs"], preset=cfg.preset, seed=cfg.seed, resume="auto",
-                labelled_fraction=fraction,
+                protocol=cfg.protocol, epochs=plan["epochs"], preset=None if source not in ("scratch", "random")
+                else cfg.preset, seed=cfg.seed, resume="auto", labelled_fraction=fraction, repeats=plan["repeats"],
             ))  # fmt: skip
         patient_barrier()
 
@@ -178,7 +190,7 @@ def _baselines(cfg: PipelineConfig, plan: dict, dirs: dict[str, Path], fraction:
     _log(f"baselines ({cfg.methods}, labelled fraction {fraction:g}) -> {out}")
     run_baselines(BaselinesConfig(
         shards=str(dirs["shards"]), out=str(out), methods=cfg.methods, protocol=cfg.protocol, folds=plan["folds"],
-        seed=cfg.seed, labelled_fraction=fraction,
+        seed=cfg.seed, labelled_fraction=fraction, repeats=plan["repeats"],
     ))  # fmt: skip
 
 
@@ -203,7 +215,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
             _baselines(cfg, plan, dirs, fraction)
         patient_barrier()
     if main:
-        runs = [dirs["gan"]] + [dirs[f"{n}@{f:g}"] for f in cfg.fractions for n in ("lrcn-gan", "lrcn-scratch")]
+        runs = [dirs["gan"]] + [dirs[f"{n}@{f:g}"] for f in cfg.fractions for n in LEARNED_RUNS]
         runs += [dirs[f"baselines@{f:g}"] for f in cfg.fractions]
         _log(f"evaluate -> {dirs['report']}")
         run_evaluate(EvaluateConfig(runs=tuple(str(r) for r in runs), out=str(dirs["report"])))

@@ -53,11 +53,15 @@ def test_outputs_format_and_folds(window_run, synth_shards):
             assert {"fold", "recall", "precision", "accuracy", "f1", "n_test"} <= set(f)
             assert f["tp"] + f["fp"] + f["tn"] + f["fn"] == f["n_test"]
         assert sum(f["n_test"] for f in metrics["folds"]) == len(ws) > 0
-        assert set(metrics["mean"]) == set(metrics["std"]) == {"recall", "precision", "accuracy", "f1"}
+        assert (
+            set(metrics["mean"])
+            == set(metrics["std"])
+            == {"recall", "precision", "accuracy", "f1", "balanced_accuracy", "window_auroc"}
+        )
         # 24x36 shards are smaller than 60x90: used as is, and said so.
         assert metrics["features"]["n_features"] == 10 * 24 * 36 and "smaller than 60x90" in metrics["features"]["note"]
 
-        assert (run / "oof_scores.csv").read_text().splitlines()[0] == "key,clip,start,label,score,fold"
+        assert (run / "oof_scores.csv").read_text().splitlines()[0] == "key,clip,start,label,score,fold,repeat"
         oof = read_oof_scores(run)
         assert sorted(r["key"] for r in oof) == sorted(ws.keys)  # every window scored exactly once
         assert all(r["fold"] == fold_of[r["key"]] and r["label"] == label_of[r["key"]] for r in oof)

@@ -49,7 +49,7 @@ def test_published_rows_only_beside_window_protocol_runs():
 def _write_run(run, method, fraction, accs):
     run.mkdir(parents=True)
     folds = [{"fold": k, "recall": a, "precision": a, "accuracy": a, "f1": a, "n_test": 4} for k, a in enumerate(accs)]
-    payload = {"method": method, "protocol": "clip", "folds": folds, "mean": {}, "std": {},
+    payload = {"method": method, "protocol": "window", "folds": folds, "mean": {}, "std": {},
                "labelled_fraction": fraction, "epochs": 3, "batch_size": 8, "train": "head"}  # fmt: skip
     (run / "metrics.json").write_text(json.dumps(payload))
 
@@ -67,5 +67,5 @@ def test_report_has_the_curve_figure_table_verdict_and_budgets(tmp_path):
     assert "helps at 2 of 2 labelled fractions" in report["verdict"]
     md = (tmp_path / "report" / "report.md").read_text()
     assert md.index("## Label efficiency") < md.index("## Verdict") < md.index("## Table 5")
-    assert "clip-grouped folds" in md and "3 epochs, batch 8, trains head (labelled fractions 0.25, 1)" in md
+    assert "LEAKY" in md and "3 epochs, batch 8, trains head (labelled fractions 0.25, 1)" in md
     assert (tmp_path / "report" / "fig1_label_efficiency.png").read_bytes()[:4] == b"\x89PNG"

@@ -42,11 +42,14 @@ def gan(shards, tmp_path_factory) -> Path:
     return run_pretrain(cfg)
 
 
-def test_labelled_set_is_the_test_clips_balanced_in_clip_grouped_folds(shards):
+def test_labelled_set_is_every_window_of_the_test_clips_in_clip_grouped_folds(shards):
     ws = load_window_set(shards, select="leakfree")
     manifest = load_manifest(shards)
     assert set(ws.splits) == {"test"} and len(ws) == manifest["counts"]["leakfree_kept"]
-    assert int(ws.labels.sum()) * 2 == len(ws)  # balanced among the test clips themselves
+    # Every window of every test clip (not a balanced subset), so every frame of the labelled clips is scored.
+    per_clip = {c: sorted(s for c2, s in zip(ws.clips, ws.starts.tolist(), strict=True) if c2 == c) for c in ws.clips}
+    assert all(starts == list(range(len(starts))) for starts in per_clip.values())
+    assert len(ws) == 6 * (40 - 10 + 1) and int(ws.labels.sum()) * 2 != len(ws)
     folds = ws.folds("leakfree")
     assert sorted(set(folds.tolist())) == [0, 1, 2]
     for k in range(3):

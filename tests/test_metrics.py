@@ -92,8 +92,8 @@ def test_write_and_read_cv_results_format(tmp_path):
     assert raw["std"]["accuracy"] == pytest.approx(0.125)
 
     lines = (tmp_path / "oof_scores.csv").read_text().splitlines()
-    assert lines[0] == "key,clip,start,label,score,fold" == ",".join(OOF_HEADER)
-    assert lines[1].startswith("Test001_0000,Test001,0,0,0.25,0")  # sorted by key
+    assert lines[0] == "key,clip,start,label,score,fold,repeat" == ",".join(OOF_HEADER)
+    assert lines[1] == "Test001_0000,Test001,0,0,0.25,0,0"  # sorted by key; rows without a repeat are repeat 0
     rows = read_oof_scores(tmp_path)
     assert rows[1] == {
         "key": "Test002_0003",
@@ -102,6 +102,7 @@ def test_write_and_read_cv_results_format(tmp_path):
         "label": 1,
         "score": 0.9,
         "fold": 1,
+        "repeat": 0,
     }
     assert read_cv_results(tmp_path)["folds"][1]["tp"] == 1
     assert not list(tmp_path.glob(".*tmp"))  # temp files renamed away

@@ -27,21 +27,23 @@ def pipeline_dir(tmp_path_factory) -> Path:
 
 
 def test_layout_and_report(pipeline_dir):
-    for name in ("data", "shards", "gan", "lrcn-gan", "lrcn-scratch", "baselines/logreg", "baselines/nb", "report"):
+    for name in ("data", "shards", "gan", "lrcn-gan", "lrcn-scratch", "lrcn-random", "baselines/logreg",
+                 "baselines/nb", "report"):  # fmt: skip
         assert (pipeline_dir / name).is_dir(), name
     assert (pipeline_dir / "gan" / "generator.safetensors").is_file()
     methods = {
         json.loads((pipeline_dir / r / "metrics.json").read_text())["method"]
-        for r in ("lrcn-gan", "lrcn-scratch", "baselines/logreg", "baselines/nb")
+        for r in ("lrcn-gan", "lrcn-scratch", "lrcn-random", "baselines/logreg", "baselines/nb")
     }
-    assert methods == {"GAN+LRCN", "LRCN", "logreg", "nb"}
+    assert methods == {"GAN+LRCN", "LRCN", "Random+LRCN", "logreg", "nb"}
     report = (pipeline_dir / "report" / "report.md").read_text()
     for method in ("GAN+LRCN", "LRCN", "logreg", "nb"):
         assert f"| {method} |" in report
     for name in ("lrcn-gan", "lrcn-scratch", "baselines/logreg"):  # the curve's other fraction
         metrics = json.loads((pipeline_dir / "curve" / "f0.5" / name / "metrics.json").read_text())
         assert metrics["labelled_fraction"] == 0.5
-    assert "## Label efficiency" in report and "## Verdict" in report
+    assert "## Label efficiency" in report and "## Verdict" in report and "## Headline" in report
+    assert "GAN+LRCN vs LRCN from scratch" in report and "random-init control" in report
     # report.json carries each run's own numbers (fold by fold) and means over those folds.
     data = json.loads((pipeline_dir / "report" / "report.json").read_text())
     for label, entry in data["methods"].items():
@@ -50,15 +52,20 @@ def test_layout_and_report(pipeline_dir):
         assert [f["accuracy"] for f in entry["folds"]] == [f["accuracy"] for f in own["folds"]]
         for metric in ("recall", "precision", "accuracy", "f1"):
             values = [f[metric] for f in own["folds"] if f[metric] is not None]
+            if not values:  # undefined in every fold: None, never a made-up number
+                assert entry["mean"][metric] is None and entry["std"][metric] is None, (label, metric)
+                continue
             assert entry["mean"][metric] == pytest.approx(np.mean(values)), (label, metric)
             assert entry["std"][metric] == pytest.approx(np.std(values)), (label, metric)
-        row = f"| {label} | {own['protocol']} | {len(own['folds'])} | {entry['mean']['recall']:.3f} ± "
+        recall = "n/a" if entry["mean"]["recall"] is None else f"{entry['mean']['recall']:.3f} ± "
+        row = f"| {label} | {own['protocol']} | {len(own['folds'])} | {recall}"
         assert row in report, row
     for fig in (
         "fig1_label_efficiency.png",
         "fig2_accuracy_by_fold.png",
         "fig3_similarity.png",
         "fig4_real_vs_fake.png",
+        "fig5_timelines.png",
     ):
         assert (pipeline_dir / "report" / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((pipeline_dir / "config.json").read_text())

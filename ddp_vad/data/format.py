@@ -54,7 +54,7 @@ class Block:
     kept: np.ndarray  # bool [M]
     fold_window: np.ndarray  # int64 [M], -1 where not kept
     fold_clip: np.ndarray  # int64 [M], -1 where not kept or the protocol is unavailable
-    fold_leakfree: np.ndarray  # int64 [M], -1 outside the leak-free protocol's labelled, balanced set
+    fold_leakfree: np.ndarray  # int64 [M], -1 outside the leak-free set (every window of the test clips)
 
     @property
     def n_kept(self) -> int:

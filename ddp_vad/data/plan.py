@@ -89,7 +89,7 @@ class WindowPlan:
     kept: np.ndarray  # int64 [K], the method's balanced windows (sorted): the window and clip protocols' set
     fold_window: np.ndarray  # int64 [K]
     fold_clip: np.ndarray  # int64 [K], -1 when there are fewer clips than folds
-    leakfree: np.ndarray  # int64 [L], the leak-free protocol's set: windows of test clips, balanced among themselves
+    leakfree: np.ndarray  # int64 [L], the leak-free protocol's set: every window of the test clips
     fold_leakfree: np.ndarray  # int64 [L], clip-grouped folds of those (-1 when there are fewer test clips than folds)
     train: np.ndarray  # int64 [R], every window of the train clips (the leak-free GAN's unlabelled footage)
 
@@ -121,11 +121,11 @@ def plan_windows(dataset: Dataset, cfg: ShardConfig) -> WindowPlan:
         raise UserError(f"only {len(kept)} windows to split into --folds {cfg.folds}")
     fold_window = stratified_folds(labels[kept], cfg.folds, cfg.seed)
     fold_clip = grouped_stratified_folds(labels[kept], clip_index[kept], cfg.folds, cfg.seed)
-    # Leak-free: the labelled set is the test clips' windows (both classes come from the same recordings), balanced
-    # among themselves and split into clip-grouped folds; the train clips are left to the GAN, unlabelled.
+    # Leak-free: the labelled set is every window of the test clips (both classes come from the same recordings),
+    # never balanced, so that every frame of the labelled clips is scored out of fold (the field's frame-level
+    # measure); training weighs the classes instead. Clip-grouped, even folds; the train clips go to the GAN.
     split = np.array([c.split for c in dataset.clips])[clip_index]
-    labelled = np.flatnonzero(split == "test")
-    leakfree = labelled[undersample(labels[labelled], cfg.seed)] if cfg.balance == "undersample" else labelled
+    leakfree = np.flatnonzero(split == "test")
     fold_leakfree = np.full(len(leakfree), -1, np.int64)
     if len(np.unique(labels[leakfree])) == 2:
         fold_leakfree = grouped_stratified_folds(labels[leakfree], clip_index[leakfree], cfg.folds, cfg.seed)

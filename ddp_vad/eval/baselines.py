@@ -34,6 +34,7 @@ from ddp_vad.train.crossval import (
     PROTOCOLS,
     CVWindows,
     check_fraction,
+    check_repeats,
     finish_cv,
     fold_split,
     score_fold,
@@ -58,22 +59,24 @@ def _sk(name: str):
 
 
 # Add a baseline here: a name, its features and its estimator (every estimator keeps float32 input as it is).
+# Classes are weighted where the estimator allows it: the leak-free labelled set is every window of the labelled
+# clips, not a balanced subset, and the learned models weigh their loss the same way.
 BASELINES: dict[str, Baseline] = {
     "logreg": Baseline("pixels", lambda c: _sk("linear_model.LogisticRegression")(
-        C=1.0, max_iter=300, random_state=c.seed)),
+        C=1.0, max_iter=300, class_weight="balanced", random_state=c.seed)),
     # Linear SVM (hinge loss) by SGD: float32-native, where LinearSVC would copy to float64.
     "svm": Baseline("pixels", lambda c: _sk("linear_model.SGDClassifier")(
-        loss="hinge", alpha=1e-3, max_iter=50, tol=1e-3, random_state=c.seed)),
+        loss="hinge", alpha=1e-3, max_iter=50, tol=1e-3, class_weight="balanced", random_state=c.seed)),
     "rf": Baseline("pixels", lambda c: _sk("ensemble.RandomForestClassifier")(
         n_estimators=c.rf_trees, max_depth=c.rf_max_depth, max_features="sqrt", min_samples_leaf=2,
-        n_jobs=_n_jobs(c.n_jobs), random_state=c.seed)),
+        class_weight="balanced", n_jobs=_n_jobs(c.n_jobs), random_state=c.seed)),
     "knn": Baseline("pixels", lambda c: _sk("neighbors.KNeighborsClassifier")(
         n_neighbors=5, algorithm="brute", n_jobs=_n_jobs(c.n_jobs))),
     "nb": Baseline("pixels", lambda c: _sk("naive_bayes.GaussianNB")()),
     "motion-logreg": Baseline("motion", lambda c: _sk("linear_model.LogisticRegression")(
-        C=1.0, max_iter=1000, random_state=c.seed)),
+        C=1.0, max_iter=1000, class_weight="balanced", random_state=c.seed)),
     "motion-gb": Baseline("motion", lambda c: _sk("ensemble.HistGradientBoostingClassifier")(
-        max_iter=200, learning_rate=0.1, random_state=c.seed)),
+        max_iter=200, learning_rate=0.1, class_weight="balanced", random_state=c.seed)),
 }  # fmt: skip
 METHODS = tuple(BASELINES)
 
@@ -94,6 +97,7 @@ class BaselinesConfig:
     methods: str = option(",".join(METHODS), f"Comma-separated: {','.join(METHODS)}.")
     protocol: str = option("leakfree", PROTOCOL_HELP, choices=PROTOCOLS)
     folds: int | None = option(None, "Must match the shards' fold count (default: the shards').")
+    repeats: int = option(1, "Repeat the cross-validation with this many fold seeds (as transfer --repeats).")
     seed: int = option(0, "Seed of the estimators.")
     height: int = option(60, "Feature height (no upsampling).")
     width: int = option(90, "Feature width (no upsampling).")
@@ -129,6 +133,7 @@ class BaselinesConfig:
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise UserError(f"--out {self.out}: exists and is not a folder")
         check_fraction(self.labelled_fraction)
+        check_repeats(self.repeats)
 
     @property
     def method_list(self) -> list[str]:
@@ -174,19 +179,21 @@ def _fit_predict(method: str, cfg: BaselinesConfig, x_train, y_train, x_test, se
 
 
 def _run_method(
-    method: str, cfg: BaselinesConfig, x: np.ndarray, cv: CVWindows, n_folds: int
+    method: str, cfg: BaselinesConfig, x: np.ndarray, cv: CVWindows
 ) -> tuple[list[dict], list[dict], list[str]]:
-    """k-fold CV of one method. Returns fold rows, out-of-fold rows and de-duplicated fit warnings."""
+    """k-fold CV of one method (every fold of every repeat). Returns fold rows, out-of-fold rows and de-duplicated
+    fit warnings."""
     from tqdm.auto import tqdm
 
     fold_rows: list[dict] = []
     oof_rows: list[dict] = []
     seen_warnings: dict[str, None] = {}
     buf = np.empty((0, x.shape[1]), dtype=np.float32)  # one training buffer, grown to the largest split
-    for k in tqdm(range(n_folds), desc=f"{method} folds", unit="fold", leave=False):
+    for k in tqdm(range(cv.n_units), desc=f"{method} folds", unit="fold", leave=False):
         train_idx, test_idx, _ = fold_split(cv, k, fraction=cfg.labelled_fraction, seed=cfg.seed)
         if test_idx.size == 0:
-            fold_rows.append({"fold": k, **binary_metrics([], []), "seconds": 0.0})
+            repeat, fold = cv.unit(k)
+            fold_rows.append({"fold": fold, "repeat": repeat, **binary_metrics([], []), "seconds": 0.0})
             continue
         t0 = time.perf_counter()
         if buf.shape[0] < train_idx.size:
@@ -230,11 +237,11 @@ def _todo(cfg: BaselinesConfig, results: dict[str, Path]) -> list[str]:
             todo.append(m)
             continue
         done = read_cv_results(results[m])
-        got = (done["protocol"], float(done.get("labelled_fraction", 1.0)))
-        if got != (cfg.protocol, float(cfg.labelled_fraction)):
+        got = (done["protocol"], float(done.get("labelled_fraction", 1.0)), int(done.get("repeats", 1)))
+        if got != (cfg.protocol, float(cfg.labelled_fraction), cfg.repeats):
             raise UserError(
-                f"{results[m]} holds protocol '{got[0]}' / labelled fraction {got[1]} results, not "
-                f"'{cfg.protocol}' / {cfg.labelled_fraction}: use another --out"
+                f"{results[m]} holds protocol '{got[0]}' / labelled fraction {got[1]} / {got[2]} repeat(s) results, "
+                f"not '{cfg.protocol}' / {cfg.labelled_fraction} / {cfg.repeats}: use another --out"
             )
         print(f"baselines: {m} already done ({results[m]}), skipping")
     return todo
@@ -261,13 +268,14 @@ def run_baselines(cfg: BaselinesConfig) -> dict[str, Path]:
     ws = load_window_set(cfg.shards, select=window_selection(cfg.protocol))
     if len(ws) == 0:
         raise UserError(f"--shards {cfg.shards}: no windows")
-    cv = CVWindows.from_window_set(ws, cfg.protocol)
+    cv = CVWindows.from_window_set(ws, cfg.protocol, n_folds, cfg.repeats)
     kinds = sorted({BASELINES[m].features for m in todo})
     feats = {kind: _features(kind, ws.frames, cfg) for kind in kinds}
     del ws  # the uint8 frames are no longer needed
     sizes = ", ".join(f"{k} {x.shape[1]} ({x.nbytes / 2**20:.0f} MiB)" for k, (x, _) in feats.items())
     print(
-        f"baselines: {len(cv.labels)} windows, features {sizes}, {n_folds} folds, protocol {cfg.protocol}, "
+        f"baselines: {len(cv.labels)} windows, features {sizes}, {n_folds} folds x {cfg.repeats} repeat(s), "
+        f"protocol {cfg.protocol}, "
         f"labelled fraction {cfg.labelled_fraction:g}, loaded in {time.perf_counter() - t_load:.1f}s"
     )
     for method in todo:
@@ -277,11 +285,12 @@ def run_baselines(cfg: BaselinesConfig) -> dict[str, Path]:
         estimator = repr(make_estimator(method, cfg))
         write_resolved_config(run_dir, cfg, extra={"method": method, "features": features, "estimator": estimator})
         t0 = time.perf_counter()
-        fold_rows, oof_rows, fit_warnings = _run_method(method, cfg, x, cv, n_folds)
+        fold_rows, oof_rows, fit_warnings = _run_method(method, cfg, x, cv)
         seconds = time.perf_counter() - t0
         extra = {
             "labelled_fraction": float(cfg.labelled_fraction),
             "n_folds": n_folds,
+            "repeats": cfg.repeats,
             "features": features,
             "estimator": estimator,
             "seconds": round(seconds, 2),

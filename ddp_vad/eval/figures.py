@@ -30,29 +30,33 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-def fig_accuracy_by_fold(entries: list[dict], labels: list[str]):
-    """Figure 2: accuracy per fold, one line per method, chance level dashed."""
+def fig_accuracy_by_fold(entries: list[dict], labels: list[str], metric: str = "accuracy"):
+    """Figure 2: ``metric`` per fold (every fold of every repeat, numbered repeat x folds + fold), one line per
+    method, chance level dashed."""
     fig = _new_figure(7.5, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     max_fold = -1
     for entry, label in zip(entries, labels, strict=True):
-        x = [int(f["fold"]) for f in entry["folds"]]
-        y = [math.nan if f.get("accuracy") is None else float(f["accuracy"]) for f in entry["folds"]]
+        per_repeat = int(entry.get("folds_per_repeat") or entry["n_folds"])
+        x = [int(f.get("repeat", 0)) * per_repeat + int(f["fold"]) for f in entry["folds"]]
+        y = [math.nan if f.get(metric) is None else float(f[metric]) for f in entry["folds"]]
         ax.plot(x, y, marker="o", label=label)
         max_fold = max([max_fold, *x])
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
-    ax.set_xlabel("fold (as numbered in metrics.json)")
-    ax.set_ylabel("accuracy")
+    ax.set_xlabel("fold (repeat x folds + fold, as in metrics.json)")
+    name = metric.replace("_", " ").replace("auroc", "AUROC")
+    ax.set_ylabel(name)
     ax.set_ylim(0.0, 1.02)
     ax.set_xticks(range(0, max_fold + 1))
-    ax.set_title("Accuracy per fold")
+    ax.set_title(f"{name[0].upper()}{name[1:]} per fold")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig
 
 
 def fig_label_efficiency(by_method: dict[str, dict[float, dict]], metric: str = "accuracy"):
-    """Figure 1: ``metric`` (mean +- std over folds) against the labelled fraction, one line per method."""
+    """Figure 1: ``metric`` against the labelled fraction, one line per method; error bars are the std over folds
+    (for the pooled frame AUROC: of the per-fold frame AUROCs)."""
     fig = _new_figure(7.5, 4.5)
     ax = fig.add_subplot(1, 1, 1)
     for method, runs in by_method.items():
@@ -62,7 +66,7 @@ def fig_label_efficiency(by_method: dict[str, dict[float, dict]], metric: str = 
         if not points:
             continue
         x, y, err = (np.array(v, dtype=float) for v in zip(*points, strict=True))
-        learned = method in ("GAN+LRCN", "LRCN")
+        learned = method in ("GAN+LRCN", "LRCN", "Random+LRCN")
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, linewidth=2.2 if learned else 1.0,
                     linestyle="-" if learned else ":", label=method)  # fmt: skip
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
@@ -71,7 +75,8 @@ def fig_label_efficiency(by_method: dict[str, dict[float, dict]], metric: str = 
     ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
     ax.minorticks_off()
     ax.set_xlabel("labelled fraction of each fold's training windows (log scale)")
-    ax.set_ylabel(f"{metric} (mean ± std over folds)")
+    pooled = metric == "frame_auroc"
+    ax.set_ylabel("frame AUROC (pooled; bars: std over folds)" if pooled else f"{metric} (mean ± std over folds)")
     ax.set_ylim(0.0, 1.02)
     ax.set_title("Label efficiency: does GAN pretraining help when labels are scarce?")
     ax.grid(alpha=0.3, which="both")
@@ -179,4 +184,38 @@ def fig_real_vs_fake(real: list[tuple[str, np.ndarray]], fake: np.ndarray, max_f
             if r == 0:
                 ax.set_title(f"t={c}", fontsize=7)
     fig.suptitle("Real (top) vs generated (bottom) windows", fontsize=10)
+    return fig
+
+
+def _shade_truth(ax, frames: np.ndarray, labels: np.ndarray) -> None:
+    """Shade the anomalous stretches of a clip (ground truth) on a score-over-time axis."""
+    on = np.flatnonzero(np.diff(np.concatenate([[0], labels.astype(np.int8), [0]])))
+    for i, (lo, hi) in enumerate(zip(on[::2], on[1::2], strict=True)):
+        ax.axvspan(frames[lo] - 0.5, frames[hi - 1] + 0.5, color="red", alpha=0.15, lw=0,
+                   label="ground truth: anomalous" if i == 0 else None)  # fmt: skip
+
+
+def fig_timelines(clips: dict[str, dict[str, Any]]):
+    """Figure 5: out-of-fold anomaly score over time for a few held-out clips, one line per method, the ground
+    truth's anomalous frames shaded (the field's standard picture). ``clips``: {clip: {"frames", "labels",
+    "scores": {method: scores}}} with the frames in order."""
+    n = max(1, len(clips))
+    fig = _new_figure(9.0, 2.3 * n + 0.4)
+    for i, (clip, data) in enumerate(clips.items()):
+        ax = fig.add_subplot(n, 1, i + 1)
+        frames, labels = np.asarray(data["frames"]), np.asarray(data["labels"])
+        _shade_truth(ax, frames, labels)
+        for method, scores in data["scores"].items():
+            ax.plot(frames, scores, linewidth=1.4, label=method)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel("P(anomalous)")
+        ax.set_title(f"{clip} (held out: scored by the model of the fold that did not train on it)", fontsize=9)
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    if clips:
+        fig.axes[-1].set_xlabel("frame")
+    else:
+        fig.text(0.5, 0.5, "no clip with both classes was scored", ha="center")
+    fig.tight_layout()
     return fig

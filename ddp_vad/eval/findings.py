@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-GAN, SCRATCH = "GAN+LRCN", "LRCN"
+GAN, SCRATCH, RANDOM = "GAN+LRCN", "LRCN", "Random+LRCN"
+LEARNED = (GAN, SCRATCH, RANDOM)
 
 # The method's Table 5 (block-level 10-fold CV, balanced UCSD Ped1 windows, window protocol).
 PUBLISHED = {
@@ -49,7 +50,7 @@ def curve_table(by_method: dict[str, dict[float, dict]], metric: str = "accuracy
 
 
 def _best_baseline(at_full: dict[str, dict], prefix: str | None) -> tuple[str, float] | None:
-    pool = {m: e["mean"]["accuracy"] for m, e in at_full.items() if m not in (GAN, SCRATCH)}
+    pool = {m: e["mean"]["accuracy"] for m, e in at_full.items() if m not in LEARNED}
     pool = {m: a for m, a in pool.items() if a is not None and (prefix is None or m.startswith(prefix))}
     return max(pool.items(), key=lambda kv: kv[1]) if pool else None
 
@@ -114,3 +115,73 @@ def published_rows(entries: list[dict]) -> list[dict[str, Any]]:
     if not any(e["protocol"] == "window" for e in entries):
         return []
     return [{"method": f"{m} (published)", **v} for m, v in PUBLISHED.items()]
+
+
+def paired_comparisons(by_method: dict[str, dict[float, dict]], frames_of: dict[str, Any]) -> list[dict]:
+    """The paired frame-AUROC differences the verdict rests on (:func:`ddp_vad.eval.frame_scores.paired_difference`,
+    ``frames_of``: run folder -> its frames): GAN+LRCN against LRCN and against the random-init control at every
+    labelled fraction, and, with all labels, the best learned model against each motion baseline and the best
+    pixel baseline."""
+    from ddp_vad.eval.frame_scores import paired_difference
+
+    def pair(a: str, b: str, f: float) -> dict | None:
+        ea, eb = by_method.get(a, {}).get(f), by_method.get(b, {}).get(f)
+        if ea is None or eb is None or ea["run"] not in frames_of or eb["run"] not in frames_of:
+            return None
+        d = paired_difference(frames_of[ea["run"]], frames_of[eb["run"]])
+        return None if d is None else {"a": a, "b": b, "fraction": f, "a_value": ea["mean"].get("frame_auroc"),
+                                       "b_value": eb["mean"].get("frame_auroc"), **d}  # fmt: skip
+
+    out = []
+    fractions = sorted({f for runs in by_method.values() for f in runs})
+    for control in (SCRATCH, RANDOM):
+        out += [p for f in fractions if (p := pair(GAN, control, f))]
+    full = {m: runs[1.0] for m, runs in by_method.items() if 1.0 in runs and runs[1.0]["mean"].get("frame_auroc")}
+    learned = [m for m in (GAN, SCRATCH) if m in full]
+    if learned:
+        best = max(learned, key=lambda m: full[m]["mean"]["frame_auroc"])
+        pixel = [m for m in full if m not in LEARNED and not m.startswith("motion-")]
+        rivals = sorted(m for m in full if m.startswith("motion-"))
+        rivals += [max(pixel, key=lambda m: full[m]["mean"]["frame_auroc"])] if pixel else []
+        out += [p for m in rivals if (p := pair(best, m, 1.0))]
+    return out
+
+
+def _call(c: dict) -> str:
+    if c["low"] > 0:
+        return "better"
+    if c["high"] < 0:
+        return "worse"
+    return "no detectable difference"
+
+
+def _interval(c: dict) -> str:
+    return f"{c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
+
+
+def paired_verdict(comparisons: list[dict], protocol: str) -> str:
+    """The verdict from paired frame-AUROC differences: "helps" only where the 95% interval excludes zero."""
+    if not comparisons:
+        return "No verdict: the report needs a GAN+LRCN run and a run to compare it with, with frame-level scores."
+    c0 = comparisons[0]
+    text = [f"Under the {protocol} protocol, frame AUROC pooled over every frame of the {c0['n_clips']} labelled "
+            f"clips ({c0['repeats']} repeat(s) of the cross-validation); differences are paired (the same frames, "
+            "the same folds) with a 95% bootstrap interval over clips, and a method helps only where the interval "
+            "lies above zero."]  # fmt: skip
+    for control, name in ((SCRATCH, "LRCN from scratch"), (RANDOM, "the random-init control (Random+LRCN)")):
+        rows = [c for c in comparisons if c["a"] == GAN and c["b"] == control]
+        if not rows:
+            continue
+        helps = sum(c["low"] > 0 for c in rows)
+        hurts = sum(c["high"] < 0 for c in rows)
+        parts = [f"{_share(c['fraction'])} {_interval(c)} ({_call(c)})" for c in rows]
+        level = len(rows) - helps - hurts
+        text.append(f"GAN+LRCN vs {name}: better at {helps}, worse at {hurts}, no detectable difference at {level} "
+                    f"of {len(rows)} labelled fractions: " + "; ".join(parts) + ".")  # fmt: skip
+    rivals = [c for c in comparisons if c["b"] not in LEARNED]
+    if rivals:
+        best = rivals[0]["a"]
+        parts = [f"{c['b']} ({c['b_value']:.3f}): {_interval(c)} ({_call(c)})" for c in rivals]
+        text.append(f"With all labels, the best learned model ({best}, frame AUROC {rivals[0]['a_value']:.3f}) "
+                    "against " + "; ".join(parts) + ".")  # fmt: skip
+    return " ".join(text)

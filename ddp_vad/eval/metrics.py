@@ -28,8 +28,12 @@ import numpy as np
 from ddp_vad.errors import UserError
 from ddp_vad.files import atomic_path, read_json_object, write_json_atomic
 
-METRICS = ("recall", "precision", "accuracy", "f1")
-OOF_HEADER = ("key", "clip", "start", "label", "score", "fold")
+METRICS = ("recall", "precision", "accuracy", "f1")  # the method's Table 5 (thresholded at the argmax)
+# Metrics that do not move with a fold's anomaly rate: the headline under clip-grouped folds (docs/run-folders.md).
+PRIOR_FREE = ("window_auroc", "balanced_accuracy")
+FOLD_METRICS = METRICS + PRIOR_FREE
+OOF_HEADER = ("key", "clip", "start", "label", "score", "fold", "repeat")
+_OOF_HEADER_V1 = OOF_HEADER[:-1]  # before --repeats: every row is repeat 0
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -60,6 +64,8 @@ def binary_metrics(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | n
         "accuracy": _ratio(tp + tn, n),
         # Undefined without positives: F1 is about finding anomalies, and there are none to find.
         "f1": None if tp + fn == 0 else 2 * tp / (2 * tp + fp + fn),
+        # The mean of the two classes' recalls: chance is 0.5 whatever the fold's anomaly rate.
+        "balanced_accuracy": None if tp + fn == 0 or tn + fp == 0 else (tp / (tp + fn) + tn / (tn + fp)) / 2,
         "n_test": n,
         "tp": tp,
         "fp": fp,
@@ -99,7 +105,7 @@ def summarise_folds(
     """
     mean: dict[str, float | None] = {}
     std: dict[str, float | None] = {}
-    for name in METRICS:
+    for name in FOLD_METRICS:
         vals = _defined(r.get(name) for r in fold_rows)
         mean[name] = float(np.mean(vals)) if vals else None
         std[name] = float(np.std(vals)) if vals else None
@@ -108,16 +114,16 @@ def summarise_folds(
 
 def count_defined(fold_rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
     """How many folds define each metric (the number of values behind each mean)."""
-    return {name: len(_defined(r.get(name) for r in fold_rows)) for name in METRICS}
+    return {name: len(_defined(r.get(name) for r in fold_rows)) for name in FOLD_METRICS}
 
 
 def _clean_fold_row(row: Mapping[str, Any]) -> dict[str, Any]:
     missing = [k for k in ("fold", *METRICS, "n_test") if k not in row]
     if missing:
         raise ValueError(f"fold row lacks {missing}: {dict(row)}")
-    out: dict[str, Any] = {"fold": int(row["fold"])}
-    for name in METRICS:
-        v = row[name]
+    out: dict[str, Any] = {"fold": int(row["fold"]), "repeat": int(row.get("repeat", 0))}
+    for name in FOLD_METRICS:
+        v = row.get(name)
         out[name] = None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
     out["n_test"] = int(row["n_test"])
     for k, v in row.items():  # keep extras (tp/fp/tn/fn, note, timings, ...) after the contract keys
@@ -126,11 +132,13 @@ def _clean_fold_row(row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _oof_tuple(row: Mapping[str, Any] | Sequence[Any]) -> tuple[str, str, int, int, float, int]:
+def _oof_tuple(row: Mapping[str, Any] | Sequence[Any]) -> tuple[str, str, int, int, float, int, int]:
     if isinstance(row, Mapping):
-        row = [row[k] for k in OOF_HEADER]
-    key, clip, start, label, score, fold = row
-    return str(key), str(clip), int(start), int(label), float(score), int(fold)
+        row = [row.get(k, 0) if k == "repeat" else row[k] for k in OOF_HEADER]
+    if len(row) == len(_OOF_HEADER_V1):
+        row = [*row, 0]
+    key, clip, start, label, score, fold, repeat = row
+    return str(key), str(clip), int(start), int(label), float(score), int(fold), int(repeat)
 
 
 def write_cv_results(
@@ -151,15 +159,15 @@ def write_cv_results(
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    folds = sorted((_clean_fold_row(r) for r in fold_rows), key=lambda r: r["fold"])
-    oof = sorted((_oof_tuple(r) for r in oof_rows), key=lambda r: (r[0], r[5]))
+    folds = sorted((_clean_fold_row(r) for r in fold_rows), key=lambda r: (r["repeat"], r["fold"]))
+    oof = sorted((_oof_tuple(r) for r in oof_rows), key=lambda r: (r[6], r[0], r[5]))
 
     csv_path = run_dir / "oof_scores.csv"
     with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(OOF_HEADER)
-        for key, clip, start, label, score, fold in oof:
-            writer.writerow([key, clip, start, label, repr(score), fold])
+        for key, clip, start, label, score, fold, repeat in oof:
+            writer.writerow([key, clip, start, label, repr(score), fold, repeat])
 
     mean, std = summarise_folds(folds)
     payload: dict[str, Any] = {
@@ -206,15 +214,18 @@ def read_oof_scores(path: str | os.PathLike) -> list[dict[str, Any]]:
     with open(path, newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
-        if header is None or tuple(header) != OOF_HEADER:
+        if header is None or tuple(header) not in (OOF_HEADER, _OOF_HEADER_V1):
             raise UserError(f"{path}: header must be {','.join(OOF_HEADER)}, got {header}")
         rows = []
         for lineno, rec in enumerate(reader, start=2):
             try:
-                key, clip, start, label, score, fold = _oof_tuple(rec)
+                if len(rec) != len(header):
+                    raise ValueError
+                key, clip, start, label, score, fold, repeat = _oof_tuple(rec)
             except (ValueError, TypeError):
                 raise UserError(f"{path}:{lineno}: bad row {rec}") from None
-            rows.append({"key": key, "clip": clip, "start": start, "label": label, "score": score, "fold": fold})
+            rows.append({"key": key, "clip": clip, "start": start, "label": label, "score": score, "fold": fold,
+                         "repeat": repeat})  # fmt: skip
     return rows
 
 
@@ -260,6 +271,8 @@ def frame_level_scores(
     label: dict[tuple[str, int], int] = {}
     missing = 0
     for row in oof_rows:
+        if int(row.get("repeat", 0)) != 0:  # one repeat: each frame scored once (eval.frame_scores does all repeats)
+            continue
         key = str(row["key"])
         fl = labels_by_key.get(key)
         if fl is None:

@@ -28,10 +28,20 @@ from ddp_vad.eval.figures import (
     fig_label_efficiency,
     fig_real_vs_fake,
     fig_similarity,
+    fig_timelines,
     real_windows,
     save_figure,
 )
-from ddp_vad.eval.findings import budgets, curve, published_rows, verdict
+from ddp_vad.eval.findings import (
+    LEARNED,
+    budgets,
+    curve,
+    paired_comparisons,
+    paired_verdict,
+    published_rows,
+    verdict,
+)
+from ddp_vad.eval.frame_scores import PUBLISHED_FRAME_AUROC, clip_timeline, timeline_clips
 from ddp_vad.eval.markdown import markdown_table, report_markdown
 from ddp_vad.eval.metrics import METRICS
 from ddp_vad.eval.runs import (
@@ -69,6 +79,34 @@ class EvaluateConfig:
             raise UserError(f"--out {self.out}: exists and is not a folder")
 
 
+def prior_free(protocols: list[str]) -> bool:
+    """Whether the report leads with AUROC and balanced accuracy (clip-grouped folds, whose anomaly rates differ)
+    rather than the method's accuracy (the window protocol, which reproduces its Table 5)."""
+    return bool(protocols) and all(p != "window" for p in protocols)
+
+
+def _timelines(entries: list[dict], labels: list[str], frames_of: dict[str, Any]) -> dict[str, dict]:
+    """Per-clip score series for figure 5: the learned methods and the best motion baseline, repeat 0."""
+    shown = [(e, lab) for e, lab in zip(entries, labels, strict=True) if e["run"] in frames_of]
+    motion = [(e, lab) for e, lab in shown if e["method"].startswith("motion-") and e["mean"].get("frame_auroc")]
+    keep = [(e, lab) for e, lab in shown if e["method"] in LEARNED]
+    if motion:
+        keep.append(max(motion, key=lambda p: p[0]["mean"]["frame_auroc"]))
+    if not keep:
+        return {}
+    clips: dict[str, dict] = {}
+    for clip in timeline_clips(frames_of[keep[0][0]["run"]]):
+        for e, lab in keep:
+            series = clip_timeline(frames_of[e["run"]], clip)
+            if series is None:
+                continue
+            frames, scores, truth = series
+            data = clips.setdefault(clip, {"frames": frames, "labels": truth, "scores": {}})
+            if len(frames) == len(data["frames"]):
+                data["scores"][lab] = scores
+    return clips
+
+
 def _log_tensorboard(tb_dir: Path, report: dict[str, Any], figures: dict[str, Any], markdown: str) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
@@ -85,6 +123,9 @@ def _log_tensorboard(tb_dir: Path, report: dict[str, Any], figures: dict[str, An
             for name in ("window_auroc", "frame_auroc"):
                 if e[name] is not None:
                     writer.add_scalar(f"{name}/{label}", e[name], 0)
+            for name in ("balanced_accuracy", "clip_auroc"):
+                if e["mean"].get(name) is not None:
+                    writer.add_scalar(f"{name}/{label}", e["mean"][name], 0)
         for name, fig in figures.items():
             writer.add_figure(name, fig, 0, close=False)
         writer.add_text("report", markdown, 0)
@@ -153,13 +194,21 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     labels = display_labels(entries)
     by_method = curve(every)
     protocols = sorted({e["protocol"] for e in every})
+    frames_of = {key[1]: value for key, value in cache.items() if isinstance(key, tuple) and key[0] == "frames"}
+    ranked = prior_free(protocols)
+    comparisons = paired_comparisons(by_method, frames_of) if ranked and len(protocols) == 1 else []
     report: dict[str, Any] = {
         "methods": dict(zip(labels, entries, strict=True)),
         "curve": {
             m: {f"{f:g}": {k: e[k] for k in ("mean", "std", "run")} for f, e in runs.items()}
             for m, runs in by_method.items()
         },  # fmt: skip
-        "verdict": verdict(by_method, protocols[0]) if len(protocols) == 1 else None,
+        "verdict": (paired_verdict(comparisons, protocols[0]) if ranked else verdict(by_method, protocols[0]))
+        if len(protocols) == 1
+        else None,
+        "comparisons": comparisons,
+        "headline": "frame_auroc" if ranked else "accuracy",
+        "published_frame_auroc": PUBLISHED_FRAME_AUROC if ranked else {},
         "protocols": protocols,
         "budgets": budgets(every),
         "published": published_rows(entries),
@@ -171,10 +220,14 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     }
     figures: dict[str, Any] = {}
     if any(len(runs) > 1 for runs in by_method.values()):
-        figures["fig1_label_efficiency"] = fig_label_efficiency(by_method)
+        figures["fig1_label_efficiency"] = fig_label_efficiency(by_method, report["headline"])
     if entries:
-        figures["fig2_accuracy_by_fold"] = fig_accuracy_by_fold(entries, labels)
+        fold_metric = "window_auroc" if ranked else "accuracy"
+        figures["fig2_accuracy_by_fold"] = fig_accuracy_by_fold(entries, labels, fold_metric)
         figures["confusion_matrices"] = fig_confusion(entries, labels)
+        timelines = _timelines(entries, labels, frames_of) if ranked else {}
+        if timelines:
+            figures["fig5_timelines"] = fig_timelines(timelines)
     report["pretrain"] = _pretrain_part(pretrain_runs, figures)
 
     # Everything goes into a staging folder that replaces OUT only once it is whole; a failure removes it.

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from ddp_vad.errors import UserError
+from ddp_vad.eval.frame_scores import frame_summary, frames_by_repeat
 from ddp_vad.eval.metrics import (
-    METRICS,
+    FOLD_METRICS,
     binary_metrics,
-    frame_level_auroc,
     read_cv_results,
     read_oof_scores,
     read_shard_frame_labels,
@@ -120,12 +120,11 @@ def _confusion(folds: list[dict], oof: list[dict] | None) -> tuple[dict[str, int
 def _undefined_notes(folds: list[dict]) -> list[str]:
     notes = []
     n = len(folds)
-    for name in METRICS:
-        missing = [int(f["fold"]) for f in folds if f.get(name) is None]
+    for name in FOLD_METRICS:
+        missing = [_unit_name(f) for f in folds if f.get(name) is None]
         if missing:
             notes.append(
-                f"{name} defined in {n - len(missing)} of {n} folds (undefined in fold(s) "
-                f"{', '.join(map(str, missing))})"
+                f"{name} defined in {n - len(missing)} of {n} folds (undefined in fold(s) {', '.join(missing)})"
             )
     reasons = sorted({part for f in folds if f.get("note") for part in str(f["note"]).split("; ")})
     if reasons:
@@ -133,10 +132,38 @@ def _undefined_notes(folds: list[dict]) -> list[str]:
     return notes
 
 
+def _unit_name(row: dict) -> str:
+    """A fold row's name: ``3``, or ``1.3`` (repeat 1, fold 3) in a run with repeats."""
+    repeat = int(row.get("repeat", 0))
+    return f"{repeat}.{int(row['fold'])}" if repeat else str(int(row["fold"]))
+
+
+def _frame_part(run_dir: Path, oof: list[dict], cache: dict[str, Any], notes: list[str]) -> dict[str, Any] | None:
+    """Frame-level numbers of a run (:func:`ddp_vad.eval.frame_scores.frame_summary`); its frames are kept in
+    ``cache[("frames", run)]`` for the paired comparisons and timelines. None (with a note) without the shards."""
+    shards = run_shards(run_dir)
+    if shards is None:
+        notes.append("shards recorded in config.json not found: frame-level AUROC skipped")
+        return None
+    key = str(shards.resolve())
+    if key not in cache:
+        cache[key] = read_shard_frame_labels(shards)
+    try:
+        by_repeat = frames_by_repeat(oof, cache[key])
+    except ValueError as exc:
+        notes.append(f"frame-level AUROC skipped: {exc}")
+        return None
+    cache[("frames", str(run_dir))] = by_repeat
+    summary = frame_summary(by_repeat)
+    if summary["frame_auroc"] is None:
+        notes.append("frame-level AUROC undefined: scored frames hold one class only")
+    return summary
+
+
 def summarise_run(run_dir: Path, frame_label_cache: dict[str, Any]) -> dict[str, Any]:
     """Everything the report says about one cross-validated run."""
     data = read_cv_results(run_dir)
-    folds = sorted(data["folds"], key=lambda f: int(f["fold"]))
+    folds = sorted(data["folds"], key=lambda f: (int(f.get("repeat", 0)), int(f["fold"])))
     # Recomputed from the folds so every method in the table uses the same (population) std.
     mean, std = summarise_folds(folds)
     notes = _undefined_notes(folds)
@@ -149,37 +176,33 @@ def summarise_run(run_dir: Path, frame_label_cache: dict[str, Any]) -> dict[str,
     if isinstance(run_notes, list):  # notes the writer recorded (e.g. transfer's)
         notes += [str(n) for n in run_notes if n]
     confusion, confusion_source = _confusion(folds, oof)
-    window_auc = window_level_auroc(oof) if oof else None
-    frame_auc = None
+    window_auc = window_level_auroc([r for r in oof if r.get("repeat", 0) == 0]) if oof else None
+    frames = None
     if oof:
-        shards = run_shards(run_dir)
-        if shards is None:
-            notes.append("shards recorded in config.json not found: frame-level AUROC skipped")
-        else:
-            cache_key = str(shards.resolve())
-            if cache_key not in frame_label_cache:
-                frame_label_cache[cache_key] = read_shard_frame_labels(shards)
-            try:
-                frame_auc = frame_level_auroc(oof, frame_label_cache[cache_key])
-                if frame_auc is None:
-                    notes.append("frame-level AUROC undefined: scored frames hold one class only")
-            except ValueError as exc:
-                notes.append(f"frame-level AUROC skipped: {exc}")
+        frames = _frame_part(run_dir, oof, frame_label_cache, notes)
         if window_auc is None:
             notes.append("window-level AUROC undefined: one class only")
+    # The frame-level numbers sit beside the per-fold means, so tables and curves read every metric alike: the
+    # pooled frame AUROC (mean over repeats) with the spread of the per-fold frame AUROCs.
+    mean["frame_auroc"] = frames["frame_auroc"] if frames else None
+    std["frame_auroc"] = frames["fold_frame_auroc_std"] if frames else None
+    mean["clip_auroc"], std["clip_auroc"] = (frames["clip_auroc"] if frames else None), None
     return {
         "run": str(run_dir),
         "method": str(data["method"]),
         "protocol": str(data["protocol"]),
         "n_folds": len(folds),
+        "folds_per_repeat": int(data.get("n_folds") or len({int(f["fold"]) for f in folds})),
+        "repeats": int(data.get("repeats", 1)),
         "mean": mean,
         "std": std,
-        "n_defined": {k: sum(f.get(k) is not None for f in folds) for k in METRICS},
+        "n_defined": {k: sum(f.get(k) is not None for f in folds) for k in FOLD_METRICS},
         "folds": folds,
         "confusion": confusion,
         "confusion_source": confusion_source,
         "window_auroc": window_auc,
-        "frame_auroc": frame_auc,
+        "frame_auroc": mean["frame_auroc"],
+        "frames": frames,
         "notes": notes,
         # A few writer extras worth carrying into the report (absent keys are left out).
         "labelled_fraction": float(data.get("labelled_fraction", 1.0)),

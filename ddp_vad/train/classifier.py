@@ -37,6 +37,7 @@ from ddp_vad.models import (
 from ddp_vad.train.distributed import all_gather_objects
 
 SCRATCH = "scratch"
+RANDOM = "random"  # the control of GAN+LRCN: the same head on a frozen, randomly initialised LRCN
 TRAIN_SCOPES = ("head", "head+lstm", "all")
 CHUNK = 64  # windows per forward pass for frozen features and scoring: fixed, so numbers do not depend on P
 

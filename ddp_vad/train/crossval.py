@@ -32,25 +32,86 @@ def window_selection(protocol: str) -> str:
     return "leakfree" if protocol == "leakfree" else "kept"
 
 
+def repeat_seed(seed: int, repeat: int) -> int:
+    """The fold seed of repeat ``repeat`` >= 1 of the cross-validation (repeat 0 uses the shards' stored folds)."""
+    return int(np.random.SeedSequence([abs(int(seed)), int(repeat), 0xF01D]).generate_state(1)[0])
+
+
+def repeat_folds(
+    fold_of: np.ndarray, labels: np.ndarray, clips: list[str], protocol: str, n_folds: int, repeats: int, seed: int
+) -> np.ndarray:
+    """Fold per window for every repeat, ``[repeats, N]``: row 0 is ``fold_of`` (the shards' folds, seeded by the
+    build's ``seed``); row r re-deals the same windows with :func:`repeat_seed` (``seed``, r), by the protocol's own
+    rule (clip-grouped even folds, or stratified window folds). Windows outside the protocol's set stay -1."""
+    from ddp_vad.data.windows import grouped_stratified_folds, stratified_folds
+
+    rows = [np.asarray(fold_of, np.int64)]
+    inside = rows[0] >= 0
+    groups = np.asarray(clips)[inside]
+    for r in range(1, repeats):
+        row = np.full(len(fold_of), -1, np.int64)
+        if protocol == "window":
+            row[inside] = stratified_folds(labels[inside], n_folds, repeat_seed(seed, r))
+        else:
+            row[inside] = grouped_stratified_folds(labels[inside], groups, n_folds, repeat_seed(seed, r))
+        rows.append(row)
+    return np.stack(rows)
+
+
 @dataclass
 class CVWindows:
-    """What cross-validation needs of the windows: labels, fold per window and the keys of the OOF file."""
+    """What cross-validation needs of the windows: labels, folds per repeat and the keys of the OOF file.
+
+    A *unit* is one (repeat, fold) pair, numbered ``repeat * n_folds + fold``: with one repeat, unit k is fold k.
+    """
 
     labels: np.ndarray  # int64 [N]
-    fold_of: np.ndarray  # int64 [N], fold index under the chosen protocol
+    fold_sets: np.ndarray  # int64 [R, N], fold index per repeat under the chosen protocol (-1: not in the set)
     keys: list[str]
     clips: list[str]
     starts: np.ndarray  # int64 [N]
+    n_folds: int = 0
+
+    def __post_init__(self) -> None:
+        self.fold_sets = np.atleast_2d(np.asarray(self.fold_sets, np.int64))
+        if not self.n_folds:
+            self.n_folds = int(self.fold_sets.max(initial=-1)) + 1
+
+    @property
+    def fold_of(self) -> np.ndarray:
+        """Fold per window in repeat 0 (the shards' folds)."""
+        return self.fold_sets[0]
+
+    @property
+    def repeats(self) -> int:
+        return int(self.fold_sets.shape[0])
+
+    @property
+    def n_units(self) -> int:
+        """Number of (repeat, fold) units: folds x repeats."""
+        return self.n_folds * self.repeats
+
+    def unit(self, u: int) -> tuple[int, int]:
+        """(repeat, fold) of unit ``u``."""
+        return divmod(int(u), self.n_folds)
 
     @classmethod
-    def from_window_set(cls, ws: Any, protocol: str) -> CVWindows:
-        """The bookkeeping part of a :class:`ddp_vad.data.reader.WindowSet` under ``protocol``."""
+    def from_window_set(
+        cls, ws: Any, protocol: str, n_folds: int | None = None, repeats: int = 1, seed: int | None = None
+    ) -> CVWindows:
+        """The bookkeeping part of a :class:`ddp_vad.data.reader.WindowSet` under ``protocol``, with ``repeats``
+        fold assignments (repeat r > 0 seeded from ``seed``, by default the shards' build seed)."""
+        labels = np.asarray(ws.labels, dtype=np.int64)
+        fold_of = np.asarray(ws.folds(protocol), dtype=np.int64)
+        n_folds = int(n_folds or fold_of.max(initial=-1) + 1)
+        seed = int(ws.manifest.get("seed", 0)) if seed is None else seed
         return cls(
-            labels=np.asarray(ws.labels, dtype=np.int64),
-            fold_of=np.asarray(ws.folds(protocol), dtype=np.int64),
+            labels=labels,
+            fold_sets=repeat_folds(fold_of, labels, list(ws.clips), protocol, n_folds, repeats, seed),
             keys=list(ws.keys),
             clips=list(ws.clips),
             starts=np.asarray(ws.starts, dtype=np.int64),
+            n_folds=n_folds,
         )
 
 
@@ -79,12 +140,15 @@ def labelled_subset(train_idx: np.ndarray, labels: np.ndarray, fraction: float, 
 def fold_split(
     cv: CVWindows, k: int, exclude: np.ndarray | None = None, fraction: float = 1.0, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(train, test, excluded) window indices of fold ``k``: test = fold ``k``; train = every other fold minus the
-    windows in the boolean mask ``exclude`` (e.g. a held-out anomaly type, returned as ``excluded``), then the
-    labelled ``fraction`` of it (:func:`labelled_subset`). Windows with fold -1 (outside the protocol's labelled
-    set) are never used."""
-    test = np.flatnonzero(cv.fold_of == k)
-    others = (cv.fold_of != k) & (cv.fold_of >= 0)
+    """(train, test, excluded) window indices of unit ``k`` (fold ``k % n_folds`` of repeat ``k // n_folds``):
+    test = that fold; train = every other fold of the repeat minus the windows in the boolean mask ``exclude``
+    (e.g. a held-out anomaly type, returned as ``excluded``), then the labelled ``fraction`` of it
+    (:func:`labelled_subset`, seeded by the unit). Windows with fold -1 (outside the protocol's labelled set) are
+    never used."""
+    repeat, fold = cv.unit(k)
+    fold_of = cv.fold_sets[repeat]
+    test = np.flatnonzero(fold_of == fold)
+    others = (fold_of != fold) & (fold_of >= 0)
     excluded = np.zeros(0, np.int64)
     if exclude is not None:
         excluded = np.flatnonzero(others & exclude)
@@ -96,14 +160,34 @@ def fold_split(
 def score_fold(
     cv: CVWindows, k: int, test_idx: np.ndarray, scores: np.ndarray, preds: np.ndarray, **extra: Any
 ) -> tuple[dict, list[dict]]:
-    """The metrics row of fold ``k`` (plus ``extra`` keys) and its out-of-fold rows (score = P(anomalous))."""
-    row = {"fold": k, **binary_metrics(cv.labels[test_idx], preds), **extra}
+    """The metrics row of unit ``k`` (plus ``extra`` keys) and its out-of-fold rows (score = P(anomalous)).
+
+    The row carries the fold and repeat, the Table 5 metrics at the predicted classes, the balanced accuracy and the
+    window AUROC of the scores (None when the fold holds one class)."""
+    repeat, fold = cv.unit(k)
+    y = cv.labels[test_idx]
+    row = {"fold": fold, "repeat": repeat, **binary_metrics(y, preds), "window_auroc": _auroc(y, scores), **extra}
     oof = [
         {"key": cv.keys[i], "clip": cv.clips[i], "start": int(cv.starts[i]), "label": int(cv.labels[i]),
-         "score": float(s), "fold": k}
+         "score": float(s), "fold": fold, "repeat": repeat}
         for i, s in zip(np.asarray(test_idx).tolist(), np.asarray(scores).tolist(), strict=True)
     ]  # fmt: skip
     return row, oof
+
+
+def _auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels)
+    if labels.size == 0 or np.unique(labels).size < 2:
+        return None
+    return float(roc_auc_score(labels, np.asarray(scores, np.float64)))
+
+
+def check_repeats(repeats: int) -> None:
+    """``--repeats`` must be a positive integer."""
+    if not (isinstance(repeats, int) and repeats >= 1):
+        raise UserError(f"--repeats must be an integer >= 1, got {repeats}")
 
 
 def fmt_metric(value: float | None) -> str:
@@ -112,10 +196,11 @@ def fmt_metric(value: float | None) -> str:
 
 
 def summary_line(method: str, mean: dict, seconds: float, run_dir: str | Path) -> str:
-    """``METHOD recall .. precision .. accuracy .. F1 .. (Ns) -> RUN``."""
+    """``METHOD window AUROC .. balanced accuracy .. accuracy .. F1 .. (Ns) -> RUN``."""
     return (
-        f"{method} recall {fmt_metric(mean['recall'])} precision {fmt_metric(mean['precision'])} "
-        f"accuracy {fmt_metric(mean['accuracy'])} F1 {fmt_metric(mean['f1'])} ({seconds:.1f}s) -> {run_dir}"
+        f"{method} window AUROC {fmt_metric(mean.get('window_auroc'))} balanced accuracy "
+        f"{fmt_metric(mean.get('balanced_accuracy'))} accuracy {fmt_metric(mean['accuracy'])} F1 "
+        f"{fmt_metric(mean['f1'])} ({seconds:.1f}s) -> {run_dir}"
     )
 
 

@@ -17,7 +17,7 @@ from ddp_vad.errors import UserError
 from ddp_vad.files import read_json_object, sha256_file
 from ddp_vad.models import ModelConfig
 from ddp_vad.train.checkpoint import list_fold_checkpoints, load_fold_checkpoint, remove_partial_fold_saves
-from ddp_vad.train.classifier import SCRATCH, discriminator_file
+from ddp_vad.train.classifier import RANDOM, SCRATCH, discriminator_file
 
 MODEL_FILE, RESULT_FILE = "model.safetensors", "result.json"
 FINGERPRINT_KEYS = ("train", "protocol", "epochs", "batch_size", "lr", "seed", "holdout_type", "labelled_fraction")
@@ -31,7 +31,7 @@ def fold_name(fold: int) -> str:
 def fingerprint(cfg: Any, manifest: dict, model_cfg: ModelConfig, mixed_precision: str) -> dict:
     """Everything a fold's numbers depend on (``cfg`` is the transfer config)."""
     shards = hashlib.sha256("".join(s.get("sha256", s["name"]) for s in manifest["shards"]).encode()).hexdigest()
-    source = SCRATCH if cfg.source == SCRATCH else f"sha256:{sha256_file(discriminator_file(cfg.source))}"
+    source = cfg.source if cfg.source in (SCRATCH, RANDOM) else f"sha256:{sha256_file(discriminator_file(cfg.source))}"
     return {
         "shards": shards,
         "source": source,

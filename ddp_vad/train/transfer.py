@@ -42,6 +42,7 @@ from ddp_vad.models import ModelConfig, build_lrcn, model_config_for
 from ddp_vad.options import option
 from ddp_vad.presets import PRESET_NAMES
 from ddp_vad.train.classifier import (
+    RANDOM,
     SCRATCH,
     TRAIN_SCOPES,
     build_classifier,
@@ -57,6 +58,7 @@ from ddp_vad.train.crossval import (
     PROTOCOLS,
     CVWindows,
     check_fraction,
+    check_repeats,
     finish_cv,
     fmt_metric,
     window_selection,
@@ -74,7 +76,8 @@ from ddp_vad.train.distributed import (
 from ddp_vad.train.fold import FoldRun, train_fold
 from ddp_vad.train.fold_store import fingerprint, fold_status, run_level_error
 
-METHOD_GAN, METHOD_SCRATCH = "GAN+LRCN", "LRCN"
+METHOD_GAN, METHOD_SCRATCH, METHOD_RANDOM = "GAN+LRCN", "LRCN", "Random+LRCN"
+FRESH = (SCRATCH, RANDOM)  # sources without a GAN: freshly initialised weights
 DEFAULT_PRESET = "paper"
 
 
@@ -85,7 +88,9 @@ class TransferConfig:
     shards: str = option(help="Shard folder (with manifest.json).")
     out: str = option(help="Run folder (RUN).")
     source: str = option(
-        help="A pretrain run folder (GAN+LRCN: its discriminator's features) or 'scratch' (LRCN).", flag="--from"
+        help="A pretrain run folder (GAN+LRCN: its discriminator's features), 'scratch' (LRCN, trains everything) "
+        "or 'random' (the control: the same head on a frozen, randomly initialised LRCN).",
+        flag="--from",
     )
     train: str | None = option(
         None,
@@ -95,6 +100,9 @@ class TransferConfig:
     )
     folds: int | None = option(None, "Must match the shards' fold count (default: the shards').")
     protocol: str = option("leakfree", PROTOCOL_HELP, choices=PROTOCOLS)
+    repeats: int = option(
+        1, "Repeat the cross-validation with this many fold seeds (repeat 0: the shards' folds); mean ± std over all."
+    )
     epochs: int = option(10, "Training epochs per fold.")
     preset: str | None = option(
         None,
@@ -128,10 +136,13 @@ class TransferConfig:
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise UserError(f"--out {self.out}: exists and is not a folder")
         self.source = str(self.source)
-        if self.source != SCRATCH:
+        if self.source not in FRESH:
             discriminator_file(self.source)  # raises with the path when it is not a finished pretrain run
         if self.train is None:
             self.train = "all" if self.source == SCRATCH else "head"
+        if self.source == RANDOM and self.train != "head":
+            raise UserError(f"--from random --train {self.train}: the control trains the head only (--train head)")
+        check_repeats(self.repeats)
         if self.train not in TRAIN_SCOPES:
             raise UserError(f"--train {self.train}: choose one of {', '.join(TRAIN_SCOPES)}")
         if self.protocol not in PROTOCOLS:
@@ -154,16 +165,16 @@ class TransferConfig:
             raise UserError("--holdout-type: give an anomaly type name")
         check_fraction(self.labelled_fraction)
         if self.method is None:
-            self.method = METHOD_SCRATCH if self.source == SCRATCH else METHOD_GAN
+            self.method = {SCRATCH: METHOD_SCRATCH, RANDOM: METHOD_RANDOM}.get(self.source, METHOD_GAN)
         if not str(self.method).strip():
             raise UserError("--method: give a non-empty name")
 
 
 def resolve_model(cfg: TransferConfig, manifest: dict) -> tuple[ModelConfig, dict[str, torch.Tensor] | None, list]:
     """The classifier's architecture, the GAN feature-extractor weights to start from (None from scratch) and notes."""
-    if cfg.source == SCRATCH:
+    if cfg.source in FRESH:
         notes = []
-        if cfg.train != "all":
+        if cfg.source == SCRATCH and cfg.train != "all":
             notes.append(
                 f"--from scratch with --train {cfg.train}: the frozen part keeps its random initial weights "
                 "(the method's LRCN baseline trains everything: --train all)"
@@ -214,7 +225,7 @@ def holdout_mask(ws: WindowSet, holdout_type: str | None) -> np.ndarray:
 def _preflight(cfg: TransferConfig, run_dir: Path, n_folds: int, fp: dict, acc, group) -> dict[int, tuple]:
     """Which of this process's folds are finished / resumable; any problem anywhere stops every process."""
     rank, world = acc.process_index, acc.num_processes
-    mine = [k for k in range(n_folds) if k % world == rank]
+    mine = [k for k in range(n_folds * cfg.repeats) if k % world == rank]
     status = {k: fold_status(run_dir, k, fp) for k in mine}
     error = next((s[2] for s in status.values() if s[2]), None)
     if acc.is_main_process:
@@ -226,8 +237,9 @@ def _preflight(cfg: TransferConfig, run_dir: Path, n_folds: int, fp: dict, acc, 
         folds = [str(k) for k in sorted(kinds) if kinds[k] == kind]
         if folds:
             print_main(acc.is_main_process, f"transfer: fold(s) {', '.join(folds)} {what}")
-    if world > n_folds:
-        print_main(acc.is_main_process, f"transfer: note: {world} processes for {n_folds} folds: some stay idle")
+    if world > n_folds * cfg.repeats:
+        print_main(acc.is_main_process, f"transfer: note: {world} processes for {n_folds * cfg.repeats} folds: "
+                   "some stay idle")  # fmt: skip
     return {"mine": status, "todo_anywhere": any(v != "done" for v in kinds.values())}
 
 
@@ -239,12 +251,13 @@ def _write_run_config(cfg, run_dir, model_cfg, manifest, n_folds, world, acc, co
         "stage": "transfer",
         "method": cfg.method,
         "model": model_cfg.to_dict(),
-        "source": SCRATCH if cfg.source == SCRATCH else str(discriminator_file(cfg.source).resolve()),
+        "source": cfg.source if cfg.source in FRESH else str(discriminator_file(cfg.source).resolve()),
         "protocol": cfg.protocol,
         "train": cfg.train,
         "n_folds": n_folds,
+        "repeats": cfg.repeats,
         "world_size": world,
-        "fold_owner": "fold k runs on process k % world_size",
+        "fold_owner": "unit k (fold k % n_folds of repeat k // n_folds) runs on process k % world_size",
         "mixed_precision": str(acc.mixed_precision),
         "parameters": counts,
         "cached_frozen_output": cache_kind[cfg.train],
@@ -352,7 +365,8 @@ def _cross_validate(cfg: TransferConfig, acc, manifest: dict, n_folds: int, mode
         _write_run_config(cfg, run_dir, model_cfg, manifest, n_folds, world, acc, counts, fp)
         print(
             f"transfer: {cfg.method} ({cfg.source}), train {cfg.train} ({counts['trainable']:,} of {counts['total']:,} "
-            f"parameters), {len(ws)} windows, {n_folds} folds ({cfg.protocol}) over {world} process(es), "
+            f"parameters), {len(ws)} windows, {n_folds} folds x {cfg.repeats} repeat(s) ({cfg.protocol}) over "
+            f"{world} process(es), "
             f"{cfg.epochs} epochs",
             flush=True,
         )
@@ -360,7 +374,7 @@ def _cross_validate(cfg: TransferConfig, acc, manifest: dict, n_folds: int, mode
     if pre["todo_anywhere"]:
         cache, cache_seconds = _shared_cache(cfg, model_cfg, features_state, ws, acc, group)
     run = FoldRun(
-        cfg=cfg, run_dir=run_dir, ws=ws, cv=CVWindows.from_window_set(ws, cfg.protocol),
+        cfg=cfg, run_dir=run_dir, ws=ws, cv=CVWindows.from_window_set(ws, cfg.protocol, n_folds, cfg.repeats),
         held_out=holdout_mask(ws, cfg.holdout_type), model_cfg=model_cfg, features_state=features_state,
         shared_cache=cache, fingerprint=fp, accelerator=acc, scaler_needed=str(acc.mixed_precision) == "fp16",
     )  # fmt: skip
@@ -377,7 +391,7 @@ def _cross_validate(cfg: TransferConfig, acc, manifest: dict, n_folds: int, mode
     gathered = [r for part in all_gather_objects(results, group, world) for r in part]
     if is_main:
         extra = {
-            "source": cfg.source, "train": cfg.train, "n_folds": n_folds, "epochs": cfg.epochs,
+            "source": cfg.source, "train": cfg.train, "n_folds": n_folds, "repeats": cfg.repeats, "epochs": cfg.epochs,
             "batch_size": cfg.batch_size, "labelled_fraction": float(cfg.labelled_fraction),
             "model_preset": model_cfg.preset, "world_size": world, "parameters": counts,
             "frozen_feature_seconds": cache_seconds, "seconds": round(time.perf_counter() - t_start, 2),
