@@ -1,0 +1,173 @@
+"""Measuring precisely: even clip-grouped folds, repeats, frame-level numbers from frame labels, the paired verdict's
+interval, the random-init control and the per-clip timelines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from ddp_vad.data.shards import ShardConfig, build_shards
+from ddp_vad.data.synth import SynthConfig, run_synth
+from ddp_vad.data.windows import grouped_stratified_folds
+from ddp_vad.errors import UserError
+from ddp_vad.eval.figures import fig_timelines
+from ddp_vad.eval.frame_scores import RepeatFrames, frame_summary, frames_by_repeat, paired_difference
+from ddp_vad.eval.metrics import read_oof_scores
+from ddp_vad.train.crossval import CVWindows, fold_split
+from ddp_vad.train.transfer import TransferConfig, run_transfer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _clips(n_clips: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Windows of ``n_clips`` clips whose anomaly shares range from 0 to 0.9 (labels, clip id per window)."""
+    rng = np.random.default_rng(seed)
+    labels, groups = [], []
+    for c in range(n_clips):
+        n = int(rng.integers(150, 250))
+        share = (c % 10) / 10
+        labels.append((rng.random(n) < share).astype(np.int64))
+        groups.append(np.full(n, c))
+    return np.concatenate(labels), np.concatenate(groups)
+
+
+def test_grouped_folds_are_even_seeded_and_never_split_a_clip():
+    labels, groups = _clips(40, seed=1)
+    overall = labels.mean()
+    folds = {seed: grouped_stratified_folds(labels, groups, 5, seed) for seed in (0, 1)}
+    for f in folds.values():
+        assert sorted(set(f.tolist())) == [0, 1, 2, 3, 4]
+        for g in np.unique(groups):
+            assert np.unique(f[groups == g]).size == 1  # a clip lies in one fold
+        rates = [labels[f == k].mean() for k in range(5)]
+        assert max(abs(r - overall) for r in rates) < 0.06, rates  # every fold near the overall anomaly rate
+        sizes = [int((f == k).sum()) for k in range(5)]
+        assert max(sizes) < 1.35 * min(sizes), sizes
+    assert not np.array_equal(folds[0], folds[1])  # the seed matters (repeats rely on it)
+    assert np.array_equal(folds[0], grouped_stratified_folds(labels, groups, 5, 0))  # and decides everything
+    assert (grouped_stratified_folds(labels, groups % 3, 5, 0) == -1).all()  # fewer clips than folds
+
+
+def test_repeats_deal_new_clip_grouped_folds_over_the_same_windows():
+    labels, groups = _clips(12, seed=2)
+    clips = [f"Test{g:03d}" for g in groups]
+    fold_of = grouped_stratified_folds(labels, groups, 4, 0)
+    fold_of[:5] = -1  # windows outside the protocol's set stay outside in every repeat
+
+    class WS:  # the parts of a WindowSet that CVWindows reads
+        def __init__(self):
+            self.labels, self.clips, self.keys, self.starts = labels, clips, [str(i) for i in labels], groups * 0
+            self.manifest = {"seed": 0}
+
+        def folds(self, protocol):
+            return fold_of
+
+    cv = CVWindows.from_window_set(WS(), "leakfree", 4, repeats=3)
+    assert cv.n_units == 12 and cv.unit(5) == (1, 1)
+    assert np.array_equal(cv.fold_sets[0], fold_of)  # repeat 0 keeps the shards' folds
+    assert not np.array_equal(cv.fold_sets[1], cv.fold_sets[2])
+    for r in range(3):
+        assert (cv.fold_sets[r][:5] == -1).all() and (cv.fold_sets[r][5:] >= 0).all()
+        tested = []
+        for k in range(4):
+            train, test, _ = fold_split(cv, r * 4 + k)
+            assert not {clips[i] for i in train} & {clips[i] for i in test}
+            assert not set(range(5)) & (set(train.tolist()) | set(test.tolist()))
+            tested += test.tolist()
+        assert sorted(tested) == list(range(5, len(labels)))  # each repeat tests every window once
+
+
+def test_frame_numbers_come_from_frame_labels_not_window_labels():
+    # One clip of 30 frames, frames 12..16 anomalous; window length 10, a window is anomalous from 5 frames on.
+    truth = np.zeros(30, np.int64)
+    truth[12:17] = 1
+    rows, labels = [], {}
+    for s in range(21):
+        key = f"Test001_{s:04d}"
+        fl = truth[s : s + 10].tolist()
+        labels[key] = fl
+        rows.append({"key": key, "clip": "Test001", "start": s, "label": int(sum(fl) >= 5), "score": sum(fl) / 10,
+                     "fold": 0})  # fmt: skip
+    by_repeat = frames_by_repeat(rows, labels)
+    summary = frame_summary(by_repeat)
+    assert summary["n_frames"] == 30 and summary["n_anomalous_frames"] == 5  # window labels would mark 10
+    frame_score = [max(sum(truth[s : s + 10]) / 10 for s in range(max(0, t - 9), min(t, 20) + 1)) for t in range(30)]
+    assert summary["frame_auroc"] == pytest.approx(roc_auc_score(truth, frame_score))
+    assert summary["clip_auroc"] == pytest.approx(summary["frame_auroc"])  # one clip
+
+
+def _frames(scores_of, n_clips=12, n=60, seed=0) -> dict[int, RepeatFrames]:
+    rng = np.random.default_rng(seed)
+    clips, frames, labels = [], [], []
+    for c in range(n_clips):
+        lab = np.zeros(n, np.int64)
+        lab[20 : 20 + 5 + c] = 1
+        clips += [f"c{c:02d}"] * n
+        frames += list(range(n))
+        labels.append(lab)
+    labels = np.concatenate(labels)
+    scores = scores_of(labels, rng)
+    return {0: RepeatFrames(np.array(clips), np.array(frames), labels, scores, np.arange(len(labels)) % 4)}
+
+
+def test_paired_difference_interval_says_better_worse_or_nothing():
+    good = _frames(lambda y, rng: y + rng.normal(0, 0.7, y.size))
+    poor = _frames(lambda y, rng: rng.normal(0, 1, y.size), seed=1)
+    better = paired_difference(good, poor, n_boot=300)
+    assert better["diff"] > 0.2 and 0 < better["low"] < better["diff"] < better["high"]
+    worse = paired_difference(poor, good, n_boot=300)
+    assert worse["high"] < 0 and worse["diff"] == pytest.approx(-better["diff"])
+    same = paired_difference(good, good, n_boot=300)
+    assert same["diff"] == 0 and same["low"] == same["high"] == 0
+    noisy = _frames(lambda y, rng: y + rng.normal(0, 0.7, y.size), seed=2)
+    close = paired_difference(good, noisy, n_boot=300)
+    assert close["low"] < 0 < close["high"]  # two equally good models: the interval straddles zero
+    assert close["n_clips"] == 12 and close["repeats"] == 1
+
+
+def test_timeline_figure_shades_the_truth_and_draws_each_method():
+    frames = np.arange(40)
+    truth = ((frames >= 10) & (frames < 20)).astype(int)
+    fig = fig_timelines({"Test003": {"frames": frames, "labels": truth,
+                                     "scores": {"GAN+LRCN": frames / 40, "motion-gb": 1 - frames / 40}}})  # fmt: skip
+    (ax,) = fig.axes
+    assert "Test003" in ax.get_title() and ax.get_xlabel() == "frame"
+    assert [line.get_label() for line in ax.get_lines()] == ["GAN+LRCN", "motion-gb"]
+    (span,) = [p for p in ax.patches if p.get_label() == "ground truth: anomalous"]
+    x0, x1 = sorted(span.get_transform().transform([[0, 0], [1, 0]])[:, 0])  # span in data units, via its path
+    lo, hi = (ax.transData.inverted().transform([[x, 0]])[0, 0] for x in (x0, x1))
+    assert lo == pytest.approx(9.5) and hi == pytest.approx(19.5)
+
+
+@pytest.fixture(scope="module")
+def leakfree_shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("measure")
+    data = run_synth(SynthConfig(out=str(root / "data"), train_clips=1, test_clips=6, frames=30, height=48, width=72,
+                                 seed=5), show_progress=False)  # fmt: skip
+    cfg = ShardConfig(data=str(data), out=str(root / "shards"), height=24, width=36, folds=3, workers=1, shard_size=32)
+    return build_shards(cfg, show_progress=False)
+
+
+def test_transfer_repeats_and_the_random_init_control(leakfree_shards, tmp_path):
+    run = run_transfer(TransferConfig(shards=str(leakfree_shards), out=str(tmp_path / "r"), source="random",
+                                      preset="tiny", epochs=1, batch_size=16, repeats=2, progress=False))  # fmt: skip
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["method"] == "Random+LRCN" and metrics["train"] == "head" and metrics["repeats"] == 2
+    assert [(f["repeat"], f["fold"]) for f in metrics["folds"]] == [(r, k) for r in (0, 1) for k in range(3)]
+    assert all({"window_auroc", "balanced_accuracy"} <= set(f) for f in metrics["folds"])
+    oof = read_oof_scores(run)
+    for r in (0, 1):
+        rows = [o for o in oof if o["repeat"] == r]
+        assert len({o["key"] for o in rows}) == len(rows) == len(oof) // 2  # every window once per repeat
+        for k in range(3):
+            assert not {o["clip"] for o in rows if o["fold"] == k} & {o["clip"] for o in rows if o["fold"] != k}
+    fold_of = [{o["key"]: o["fold"] for o in oof if o["repeat"] == r} for r in (0, 1)]
+    assert fold_of[0] != fold_of[1]  # the second repeat dealt other folds
+    with pytest.raises(UserError, match="--from random --train all"):
+        TransferConfig(shards=str(leakfree_shards), out=str(tmp_path / "x"), source="random", train="all")
+    with pytest.raises(UserError, match="--repeats"):
+        TransferConfig(shards=str(leakfree_shards), out=str(tmp_path / "x"), source="scratch", repeats=0)
