@@ -4,6 +4,10 @@ With ``--from GANRUN`` the classifier's ``features`` are an exact copy of the pr
 is new; with ``--from scratch`` everything is freshly initialised (:mod:`ddp_vad.train.classifier`). Cross-entropy,
 Adam. One fold is trained by :func:`ddp_vad.train.fold.train_fold`; this module runs the folds.
 
+**Repeats.** ``--repeats N`` re-deals the folds with N seeds (repeat 0: the shards' folds); each (repeat, fold) pair
+is a *unit* ``k = repeat * folds + fold`` trained like a fold (below), so "fold k" reads "unit k" with repeats.
+``--from random`` is the control of the GAN's claim: the same head on a frozen, randomly initialised LRCN.
+
 **Fold-parallel.** With P processes fold k runs on process ``k % P`` as an independent model: never DDP-wrapped
 (ranks train different folds; DDP would average their gradients), never passed to ``accelerator.prepare``. Every
 process holds every window (``load_window_set``) and selects by fold. A fold's numbers depend only on ``(seed, fold)``
