@@ -171,3 +171,17 @@ def test_transfer_repeats_and_the_random_init_control(leakfree_shards, tmp_path)
         TransferConfig(shards=str(leakfree_shards), out=str(tmp_path / "x"), source="random", train="all")
     with pytest.raises(UserError, match="--repeats"):
         TransferConfig(shards=str(leakfree_shards), out=str(tmp_path / "x"), source="scratch", repeats=0)
+
+
+def test_bootstrap_auroc_of_weighted_clips_equals_sklearn_on_the_resampled_frames():
+    from ddp_vad.eval.frame_scores import _RankedScores
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random(500) < 0.4).astype(int)
+    scores = np.round(labels + rng.normal(0, 1, 500), 1)  # rounded: many ties
+    clip = rng.integers(0, 5, 500)
+    weight = np.array([2.0, 0.0, 1.0, 1.0, 3.0])  # clip 4 drawn three times, clip 1 never
+    idx = np.concatenate([np.flatnonzero(clip == c) for c in range(5) for _ in range(int(weight[c]))])
+    ranked = _RankedScores(labels, scores, clip)
+    assert ranked.auroc(weight) == pytest.approx(roc_auc_score(labels[idx], scores[idx]))
+    assert ranked.auroc(np.ones(5)) == pytest.approx(roc_auc_score(labels, scores))

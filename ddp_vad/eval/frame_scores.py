@@ -147,6 +147,28 @@ def _aligned(a: dict[int, RepeatFrames], b: dict[int, RepeatFrames]) -> list[tup
     return out
 
 
+class _RankedScores:
+    """One run's frame scores sorted once, so that the AUROC of any weighting of its frames (a bootstrap resample of
+    clips is a weight per clip) is one pass: the weighted Mann-Whitney statistic, ties counted half."""
+
+    def __init__(self, labels: np.ndarray, scores: np.ndarray, clip_index: np.ndarray):
+        order = np.argsort(scores, kind="mergesort")
+        s = scores[order]
+        self.y = labels[order].astype(np.float64)
+        self.clip = clip_index[order]
+        self.tie = np.concatenate([[0], np.cumsum(s[1:] != s[:-1])]) if s.size else np.zeros(0, np.int64)
+
+    def auroc(self, clip_weight: np.ndarray) -> float | None:
+        w = clip_weight[self.clip]
+        pos = np.bincount(self.tie, w * self.y)
+        neg = np.bincount(self.tie, w * (1.0 - self.y))
+        den = pos.sum() * neg.sum()
+        if den <= 0:
+            return None
+        below = np.cumsum(neg) - neg  # negative weight strictly below each tie group
+        return float((pos * (below + 0.5 * neg)).sum() / den)
+
+
 def paired_difference(
     a: dict[int, RepeatFrames], b: dict[int, RepeatFrames], n_boot: int = N_BOOTSTRAP, seed: int = 0
 ) -> dict[str, Any] | None:
@@ -157,23 +179,22 @@ def paired_difference(
     if not pairs:
         return None
     clips = np.unique(pairs[0][0].clips)
-    # Per repeat and clip: the frames' positions, so a resample is a concatenation of whole clips.
-    members = [{c: np.flatnonzero(rf.clips == c) for c in clips} for rf, _ in pairs]
+    ranked = []
+    for rf, sb in pairs:
+        index = np.searchsorted(clips, rf.clips)
+        ranked.append((_RankedScores(rf.labels, rf.scores, index), _RankedScores(rf.labels, sb, index)))
 
-    def diff(sample: np.ndarray) -> float | None:
-        values = []
-        for (rf, sb), mem in zip(pairs, members, strict=True):
-            idx = np.concatenate([mem[c] for c in sample if c in mem])
-            da, db = _auroc(rf.labels[idx], rf.scores[idx]), _auroc(rf.labels[idx], sb[idx])
-            if da is not None and db is not None:
-                values.append(da - db)
+    def diff(weight: np.ndarray) -> float | None:
+        values = [(ra.auroc(weight), rb.auroc(weight)) for ra, rb in ranked]
+        values = [x - y for x, y in values if x is not None and y is not None]
         return float(np.mean(values)) if values else None
 
-    point = diff(clips)
+    point = diff(np.ones(clips.size))
     if point is None:
         return None
     rng = np.random.default_rng([abs(int(seed)), 0xB007])
-    boots = [d for d in (diff(rng.choice(clips, clips.size)) for _ in range(n_boot)) if d is not None]
+    draws = (np.bincount(rng.integers(0, clips.size, clips.size), minlength=clips.size) for _ in range(n_boot))
+    boots = [d for d in (diff(w.astype(np.float64)) for w in draws) if d is not None]
     per_fold = []
     for rf, sb in pairs:
         for fold in np.unique(rf.folds).tolist():
