@@ -71,6 +71,11 @@ def _setup(report: dict[str, Any]) -> list[str]:
         out.append(line + ".")
     for protocol in report.get("protocols", []):
         out.append(f"- Protocol `{protocol}`: {PROTOCOL_GUARANTEES.get(protocol, 'unknown protocol')}")
+    first = next(iter(report["methods"].values()), None)
+    if first and first.get("fold_rates"):
+        rates = "; ".join(", ".join(f"{x:.2f}" for x in row) for row in first["fold_rates"])
+        out.append(f"- Anomalous share of each fold's test windows ({len(first['fold_rates'])} repeat(s), "
+                   f"separated by ';'): {rates}.")  # fmt: skip
     if report.get("budgets"):
         out += [
             "- Budgets (the same for GAN+LRCN and LRCN unless set otherwise):",

@@ -160,6 +160,17 @@ def _frame_part(run_dir: Path, oof: list[dict], cache: dict[str, Any], notes: li
     return summary
 
 
+def _fold_rates(oof: list[dict]) -> list[list[float]]:
+    """Anomalous share of each fold's test windows, per repeat (how alike the folds are)."""
+    counts: dict[tuple[int, int], list[int]] = {}
+    for r in oof:
+        c = counts.setdefault((int(r.get("repeat", 0)), int(r["fold"])), [0, 0])
+        c[0] += int(r["label"])
+        c[1] += 1
+    repeats = sorted({rep for rep, _ in counts})
+    return [[round(a / n, 3) for (rep, _), (a, n) in sorted(counts.items()) if rep == r] for r in repeats]
+
+
 def summarise_run(run_dir: Path, frame_label_cache: dict[str, Any]) -> dict[str, Any]:
     """Everything the report says about one cross-validated run."""
     data = read_cv_results(run_dir)
@@ -177,6 +188,7 @@ def summarise_run(run_dir: Path, frame_label_cache: dict[str, Any]) -> dict[str,
         notes += [str(n) for n in run_notes if n]
     confusion, confusion_source = _confusion(folds, oof)
     window_auc = window_level_auroc([r for r in oof if r.get("repeat", 0) == 0]) if oof else None
+    fold_rates = _fold_rates(oof) if oof else []
     frames = None
     if oof:
         frames = _frame_part(run_dir, oof, frame_label_cache, notes)
@@ -201,6 +213,7 @@ def summarise_run(run_dir: Path, frame_label_cache: dict[str, Any]) -> dict[str,
         "confusion": confusion,
         "confusion_source": confusion_source,
         "window_auroc": window_auc,
+        "fold_rates": fold_rates,
         "frame_auroc": mean["frame_auroc"],
         "frames": frames,
         "notes": notes,
