@@ -156,7 +156,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     report: dict[str, Any] = {
         "methods": dict(zip(labels, entries, strict=True)),
         "curve": {
-            m: {f"{f:g}": {k: e[k] for k in ("mean", "std", "run")} for f, e in runs.items()}
+            m: {f"{f:g}": {k: e[k] for k in ("mean", "std", "run", "notes")} for f, e in runs.items()}
             for m, runs in by_method.items()
         },  # fmt: skip
         "verdict": verdict(by_method, protocols[0]) if len(protocols) == 1 else None,
