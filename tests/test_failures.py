@@ -304,6 +304,24 @@ def test_a_second_live_writer_is_refused_naming_the_holder(tiny_shards, tmp_path
     assert not lock_path(run).exists()  # released at the end
 
 
+def test_transfer_baselines_and_evaluate_refuse_a_held_folder_naming_the_holder(tiny_shards, tmp_path):
+    run = tmp_path / "held"
+    holder = _hold(run, "pretrain")
+    shards = ["--shards", str(tiny_shards), "--protocol", "window"]
+    try:
+        for args in (
+            ["transfer", *shards, "--out", str(run), "--from", "scratch", "--preset", "tiny", "--epochs", "1"],
+            ["baselines", *shards, "--out", str(run), "--methods", "nb"],
+            ["evaluate", str(tmp_path), "--out", str(run)],
+        ):
+            result = CliRunner().invoke(cli, args)
+            _error_line(result, 2, str(run), f"pid {holder.pid} on {socket.gethostname()}", "pretrain")
+            assert not run.exists(), args[0]  # wrote nothing (the lock file lies beside the folder)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
 def test_stages_inside_a_locked_pipeline_folder_pass_and_outsiders_are_refused(tmp_path):
     out = tmp_path / "pipe"
     with run_lock(out, "pipeline"), run_lock(out / "gan", "pretrain"), run_lock(out / "gan", "pretrain"):

@@ -128,6 +128,20 @@ def test_cross_validation_and_verify_exit_2_with_one_line(damaged, tmp_path):
     assert result.exit_code == 2 and f"BAD  {victim.name}" in result.output
 
 
+def test_evaluate_refuses_a_run_whose_shards_are_damaged_naming_the_shard(tiny_shards, tmp_path):
+    from ddp_vad.eval.baselines import BaselinesConfig, run_baselines
+
+    copy = Path(shutil.copytree(tiny_shards, tmp_path / "s"))
+    run_baselines(BaselinesConfig(shards=str(copy), out=str(tmp_path / "b"), methods="nb", protocol="window"))
+    victim = copy / load_manifest(copy)["shards"][2]["name"]
+    truncate(victim)
+    result = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "b" / "nb"), "--out", str(tmp_path / "r")])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert len(errors) == 1 and victim.name in errors[0] and "--verify" in errors[0], result.output
+    assert not (tmp_path / "r").exists()  # no report with a quiet note instead of the frame-level numbers
+
+
 def test_pretraining_runs_on_with_a_damaged_shard(damaged, tmp_path):
     copy, victim, _, _ = damaged
     args = ["pretrain", "--shards", str(copy), "--out", str(tmp_path / "gan"), "--preset", "tiny", "--steps", "3",
