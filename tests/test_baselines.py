@@ -148,6 +148,8 @@ def test_labelled_fraction_is_stratified_seeded_and_nested():
     assert int(labels[list(subsets[0.1])].sum()) == 2 and len(subsets[0.1]) == 10  # 10% of each class
     assert subsets[0.05] == set(labelled_subset(train, labels, 0.05, seed=3, fold=1).tolist())  # seeded
     assert subsets[0.25] != set(labelled_subset(train, labels, 0.25, seed=4, fold=1).tolist())
+    # Each fold draws its own share: the fold is part of the seed, so folds do not all keep the same windows.
+    assert subsets[0.25] != set(labelled_subset(train, labels, 0.25, seed=3, fold=2).tolist())
 
 
 def test_labelled_fraction_run_trains_on_fewer_windows(synth_shards, tmp_path):

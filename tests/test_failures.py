@@ -102,6 +102,9 @@ def test_damaged_newest_checkpoints_fall_back_to_the_newest_intact_one(tiny_shar
     model = ckpts / "step_0000006" / "pytorch_model.bin"
     model.write_bytes(model.read_bytes()[:100])  # truncated
     (ckpts / "step_0000004" / "optimizer.bin").unlink()  # deleted
+    torn = ckpts / ".tmp-step_0000099"  # a save killed mid-way, at a step this run never reaches again
+    torn.mkdir()
+    (torn / "pytorch_model.bin").write_bytes(b"half")
     result = CliRunner().invoke(cli, _pretrain_args(tiny_shards, run, 8))
     assert result.exit_code == 0, result.output
     assert "step_0000006 is damaged (pytorch_model.bin is truncated" in result.stderr
@@ -109,6 +112,24 @@ def test_damaged_newest_checkpoints_fall_back_to_the_newest_intact_one(tiny_shar
     assert "resuming from" in result.output and "(step 2)" in result.output  # and so trained steps 3..8 only
     assert (ckpts / "step_0000006.damaged").is_dir() and (ckpts / "step_0000004.damaged").is_dir()  # kept, aside
     assert checkpoint_problem(ckpts / "step_0000008") is None
+    assert not torn.exists()  # the next run removes torn staging folders, not only the one it re-saves
+    model = ckpts / "step_0000008" / "pytorch_model.bin"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte changed: only the sha256 tells
+    model.write_bytes(bytes(data))
+    assert "pytorch_model.bin is truncated or changed" in checkpoint_problem(ckpts / "step_0000008")
+
+
+def test_a_gan_run_that_does_not_say_its_protocol_is_refused_under_leakfree(tmp_path):
+    from ddp_vad.train.transfer import check_gan_protocol
+
+    gan = tmp_path / "gan"
+    gan.mkdir()
+    (gan / "discriminator.safetensors").write_bytes(b"")
+    (gan / "config.json").write_text(json.dumps({"config": {"preset": "tiny"}}))  # no "protocol": an older run
+    with pytest.raises(UserError, match="pretrained with --protocol window"):
+        check_gan_protocol(str(gan), "leakfree")
+    assert check_gan_protocol(str(gan), "window") == []
 
 
 def test_no_usable_checkpoint_is_exit_2_and_moves_nothing(tiny_shards, tmp_path):
@@ -160,6 +181,30 @@ def test_16_bit_frames_are_scaled_by_their_bit_depth_never_saturated(tmp_path, s
     wide = _write(tmp_path / f"w{suffix}", gray8.astype(np.uint16) * 257)  # the same picture in 16 bits
     assert np.array_equal(read_frame(wide), gray8)
     assert np.array_equal(read_rgb(wide), np.repeat(gray8[..., None], 3, axis=2))
+
+
+def _tiff_12_bit(path: Path, values: np.ndarray) -> Path:
+    """A grayscale TIFF with BitsPerSample 12 (two samples packed in three bytes, as 12-bit cameras write them):
+    Pillow decodes it into 16-bit samples of 0..4095."""
+    import struct
+
+    h, w = values.shape
+    v = values.astype(np.uint32).reshape(h, w // 2, 2)
+    packed = np.stack([v[..., 0] >> 4, ((v[..., 0] & 15) << 4) | (v[..., 1] >> 8), v[..., 1] & 255], -1)
+    strip = packed.astype(np.uint8).tobytes()
+    tags = [(256, 3, w), (257, 3, h), (258, 3, 12), (259, 3, 1), (262, 3, 1), (273, 4, 8), (277, 3, 1), (278, 3, h),
+            (279, 4, len(strip))]  # fmt: skip
+    entries = [struct.pack("<HHII" if t == 4 else "<HHIHxx", tag, t, 1, value) for tag, t, value in tags]
+    ifd = struct.pack("<H", len(tags)) + b"".join(entries) + struct.pack("<I", 0)
+    path.write_bytes(b"II*\x00" + struct.pack("<I", 8 + len(strip)) + strip + ifd)
+    return path
+
+
+def test_12_bit_tiff_frames_are_scaled_by_their_bit_depth_tag(tmp_path):
+    gray8 = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    tif = _tiff_12_bit(tmp_path / "twelve.tif", (gray8.astype(np.int64) * 4095 + 127) // 255)
+    assert Image.open(tif).mode == "I;16" and Image.open(tif).tag_v2[258] in (12, (12,))  # 16-bit storage
+    assert np.array_equal(read_frame(tif), gray8)  # 4095 is white, not 4095/65535 (a near-black frame)
 
 
 def test_palette_frames_go_through_their_palette_and_float_frames_are_refused(tmp_path):
