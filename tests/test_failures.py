@@ -405,11 +405,39 @@ def test_a_data_error_on_one_rank_stops_both_ranks_with_its_message(tiny_shards,
 
 
 @pytest.mark.slow
-def test_the_resume_decision_is_made_on_the_main_process_only(tiny_shards, tmp_path):
-    worker = str(REPO / "tests" / "_agree_worker.py")
-    result = _torchrun([worker, "resume", str(tiny_shards), str(tmp_path / "gan")], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert [s for s, _ in list_checkpoints(tmp_path / "gan" / "checkpoints")] == [4, 8]
+def test_two_process_pretrain_wraps_small_epochs_and_every_rank_resumes_from_the_main_decision(tiny_shards, tmp_path):
+    """64 windows over 2 ranks give each rank about 32 per epoch, fewer than a batch of 40: the stream wraps around
+    its epochs (full batches, no stop). The resumed run decides on the main process only (rank 1 would fail if it
+    tried) and every rank continues from that checkpoint at exactly its own data position."""
+    from ddp_vad.data.reader import infinite_batches
+
+    gan, worker = tmp_path / "gan", str(REPO / "tests" / "_agree_worker.py")
+    small = [
+        "--batch-size",
+        "40",
+        "--debug-keys",
+        "--checkpoint-every",
+        "3",
+        "--log-every",
+        "3",
+        "--protocol",
+        "window",
+    ]
+    first = _torchrun(["-m", "ddp_vad", *_pretrain_args(tiny_shards, gan, 3), *small], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = _torchrun([worker, "resume", str(tiny_shards), str(gan), "--steps", "5", *small], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "(step 3)" in resumed.stdout
+    for rank in range(2):  # the keys each rank trained on, over both runs: those of one uninterrupted stream
+        stream = infinite_batches(tiny_shards, 40, seed=0, rank=rank, world_size=2)
+        expected = [
+            f"{e} {k}" for b in (next(stream) for _ in range(5)) for e, k in zip(b["epoch"], b["key"], strict=True)
+        ]
+        assert (gan / "debug" / f"keys_rank{rank}.txt").read_text().splitlines() == expected, f"rank {rank}"
+        assert len({e for e in expected if e.split()[0] == "0"}) < 40  # an epoch's share is smaller than a batch
+    hashes = [(gan / "debug" / f"weights_rank{r}.txt").read_text() for r in range(2)]
+    assert hashes[0] == hashes[1]
+    assert json.loads((gan / "config.json").read_text())["steps_done"] == 5
 
 
 @pytest.mark.slow
