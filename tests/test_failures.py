@@ -423,9 +423,9 @@ def test_two_process_pretrain_wraps_small_epochs_and_every_rank_resumes_from_the
         "--protocol",
         "window",
     ]
-    first = _torchrun(["-m", "ddp_vad", *_pretrain_args(tiny_shards, gan, 3), *small], tmp_path)
+    first = _torchrun(["-m", "ddp_vad", *_pretrain_args(tiny_shards, gan, 3), *small], tmp_path, timeout=120)
     assert first.returncode == 0, first.stderr[-3000:]
-    resumed = _torchrun([worker, "resume", str(tiny_shards), str(gan), "--steps", "5", *small], tmp_path)
+    resumed = _torchrun([worker, "resume", str(tiny_shards), str(gan), "--steps", "5", *small], tmp_path, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "(step 3)" in resumed.stdout
     for rank in range(2):  # the keys each rank trained on, over both runs: those of one uninterrupted stream
