@@ -317,8 +317,10 @@ class InfiniteBatches:
             if sample is None:
                 empty = empty + 1 if self.index == 0 else 0
                 if empty >= 2:  # two whole epochs without a window: wrapping around would loop forever
-                    raise UserError(f"{self.shard_dir} gives this process no windows (epochs {self.epoch - 1} and "
-                                    f"{self.epoch}): every shard it reads is damaged or holds none of its windows")  # fmt: skip
+                    raise UserError(
+                        f"{self.shard_dir} gives this process no windows (epochs {self.epoch - 1} and {self.epoch}): "
+                        "every shard it reads is damaged or holds none of the windows it trains on"
+                    )
                 self._it = None
                 self.epoch += 1
                 continue
