@@ -42,7 +42,7 @@ from ddp_vad.eval.runs import (
     run_shards,
     summarise_run,
 )
-from ddp_vad.files import staging_folder, swap_in, write_json_atomic, write_text_atomic
+from ddp_vad.files import read_json_object, staging_folder, swap_in, write_json_atomic, write_text_atomic
 from ddp_vad.options import option
 
 
@@ -105,12 +105,22 @@ def _pretrain_part(pretrain_runs: list[Path], figures: dict[str, Any]) -> list[d
         figures["fig3_similarity"] = fig_similarity(curves)
     for i, (run, info) in enumerate(zip(pretrain_runs, infos, strict=True)):
         shards = run_shards(run)
-        real = real_windows(shards, 3) if shards else []
+        real = real_windows(shards, 3, _gan_selection(run, shards)) if shards else []
         if shards is None:
             info["notes"].append(f"{run}: shards not found, figure 4 shows generated windows only")
         name = "fig4_real_vs_fake" if i == 0 else f"fig4_real_vs_fake_{run.name}"
         figures[name] = fig_real_vs_fake(real, fake_windows(run, 3))
     return infos
+
+
+def _gan_selection(run: Path, shards: Path) -> str:
+    """The windows the GAN of ``run`` streamed (figure 4 shows those: under the leak-free protocol the train clips',
+    never a test clip it did not see); runs that predate the protocol option streamed the balanced set."""
+    from ddp_vad.data.shards import load_manifest
+    from ddp_vad.train.pretrain import gan_windows
+
+    protocol = read_json_object(run / "config.json", "pretrain run config").get("config", {}).get("protocol", "window")
+    return gan_windows(str(protocol), load_manifest(shards), str(shards))
 
 
 def _data_sets(entries: list[dict]) -> list[dict]:
