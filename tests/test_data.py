@@ -128,13 +128,13 @@ def test_two_real_processes_see_every_sample_exactly_once(tiny_shards, tmp_path)
         assert sorted(ranks[0] + ranks[1]) == sorted(load_window_set(tiny_shards).keys)
 
 
-def test_a_truncated_shard_is_reported_and_the_rest_still_streams(tiny_shards, tmp_path):
+def test_a_truncated_shard_is_reported_and_the_rest_still_streams(tiny_shards, tmp_path, capsys):
     import shutil
 
     copy = Path(shutil.copytree(tiny_shards, tmp_path / "s"))
     victim = sorted(copy.glob("*.tar"))[0]
     victim.write_bytes(victim.read_bytes()[:5000])
-    with pytest.warns(UserWarning, match=victim.name):
-        keys = _keys(stream_batches(copy, 4, shuffle=False))
+    keys = _keys(stream_batches(copy, 4, shuffle=False))
+    assert victim.name in capsys.readouterr().err
     all_keys = load_window_set(tiny_shards).keys
     assert 0 < len(keys) < len(all_keys) and set(keys) <= set(all_keys)

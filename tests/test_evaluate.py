@@ -299,6 +299,6 @@ def test_runs_from_different_shard_sets_are_refused_naming_both(runs, tmp_path):
         assert needle in line
     assert not out.exists()
     result = CliRunner().invoke(cli, ["evaluate", str(lrcn), str(synth_run), "--out", str(out), "--allow-mixed-data"])
-    assert result.exit_code == 0 and "WARNING: the runs come from 2 different shard sets" in result.stderr
+    assert result.exit_code == 0 and "warning: the runs come from 2 different shard sets" in result.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["mixed_data"] is True and {d["dataset"] for d in report["data"]} == {"s", "SynthPed"}

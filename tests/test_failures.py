@@ -107,8 +107,8 @@ def test_damaged_newest_checkpoints_fall_back_to_the_newest_intact_one(tiny_shar
     (torn / "pytorch_model.bin").write_bytes(b"half")
     result = CliRunner().invoke(cli, _pretrain_args(tiny_shards, run, 8))
     assert result.exit_code == 0, result.output
-    assert "step_0000006 is damaged (pytorch_model.bin is truncated" in result.stderr
-    assert "step_0000004 is damaged (optimizer.bin is missing)" in result.stderr
+    assert f"warning: {ckpts / 'step_0000006'}: damaged checkpoint (pytorch_model.bin is truncated" in result.stderr
+    assert f"warning: {ckpts / 'step_0000004'}: damaged checkpoint (optimizer.bin is missing)" in result.stderr
     assert "resuming from" in result.output and "(step 2)" in result.output  # and so trained steps 3..8 only
     assert (ckpts / "step_0000006.damaged").is_dir() and (ckpts / "step_0000004.damaged").is_dir()  # kept, aside
     assert checkpoint_problem(ckpts / "step_0000008") is None

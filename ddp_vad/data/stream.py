@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import functools
 import random
-import sys
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from torch.utils.data import DataLoader
 from ddp_vad.data.format import ShardDamaged, iter_shard, report_damaged
 from ddp_vad.data.manifest import load_manifest
 from ddp_vad.errors import UserError
+from ddp_vad.warn import warn
 
 
 def collate(samples: list[dict]) -> dict:
@@ -82,8 +81,7 @@ def announce_split(num_shards: int, processes: int, workers: int, is_main: bool 
             f"sample (every process reads every shard and keeps every {readers}-th window); rebuild with a smaller "
             "--shard-size to split by shard"
         )
-        warnings.warn(message, UserWarning, stacklevel=2)
-        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+        warn(message)
     return mode
 
 
@@ -244,7 +242,7 @@ def stream_windows(
     else:
         rank, world_size = 0, 1
         if workers > len(items):  # every rank reads everything: only the workers split, by shard
-            warnings.warn(f"{len(items)} shards but {workers} loader workers: using {len(items)}", stacklevel=2)
+            warn(f"{shard_dir}: {len(items)} shards but {workers} loader workers: using {len(items)}")
             workers = len(items)
 
     read = _cached_blocks if cache else _read_blocks

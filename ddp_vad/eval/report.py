@@ -14,7 +14,6 @@ report):
 from __future__ import annotations
 
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from ddp_vad.eval.runs import (
 )
 from ddp_vad.files import read_json_object, staging_folder, swap_in, write_json_atomic, write_text_atomic
 from ddp_vad.options import option
+from ddp_vad.warn import warn
 
 
 @dataclass
@@ -147,7 +147,7 @@ def check_one_data_set(sets: list[dict], allow: bool) -> None:
             f"the runs come from {len(sets)} different shard sets: {named}; evaluate each set on its own, or pass "
             "--allow-mixed-data to compare them anyway"
         )
-    print(f"WARNING: the runs come from {len(sets)} different shard sets: {named}", file=sys.stderr, flush=True)
+    warn(f"the runs come from {len(sets)} different shard sets: {named}")
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ import torch
 from ddp_vad.errors import UserError, os_error_message
 from ddp_vad.files import atomic_path, sha256_file, write_json_atomic
 from ddp_vad.train.distributed import all_gather_objects, object_group
+from ddp_vad.warn import warn
 
 STATE_FILE = "train_state.json"
 _NAME = re.compile(r"^step_(\d+)$")
@@ -94,8 +94,10 @@ def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path | None:
             aside = path.with_name(path.name + ".damaged")
             shutil.rmtree(aside, ignore_errors=True)
             path.rename(aside)
-            print(f"warning: checkpoint {path} is damaged ({problem}); moved to {aside.name}, resuming from the "
-                  f"older {problems[usable][0].name}", file=sys.stderr, flush=True)  # fmt: skip
+            warn(
+                f"{path}: damaged checkpoint ({problem}); moved to {aside.name}, resuming from the older "
+                f"{problems[usable][0].name}"
+            )
         return problems[usable][0]
     if resume == "none":
         if existing:
