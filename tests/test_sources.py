@@ -200,6 +200,15 @@ def test_bad_labels_rows_name_file_and_line(tmp_path, labels, message):
     assert re.search(message, line), line
 
 
+@pytest.mark.parametrize("labels", ["", "clip,start,end\n# nothing yet\n"])
+def test_labels_that_mark_nothing_build_with_a_warning_naming_the_file(tmp_path, capsys, labels):
+    root = _videos_layout(tmp_path / "mine", labels)
+    manifest = _build(root, tmp_path / "s")
+    assert manifest["counts"]["anomalous"] == 0
+    err = capsys.readouterr().err
+    assert f"warning: {root / 'labels.csv'}: marks no frame of the 3 test clip(s) anomalous" in err, err
+
+
 def test_unreadable_video_and_missing_labels(tmp_path):
     root = _videos_layout(tmp_path / "mine", GOOD_LABELS)
     (root / "test" / "door.avi").write_bytes(b"not a video at all" * 100)
