@@ -117,7 +117,8 @@ def test_damaged_newest_checkpoints_fall_back_to_the_newest_intact_one(tiny_shar
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one byte changed: only the sha256 tells
     model.write_bytes(bytes(data))
-    assert "pytorch_model.bin is truncated or changed" in checkpoint_problem(ckpts / "step_0000008")
+    problem = checkpoint_problem(ckpts / "step_0000008")
+    assert problem is not None and "pytorch_model.bin is truncated or changed" in problem
 
 
 def test_a_gan_run_that_does_not_say_its_protocol_is_refused_under_leakfree(tmp_path):
