@@ -18,13 +18,13 @@ import fcntl
 import json
 import os
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from ddp_vad.errors import UserError
 from ddp_vad.files import make_folder
+from ddp_vad.warn import warn
 
 
 def lock_path(folder: str | os.PathLike) -> Path:
@@ -125,8 +125,7 @@ def run_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
     fd = _acquire(path, folder, what)
     previous = _read_holder(fd)
     if previous.get("pid") is not None:
-        print(f"warning: taking over the stale lock of {_describe(previous)}, which is no longer running "
-              f"({path})", file=sys.stderr, flush=True)  # fmt: skip
+        warn(f"{path}: taking over the stale lock of {_describe(previous)}, which is no longer running")
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
               "started": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
     os.ftruncate(fd, 0)

@@ -3,6 +3,7 @@
 ``data``: rank 1's stream runs dry after 3 batches (as a rank without a full batch would) while rank 0's does not;
 both ranks must stop with rank 1's message at the next log step, none left waiting in a collective.
 ``resume``: only the main process may decide which checkpoint to resume from; rank 1 would fail if it tried.
+Arguments after the first three are added to the pretrain command line (a later option overrides an earlier one).
 """
 
 import os
@@ -34,5 +35,5 @@ if __name__ == "__main__":
         pretrain.resolve_resume = refuse
     sys.argv = ["ddp_vad", "pretrain", "--shards", shards, "--out", out, "--preset", "tiny", "--steps", "8",
                 "--batch-size", "2", "--log-every", "4", "--checkpoint-every", "4", "--similarity-every", "0",
-                "--image-every", "0", "--workers", "0", "--no-progress"]  # fmt: skip
+                "--image-every", "0", "--workers", "0", "--no-progress", *sys.argv[4:]]  # fmt: skip
     main()

@@ -175,7 +175,13 @@ def torchrun(args: list[str], cwd: Path, *, nproc: int = 2, timeout: float = 240
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the group this test started: torchrun and its workers
+        import psutil
+
+        # torchrun starts its workers in sessions of their own: kill them by pid (they hold the output pipes open),
+        # then the group this test started.
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail(f"{' '.join(args[:4])} did not finish within {timeout}s (hang?)\n{err[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

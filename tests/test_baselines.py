@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -151,6 +152,8 @@ def test_labelled_fraction_is_stratified_seeded_and_nested():
     assert int(labels[list(subsets[0.1])].sum()) == 2 and len(subsets[0.1]) == 10  # 10% of each class
     assert subsets[0.05] == set(labelled_subset(train, labels, 0.05, seed=3, fold=1).tolist())  # seeded
     assert subsets[0.25] != set(labelled_subset(train, labels, 0.25, seed=4, fold=1).tolist())
+    # Each fold draws its own share: the fold is part of the seed, so folds do not all keep the same windows.
+    assert subsets[0.25] != set(labelled_subset(train, labels, 0.25, seed=3, fold=2).tolist())
 
 
 def test_labelled_fraction_run_trains_on_fewer_windows(synth_shards, tmp_path):
@@ -172,3 +175,72 @@ def _run_fraction(shards, out, fraction):
     )
     run_baselines(cfg)
     return out / "logreg"
+
+
+class _Spy:
+    """An estimator that records what it was fitted on and asked to score (and predicts the training prior)."""
+
+    calls: list[dict] = []
+
+    def fit(self, x, y):
+        self.classes_ = np.unique(y)
+        self.prior = float(np.mean(y))
+        _Spy.calls.append({"x_train": x.copy(), "y_train": np.asarray(y).copy()})
+        return self
+
+    def predict(self, x):
+        _Spy.calls[-1]["x_test"] = x.copy()
+        return np.full(len(x), int(self.prior > 0.5))
+
+    def predict_proba(self, x):
+        return np.column_stack([np.full(len(x), 1 - self.prior), np.full(len(x), self.prior)])
+
+
+@pytest.mark.parametrize("protocol", ["window", "clip"])
+def test_each_fold_trains_and_standardises_on_its_training_folds_only(synth_shards, tmp_path, monkeypatch, protocol):
+    import ddp_vad.eval.baselines as bl
+    from ddp_vad.eval.baselines import Baseline
+    from ddp_vad.train.crossval import CVWindows, window_selection
+
+    monkeypatch.setitem(bl.BASELINES, "spy", Baseline("pixels", lambda c: _Spy()))
+    monkeypatch.setattr(bl, "METHODS", (*bl.METHODS, "spy"))
+    monkeypatch.setattr(_Spy, "calls", [])
+    run_baselines(BaselinesConfig(shards=str(synth_shards), out=str(tmp_path), methods="spy", protocol=protocol))
+    cv = CVWindows.from_window_set(load_window_set(synth_shards, select=window_selection(protocol)), protocol)
+    folds = sorted(set(cv.fold_of[cv.fold_of >= 0].tolist()))
+    assert len(_Spy.calls) == len(folds) >= 2
+    for k, call in zip(folds, _Spy.calls, strict=True):
+        train = (cv.fold_of != k) & (cv.fold_of >= 0)
+        assert len(call["x_train"]) == int(train.sum()) and len(call["x_test"]) == int((cv.fold_of == k).sum())
+        assert sorted(call["y_train"].tolist()) == sorted(cv.labels[train].tolist())
+        # No scored window is among the training rows (both went through the same standardisation).
+        fitted = {row.tobytes() for row in call["x_train"]}
+        assert not any(row.tobytes() in fitted for row in call["x_test"])
+        # Standardised with the training rows' own statistics: mean 0 and std 1 (or 0, constant pixels) per column.
+        x = call["x_train"].astype(np.float64)
+        assert np.abs(x.mean(axis=0)).max() < 1e-3
+        std = x.std(axis=0)
+        assert np.all((np.abs(std - 1) < 1e-3) | (std < 1e-3))
+
+
+def test_every_baseline_copes_with_a_tiny_training_set(synth_shards, tmp_path):
+    # 1% of the labels: one window of each class per fold, fewer than k-NN's 5 neighbours.
+    cfg = BaselinesConfig(
+        shards=str(synth_shards), out=str(tmp_path), labelled_fraction=0.01, rf_trees=5, protocol="window"
+    )
+    run_baselines(cfg)
+    for method in cfg.method_list:
+        metrics = json.loads((tmp_path / method / "metrics.json").read_text())
+        assert all(f["n_train"] <= 2 for f in metrics["folds"]), method
+        assert sum(f["n_test"] for f in metrics["folds"]) > 0
+    notes = json.loads((tmp_path / "knn" / "metrics.json").read_text())["notes"]
+    assert notes and all(re.fullmatch(r"fold \d: \d training windows < 5 neighbours: k = \d", n) for n in notes)
+
+
+def test_a_fold_trained_on_one_class_predicts_it_with_a_note(monkeypatch, synth_shards, tmp_path):
+    from ddp_vad.eval import baselines as bl
+
+    cfg = BaselinesConfig(shards=str(synth_shards), out=str(tmp_path), methods="knn")
+    y = np.zeros(3, np.int64)
+    score, pred, note = bl._fit_predict("knn", cfg, np.zeros((3, 4), np.float32), y, np.ones((2, 4), np.float32), {})
+    assert score.tolist() == [0.0, 0.0] and pred.tolist() == [0, 0] and "class 0 only" in note

@@ -196,6 +196,67 @@ def test_pretrain_run_figures(tiny_shards, tmp_path):
     assert "| 3 | 20 | 0.9000 | 4.2500 |" in (out / "report.md").read_text()
 
 
+def _drawn(monkeypatch) -> dict:
+    """The figures evaluate draws, by name (their PNGs are still written)."""
+    import ddp_vad.eval.report as report_module
+
+    drawn, save = {}, report_module.save_figure
+    monkeypatch.setattr(
+        report_module, "save_figure", lambda fig, path: drawn.setdefault(path.stem, fig) and save(fig, path)
+    )
+    return drawn
+
+
+@pytest.mark.parametrize("protocol", ["leakfree", "window"])
+def test_figures_3_and_4_draw_the_run_s_curve_and_the_windows_its_gan_streamed(tiny_shards, tmp_path, monkeypatch,
+                                                                              protocol):  # fmt: skip
+    from itertools import islice
+
+    from ddp_vad.data.reader import load_window_set
+    from ddp_vad.data.shards import load_manifest
+    from ddp_vad.data.stream import stream_windows
+    from ddp_vad.models import build_generator, model_config_for, save_model
+
+    gan = tmp_path / "gan"
+    gan.mkdir()
+    model_cfg = model_config_for("tiny", load_manifest(tiny_shards))
+    save_model(build_generator(model_cfg), gan / "generator.safetensors", model_cfg)
+    (gan / "similarity.csv").write_text("step,cosine,l2\n0,0.5,9.0\n10,0.7,6.5\n20,0.9,4.25\n")
+    (gan / "config.json").write_text(json.dumps({"config": {"shards": str(tiny_shards), "protocol": protocol}}))
+    drawn = _drawn(monkeypatch)
+    run_evaluate(EvaluateConfig(runs=(str(gan),), out=str(tmp_path / "report")))
+    cos, l2 = drawn["fig3_similarity"].axes
+    assert cos.get_title() == "cosine similarity (real vs fake)" and l2.get_title() == "L2 distance (real vs fake)"
+    assert cos.get_xlabel() == "step" and list(cos.lines[0].get_xdata()) == [0, 10, 20]
+    assert list(cos.lines[0].get_ydata()) == [0.5, 0.7, 0.9] and list(l2.lines[0].get_ydata()) == [9.0, 6.5, 4.25]
+    fig4 = drawn["fig4_real_vs_fake"]
+    rows = [ax.get_ylabel() for ax in fig4.axes if ax.get_ylabel()]
+    # The GAN's own data, in the order it is stored: under leakfree the windows of the train clips (it never saw a
+    # test clip), else the method's balanced windows.
+    gan_data = stream_windows(
+        tiny_shards, split="all", shuffle=False, select="train" if protocol == "leakfree" else "kept"
+    )
+    first = list(islice(gan_data, 3))
+    assert all(w["key"].startswith("Train") for w in first) or protocol == "window"
+    assert rows == [f"real {w['key']}" for w in first] + ["fake 0", "fake 1", "fake 2"]
+    if protocol == "window":
+        assert [w["key"] for w in first] == load_window_set(tiny_shards, n=3).keys
+    assert fig4.axes[0].get_title() == "t=0" and len(fig4.axes) == 6 * 10
+    np.testing.assert_allclose(fig4.axes[0].images[0].get_array(), first[0]["frames"][0] / 255, atol=1e-6)
+
+
+def test_figure_2_plots_each_run_s_fold_accuracies(runs, tmp_path, monkeypatch):
+    drawn = _drawn(monkeypatch)
+    report = run_evaluate(EvaluateConfig(runs=tuple(str(r) for r in runs), out=str(tmp_path / "report")))
+    (ax,) = drawn["fig2_accuracy_by_fold"].axes
+    assert ax.get_title() == "Accuracy per fold" and ax.get_ylabel() == "accuracy"
+    plotted = {line.get_label(): list(line.get_ydata()) for line in ax.lines}
+    for label, entry in report["methods"].items():
+        want = [np.nan if f["accuracy"] is None else f["accuracy"] for f in entry["folds"]]
+        np.testing.assert_array_equal(plotted[label], want)
+    assert list(plotted["chance"]) == [0.5, 0.5]
+
+
 def test_a_failing_evaluate_leaves_the_existing_report_whole(runs, tmp_path, monkeypatch):
     """A full disk while the new report is written: exit 2 naming the file, the old report untouched, no staging
     folder left behind."""
@@ -238,6 +299,6 @@ def test_runs_from_different_shard_sets_are_refused_naming_both(runs, tmp_path):
         assert needle in line
     assert not out.exists()
     result = CliRunner().invoke(cli, ["evaluate", str(lrcn), str(synth_run), "--out", str(out), "--allow-mixed-data"])
-    assert result.exit_code == 0 and "WARNING: the runs come from 2 different shard sets" in result.stderr
+    assert result.exit_code == 0 and "warning: the runs come from 2 different shard sets" in result.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["mixed_data"] is True and {d["dataset"] for d in report["data"]} == {"s", "SynthPed"}

@@ -69,3 +69,23 @@ def test_with_label_smoothing_a_win_is_judged_against_the_smoothed_target():
     warned = health.observe_steps(_rows(0.88, 0.001, 50), 1, STAT_NAMES)
     assert len(warned) == 1 and "D(real) > 0.855" in warned[0]
     assert GanHealth(total_steps=100).observe_steps(_rows(0.88, 0.001, 50), 1, STAT_NAMES) == []
+
+
+def test_a_real_run_where_d_wins_outright_prints_the_warning_and_logs_it(tiny_shards, tmp_path, monkeypatch, capsys):
+    # A discriminator 10^5 times faster than its generator wins within a few steps; "sustained" is shortened to 5
+    # steps (it is 50 and 10% of a run, tested above) so that a 30-step run shows the wiring: printed once, in
+    # gan_health.json and in TensorBoard.
+    monkeypatch.setattr(GanHealth, "sustained", property(lambda self: 5))
+    run = run_pretrain(PretrainConfig(shards=str(tiny_shards), out=str(tmp_path / "gan"), preset="tiny", steps=30,
+                                      batch_size=4, lr=1e-7, lr_d=1e-2, log_every=5, similarity_every=0,
+                                      image_every=0, checkpoint_every=0, workers=0, progress=False,
+                                      protocol="window"))  # fmt: skip
+    printed = [line for line in capsys.readouterr().out.splitlines() if "wins outright" in line]
+    assert len(printed) == 1 and printed[0].startswith("pretrain: WARNING (GAN health): the discriminator wins")
+    health = json.loads((run / "gan_health.json").read_text())
+    assert health["warned"] == ["d_wins"] and health["warnings"] == [printed[0].split(": ", 2)[2]]
+    assert health["longest_win_streak"] >= 5
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    logged = [e for tag in acc.Tags()["tensors"] if tag.startswith("health/warnings") for e in acc.Tensors(tag)]
+    assert len(logged) == 1 and b"wins outright" in logged[0].tensor_proto.string_val[0]

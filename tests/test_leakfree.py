@@ -70,9 +70,17 @@ def test_the_gan_only_ever_saw_train_clips(shards, gan):
     assert json.loads((gan / "config.json").read_text())["config"]["protocol"] == "leakfree"
 
 
-def test_transfer_never_trains_on_a_test_fold_clip_and_refuses_a_gan_that_saw_every_clip(shards, gan, tmp_path):
-    run = run_transfer(TransferConfig(shards=str(shards), out=str(tmp_path / "t"), source=str(gan), epochs=1,
-                                      batch_size=8, progress=False))  # fmt: skip
+@pytest.fixture(scope="module")
+def transfer_run(shards, gan, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("transfer") / "t"
+    return run_transfer(TransferConfig(shards=str(shards), out=str(out), source=str(gan), epochs=1, batch_size=8,
+                                       progress=False))  # fmt: skip
+
+
+def test_transfer_never_trains_on_a_test_fold_clip_and_refuses_a_gan_that_saw_every_clip(
+    shards, gan, transfer_run, tmp_path
+):
+    run = transfer_run
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["protocol"] == "leakfree"
     oof = read_oof_scores(run)
@@ -90,6 +98,16 @@ def test_transfer_never_trains_on_a_test_fold_clip_and_refuses_a_gan_that_saw_ev
     with pytest.raises(UserError, match="pretrained with --protocol window.*breaks the guarantee"):
         run_transfer(TransferConfig(shards=str(shards), out=str(tmp_path / "t2"), source=str(leaky), epochs=1,
                                     progress=False))  # fmt: skip
+
+
+def test_baselines_score_exactly_the_windows_and_folds_transfer_scores(shards, transfer_run, tmp_path):
+    from ddp_vad.eval.baselines import BaselinesConfig, run_baselines
+
+    run_baselines(BaselinesConfig(shards=str(shards), out=str(tmp_path), methods="nb"))  # the default protocol
+    baseline = {r["key"]: r["fold"] for r in read_oof_scores(tmp_path / "nb")}
+    transfer = {r["key"]: r["fold"] for r in read_oof_scores(transfer_run)}
+    assert baseline == transfer and len(baseline) > 0
+    assert json.loads((tmp_path / "nb" / "metrics.json").read_text())["protocol"] == "leakfree"
 
 
 @pytest.mark.slow

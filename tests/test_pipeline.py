@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from click.testing import CliRunner
 
 from ddp_vad.cli import cli
 from ddp_vad.data.sources.frames import read_frame, resize_frame
+from ddp_vad.eval.baselines import METHODS
 from ddp_vad.models import build_lrcn, load_model
 from ddp_vad.pipeline import PipelineConfig, run_pipeline
 
@@ -20,7 +22,9 @@ from ddp_vad.pipeline import PipelineConfig, run_pipeline
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pipe") / "run"
-    args = ["pipeline", "--out", str(out), "--preset", "tiny", "--methods", "logreg,nb", "--curve", "0.5"]
+    # The default pipeline of the tiny preset (every baseline, the whole curve): its smallest labelled shares give
+    # k-NN fewer training windows than neighbours, which used to crash the chain.
+    args = ["pipeline", "--out", str(out), "--preset", "tiny"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     return out
@@ -36,6 +40,9 @@ def test_layout_and_report(pipeline_dir):
         for r in ("lrcn-gan", "lrcn-scratch", "lrcn-random", "baselines/logreg", "baselines/nb")
     }
     assert methods == {"GAN+LRCN", "LRCN", "Random+LRCN", "logreg", "nb"}
+    for fraction in ("0.05", "0.1", "0.25", "0.5"):
+        for method in METHODS:
+            assert (pipeline_dir / "curve" / f"f{fraction}" / "baselines" / method / "metrics.json").is_file()
     report = (pipeline_dir / "report" / "report.md").read_text()
     for method in ("GAN+LRCN", "LRCN", "logreg", "nb"):
         assert f"| {method} |" in report
@@ -44,6 +51,7 @@ def test_layout_and_report(pipeline_dir):
         assert metrics["labelled_fraction"] == 0.5
     assert "## Label efficiency" in report and "## Verdict" in report and "## Headline" in report
     assert "GAN+LRCN vs LRCN from scratch" in report and "random-init control" in report
+    assert re.search(r"- knn at 0\.05: .*fold \d: \d training windows < 5 neighbours: k = \d", report)
     # report.json carries each run's own numbers (fold by fold) and means over those folds.
     data = json.loads((pipeline_dir / "report" / "report.json").read_text())
     for label, entry in data["methods"].items():
@@ -81,7 +89,7 @@ def test_rerun_resumes_instead_of_starting_over(pipeline_dir, capsys):
             pipeline_dir / "shards" / "manifest.json",
         )
     }
-    run_pipeline(PipelineConfig(out=str(pipeline_dir), preset="tiny", methods="logreg,nb", curve="0.5"))
+    run_pipeline(PipelineConfig(out=str(pipeline_dir), preset="tiny"))
     log = capsys.readouterr().out
     assert "reusing" in log and "pretrain:" in log
     assert {p: p.stat().st_mtime_ns for p in before} == before

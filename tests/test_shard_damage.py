@@ -73,13 +73,12 @@ def damaged(request, tiny_shards, tmp_path) -> tuple[Path, Path, set[str], set[s
     return copy, victim, lost, set(load_window_set(tiny_shards).keys)
 
 
-def test_streaming_reports_the_shard_once_and_reads_everything_else(damaged):
+def test_streaming_reports_the_shard_once_and_reads_everything_else(damaged, capsys):
     copy, victim, lost, everything = damaged
-    with pytest.warns(UserWarning) as record:
-        keys = [k for b in stream_batches(copy, 4, workers=2) for k in b["key"]]
-        keys2 = [k for b in stream_batches(copy, 4, epoch=1) for k in b["key"]]  # read again: not reported again
-    reports = [str(r.message) for r in record if victim.name in str(r.message)]
-    assert len(reports) == 1, reports
+    keys = [k for b in stream_batches(copy, 4, workers=2) for k in b["key"]]
+    keys2 = [k for b in stream_batches(copy, 4, epoch=1) for k in b["key"]]  # read again: not reported again
+    reports = [line for line in capsys.readouterr().err.splitlines() if victim.name in line]
+    assert len(reports) == 1 and reports[0].startswith("warning: "), reports
     assert f"{len(lost)} of {len(lost)} windows lost" in reports[0] and "--verify" in reports[0]
     assert sorted(keys) == sorted(keys2) == sorted(everything - lost)
 
@@ -102,11 +101,11 @@ def test_in_memory_and_evaluation_readers_refuse_it_naming_the_shard(damaged):
     assert any(victim.name in p for p in verify_shards(copy, show_progress=False))
 
 
-def test_similarity_pool_and_report_figures_skip_it(damaged):
+def test_similarity_pool_and_report_figures_skip_it(damaged, capsys):
     copy, victim, lost, _ = damaged
     manifest = load_manifest(copy)
-    with pytest.warns(UserWarning, match=victim.name):
-        pool = sample_real_windows(copy, manifest, 60, seed=0)  # 60 of 64 windows: the victim's are drawn too
+    pool = sample_real_windows(copy, manifest, 60, seed=0)  # 60 of 64 windows: the victim's are drawn too
+    assert victim.name in capsys.readouterr().err
     assert 0 < len(pool) < 60
     shown = real_windows(copy, 1000)
     assert len(shown) == manifest["counts"]["kept"] - len(lost) and not {k for k, _ in shown} & lost
@@ -128,14 +127,28 @@ def test_cross_validation_and_verify_exit_2_with_one_line(damaged, tmp_path):
     assert result.exit_code == 2 and f"BAD  {victim.name}" in result.output
 
 
+def test_evaluate_refuses_a_run_whose_shards_are_damaged_naming_the_shard(tiny_shards, tmp_path):
+    from ddp_vad.eval.baselines import BaselinesConfig, run_baselines
+
+    copy = Path(shutil.copytree(tiny_shards, tmp_path / "s"))
+    run_baselines(BaselinesConfig(shards=str(copy), out=str(tmp_path / "b"), methods="nb", protocol="window"))
+    victim = copy / load_manifest(copy)["shards"][2]["name"]
+    truncate(victim)
+    result = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "b" / "nb"), "--out", str(tmp_path / "r")])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert len(errors) == 1 and victim.name in errors[0] and "--verify" in errors[0], result.output
+    assert not (tmp_path / "r").exists()  # no report with a quiet note instead of the frame-level numbers
+
+
 def test_pretraining_runs_on_with_a_damaged_shard(damaged, tmp_path):
     copy, victim, _, _ = damaged
     args = ["pretrain", "--shards", str(copy), "--out", str(tmp_path / "gan"), "--preset", "tiny", "--steps", "3",
             "--batch-size", "4", "--workers", "0", "--similarity-every", "2", "--checkpoint-every", "0",
             "--no-progress"]  # fmt: skip
-    with pytest.warns(UserWarning, match=victim.name):
-        result = CliRunner().invoke(cli, args)
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
+    assert victim.name in result.stderr
     assert (tmp_path / "gan" / "similarity.csv").read_text().count("\n") >= 2
 
 
@@ -167,13 +180,11 @@ def test_fewer_shards_than_readers_split_by_sample(one_shard):
 
 
 def test_split_by_sample_is_said_once(one_shard, capsys):
-    with pytest.warns(UserWarning, match=r"1 shard\(s\) < 3 process\(es\) x 1 loader worker\(s\): splitting by sample"):
-        list(stream_batches(one_shard, 4, rank=0, world_size=3))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        list(stream_batches(one_shard, 4, epoch=1, rank=0, world_size=3))  # the same run's next epoch: silent
-        list(stream_batches(one_shard, 4, rank=1, world_size=3))  # never from a non-main rank
-    assert capsys.readouterr().err.count("splitting by sample") == 1
+    list(stream_batches(one_shard, 4, rank=0, world_size=3))
+    assert "warning: 1 shard(s) < 3 process(es) x 1 loader worker(s): splitting by sample" in capsys.readouterr().err
+    list(stream_batches(one_shard, 4, epoch=1, rank=0, world_size=3))  # the same run's next epoch: silent
+    list(stream_batches(one_shard, 4, rank=1, world_size=3))  # never from a non-main rank
+    assert "splitting by sample" not in capsys.readouterr().err
     batches = infinite_batches(one_shard, 4, rank=2, world_size=3)
     assert len(next(batches)["key"]) == 4  # the last rank gets data too: no DDP hang
     assert np.unique([len(b["key"]) for b in stream_batches(one_shard, 100, rank=2, world_size=3)]).size == 1
@@ -191,7 +202,7 @@ def test_two_real_processes_split_one_shard_by_sample(one_shard, tmp_path):
     ranks = [(tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1)]
     assert ranks[0] and ranks[1] and not set(ranks[0]) & set(ranks[1])
     assert sorted(ranks[0] + ranks[1]) == sorted(load_window_set(one_shard).keys)
-    assert result.stderr.count("splitting by sample") == 2  # said once, by rank 0 (the warning + its WARNING line)
+    assert result.stderr.count("warning: 1 shard(s) < 2 process(es)") == 1  # said once, by rank 0, on one line
 
 
 @pytest.mark.slow

@@ -200,6 +200,15 @@ def test_bad_labels_rows_name_file_and_line(tmp_path, labels, message):
     assert re.search(message, line), line
 
 
+@pytest.mark.parametrize("labels", ["", "clip,start,end\n# nothing yet\n"])
+def test_labels_that_mark_nothing_build_with_a_warning_naming_the_file(tmp_path, capsys, labels):
+    root = _videos_layout(tmp_path / "mine", labels)
+    manifest = _build(root, tmp_path / "s")
+    assert manifest["counts"]["anomalous"] == 0
+    err = capsys.readouterr().err
+    assert f"warning: {root / 'labels.csv'}: marks no frame of the 3 test clip(s) anomalous" in err, err
+
+
 def test_unreadable_video_and_missing_labels(tmp_path):
     root = _videos_layout(tmp_path / "mine", GOOD_LABELS)
     (root / "test" / "door.avi").write_bytes(b"not a video at all" * 100)
@@ -278,16 +287,20 @@ def test_variable_frame_rate_uses_the_decoded_timestamps(tmp_path):
     np.testing.assert_array_equal(clip.read(36, 48), square_frames(len(times))[clip.source_index])
 
 
-def test_decode_time_count_mismatch_is_padded_or_cut_with_a_warning(tmp_path):
+def test_decode_time_count_mismatch_is_padded_or_cut_with_a_warning(tmp_path, capsys):
     path = write_video(tmp_path / "c.mkv", square_frames(12), fps=10, lossless=True)
     clip = VideoClip.create("c", "test", path, frame_times(path))
     longer = dataclasses.replace(clip, n_source=15, frame_labels=np.zeros(15, np.uint8))
-    with pytest.warns(UserWarning, match="decoded 12 frames, 15 were counted"):
-        frames = longer.read(36, 48)
+    frames = longer.read(36, 48)
+    # One line naming the file, like an error: no Python warning with its category and source line.
+    assert (
+        capsys.readouterr().err
+        == f"warning: {path}: decoded 12 frames, 15 were counted; repeating the last one 3 times\n"
+    )
     np.testing.assert_array_equal(frames[11:], np.repeat(square_frames(12)[11:], 4, axis=0))
     shorter = dataclasses.replace(clip, n_source=10, frame_labels=np.zeros(10, np.uint8))
-    with pytest.warns(UserWarning, match="more frames than the 10 counted"):
-        np.testing.assert_array_equal(shorter.read(36, 48), square_frames(12)[:10])
+    np.testing.assert_array_equal(shorter.read(36, 48), square_frames(12)[:10])
+    assert capsys.readouterr().err == f"warning: {path}: more frames than the 10 counted; extra ones ignored\n"
 
 
 # ------------------------------------------------------------------------------------------- pipeline

@@ -85,3 +85,68 @@ def test_grouped_folds_are_stratified_as_far_as_clips_allow():
     folds = grouped_stratified_folds(labels, groups, 5, seed=1)
     rates = np.bincount(folds, weights=labels) / np.bincount(folds)
     assert np.abs(rates - labels.mean()).max() < 0.1
+
+
+def _varied_clips(n_clips: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, groups) of clips of 25..35 windows whose anomaly shares run from 0 to 1 (one contiguous event)."""
+    rng = np.random.default_rng(seed)
+    labels, groups = [], []
+    for c in range(n_clips):
+        n = int(rng.integers(25, 36))
+        share = (c % 11) / 10
+        lab = np.zeros(n, np.int64)
+        start = int(rng.integers(0, n - round(share * n) + 1))
+        lab[start : start + round(share * n)] = 1
+        labels.append(lab)
+        groups.append(np.full(n, c))
+    return np.concatenate(labels), np.concatenate(groups)
+
+
+def test_grouped_folds_follow_the_seed_keep_clips_whole_and_hold_the_class_balance():
+    labels, groups = _varied_clips(60)
+    overall = labels.mean()
+    assignments = set()
+    for seed in range(4):
+        folds = grouped_stratified_folds(labels, groups, 5, seed)
+        for g in np.unique(groups):
+            assert len(set(folds[groups == g].tolist())) == 1, f"clip {g} spans folds (seed {seed})"
+        # Stated tolerance: with 60 clips of varied shares, each fold within 5 points of the overall anomaly rate.
+        rates = np.bincount(folds, weights=labels, minlength=5) / np.bincount(folds, minlength=5)
+        assert np.abs(rates - overall).max() < 0.05, (seed, rates.round(3).tolist(), round(overall, 3))
+        clip_fold = tuple(int(folds[groups == g][0]) for g in np.unique(groups))
+        assignments.add(clip_fold)
+    assert len(assignments) == 4, "--seed must change which clips share a fold"
+
+
+def test_window_folds_follow_the_seed():
+    labels, _ = _varied_clips(20)
+    runs = {tuple(stratified_folds(labels, 5, seed).tolist()) for seed in range(4)}
+    assert len(runs) == 4
+
+
+def test_shard_plan_folds_follow_the_build_seed():
+    from types import SimpleNamespace
+
+    from ddp_vad.data.plan import plan_windows
+
+    # 24 clips of 40 frames (31 windows), anomalous from frame 21 in every other test clip: many equal clips, so
+    # only the seed decides which of them share a fold.
+    frame_labels = [np.r_[np.zeros(20), np.full(20, c % 2 and c >= 4)].astype(np.uint8) for c in range(24)]
+    clips = [
+        SimpleNamespace(name=f"c{c:02d}", split="train" if c < 4 else "test", frame_labels=fl, n_frames=len(fl))
+        for c, fl in enumerate(frame_labels)
+    ]
+    dataset = SimpleNamespace(path="fake", clips=clips)
+    plans = [
+        plan_windows(dataset, SimpleNamespace(window=10, stride=1, min_anomalous=1, balance="none", folds=4, seed=s))
+        for s in (0, 1)
+    ]
+    for name in ("fold_window", "fold_clip", "fold_leakfree"):
+        a, b = (getattr(p, name) for p in plans)
+        assert (a >= 0).all() and (b >= 0).all() and not np.array_equal(a, b), f"{name} ignores the seed"
+    for seed, plan in zip((0, 1), plans, strict=True):  # exactly the fold functions under the build's seed
+        kept, lf = plan.kept, plan.leakfree
+        np.testing.assert_array_equal(plan.fold_window, stratified_folds(plan.label[kept], 4, seed))
+        np.testing.assert_array_equal(
+            plan.fold_leakfree, grouped_stratified_folds(plan.label[lf], plan.clip_index[lf], 4, seed)
+        )

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 
 from ddp_vad.data.tario import tar_members
 from ddp_vad.errors import UserError
+from ddp_vad.warn import warn
 
 FORMAT = "ddp_vad-shards/2"
 MANIFEST = "manifest.json"
@@ -253,7 +253,7 @@ def report_damaged(exc: ShardDamaged) -> None:
     """Warn about a damaged shard that is skipped, once per shard and process."""
     if exc.path not in _REPORTED:
         _REPORTED.add(exc.path)
-        warnings.warn(f"{exc}; skipping it (check with `ddp_vad shard info DIR --verify`)", UserWarning, stacklevel=2)
+        warn(f"{exc}; skipping it (check with `ddp_vad shard info DIR --verify`)")
 
 
 def iter_shard(shard_dir: str | Path, entry: dict, manifest: dict, frames: bool = True) -> Iterator[Block]:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import functools
 import random
-import sys
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from torch.utils.data import DataLoader
 from ddp_vad.data.format import ShardDamaged, iter_shard, report_damaged
 from ddp_vad.data.manifest import load_manifest
 from ddp_vad.errors import UserError
+from ddp_vad.warn import warn
 
 
 def collate(samples: list[dict]) -> dict:
@@ -82,8 +81,7 @@ def announce_split(num_shards: int, processes: int, workers: int, is_main: bool 
             f"sample (every process reads every shard and keeps every {readers}-th window); rebuild with a smaller "
             "--shard-size to split by shard"
         )
-        warnings.warn(message, UserWarning, stacklevel=2)
-        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+        warn(message)
     return mode
 
 
@@ -192,6 +190,25 @@ def stream_batches(
     shard_dir: str | Path,
     batch_size: int,
     *,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+    **window_kwargs,
+) -> Iterable[dict]:
+    """One epoch of batches (see the module docstring for the chain): :func:`stream_windows` batched.
+
+    ``drop_last=True`` drops the epoch's last, partial batch. ``pin_memory=True`` (CUDA only) returns batches in
+    page-locked memory, so that ``.to(device, non_blocking=True)`` really is asynchronous.
+    """
+    stages = [stream_windows(shard_dir, **window_kwargs), wds.batched(batch_size, collation_fn=collate,
+                                                                      partial=not drop_last)]  # fmt: skip
+    if pin_memory:
+        stages.append(_pinned)
+    return wds.DataPipeline(*stages)
+
+
+def stream_windows(
+    shard_dir: str | Path,
+    *,
     epoch: int = 0,
     seed: int = 0,
     split: str = "nodes",
@@ -201,20 +218,16 @@ def stream_batches(
     shuffle: bool = True,
     shuffle_buffer: int = 1000,
     fold_filter: Callable[[dict], bool] | None = None,
-    drop_last: bool = False,
     cache: bool = False,
-    pin_memory: bool = False,
     select: str = "kept",
 ) -> Iterable[dict]:
-    """One epoch of batches (see the module docstring for the chain).
+    """One epoch of window samples (unbatched; see the module docstring for the chain).
 
     ``split="nodes"`` gives each rank a disjoint share of the windows (DDP training): by shard, or by sample when
     shards < processes x workers. ``split="all"`` gives every rank every window (fold-parallel fine-tuning, with
     ``fold_filter(meta) -> bool`` selecting samples). ``cache=True`` keeps decoded blocks in this process's memory
     across epochs (forces ``workers=0``). Damaged shards are reported once and skipped. ``select`` picks the windows
     (``kept``: the method's balanced set; ``train``: every window of the train clips, for the leak-free GAN).
-    ``pin_memory=True`` (CUDA
-    only) returns batches in page-locked memory, so that ``.to(device, non_blocking=True)`` really is asynchronous.
     """
     if split not in ("nodes", "all"):
         raise UserError(f"split must be 'nodes' or 'all', got {split!r}")
@@ -229,7 +242,7 @@ def stream_batches(
     else:
         rank, world_size = 0, 1
         if workers > len(items):  # every rank reads everything: only the workers split, by shard
-            warnings.warn(f"{len(items)} shards but {workers} loader workers: using {len(items)}", stacklevel=2)
+            warn(f"{shard_dir}: {len(items)} shards but {workers} loader workers: using {len(items)}")
             workers = len(items)
 
     read = _cached_blocks if cache else _read_blocks
@@ -245,9 +258,6 @@ def stream_batches(
         stages.append(_seeded_shuffle(shuffle_buffer, (seed, epoch, rank)))
     if fold_filter is not None:
         stages.append(wds.select(lambda s: fold_filter(s["meta"])))
-    stages.append(wds.batched(batch_size, collation_fn=collate, partial=not drop_last))
-    if pin_memory:
-        stages.append(_pinned)
     return wds.DataPipeline(*stages)
 
 
@@ -258,11 +268,14 @@ def _pinned(batches: Iterable[dict]) -> Iterator[dict]:
 
 
 class InfiniteBatches:
-    """Endless batches for step-based training: epoch after epoch, each with a fresh shard/sample order.
+    """Endless full batches for step-based training: epoch after epoch, each with a fresh shard/sample order.
 
-    Every rank gets an endless stream, so ranks never run dry at different times (no DDP hang). ``epoch`` and
-    ``index`` (batches already taken from that epoch) say where the stream is; pass them back as
-    ``start_epoch``/``skip_batches`` to resume at exactly the same batch.
+    The stream wraps around its epochs: a batch that the end of an epoch leaves short is filled from the next epoch,
+    so a rank whose share of an epoch is smaller than a batch (few windows, many processes) still gets full batches
+    and every window is used. Every rank gets an endless stream, so ranks never run dry at different times (no DDP
+    hang). ``epoch`` and ``index`` (windows already taken from that epoch) say where the stream is; pass them back as
+    ``start_epoch``/``skip_samples`` to resume at exactly the same window. Each batch's ``epoch`` lists the epoch
+    every window came from.
     """
 
     def __init__(
@@ -271,34 +284,50 @@ class InfiniteBatches:
         batch_size: int,
         *,
         start_epoch: int = 0,
-        skip_batches: int = 0,
-        **stream_kwargs,
+        skip_samples: int = 0,
+        pin_memory: bool = False,
+        **window_kwargs,
     ):
-        self.shard_dir, self.batch_size, self.stream_kwargs = shard_dir, batch_size, stream_kwargs
+        self.shard_dir, self.batch_size, self.window_kwargs = shard_dir, batch_size, window_kwargs
+        self.pin_memory = pin_memory
         self.epoch, self.index = start_epoch, 0
-        self._skip = skip_batches
+        self._skip = skip_samples
         self._it: Iterator[dict] | None = None
 
     def __iter__(self) -> InfiniteBatches:
         return self
 
+    def _open_epoch(self) -> None:
+        self._it = iter(stream_windows(self.shard_dir, epoch=self.epoch, **self.window_kwargs))
+        self.index = 0
+        while self._skip > 0:  # resume: the windows this epoch gave before the checkpoint
+            self._skip -= 1
+            if next(self._it, None) is None:
+                break
+            self.index += 1
+
     def __next__(self) -> dict:
-        for _ in range(3):  # an epoch that yields nothing twice in a row would loop forever
+        samples, epochs, empty = [], [], 0
+        while len(samples) < self.batch_size:
             if self._it is None:
-                self._it = iter(stream_batches(self.shard_dir, self.batch_size, epoch=self.epoch, **self.stream_kwargs))
-                self.index = 0
-                while self._skip > 0:
-                    self._skip -= 1
-                    if next(self._it, None) is None:
-                        break
-                    self.index += 1
-            batch = next(self._it, None)
-            if batch is not None:
-                self.index += 1
-                return batch
-            self._it = None
-            self.epoch += 1
-        raise UserError(f"{self.shard_dir} gives this process no full batch of {self.batch_size} samples")
+                self._open_epoch()
+            sample = next(self._it, None)
+            if sample is None:
+                empty = empty + 1 if self.index == 0 else 0
+                if empty >= 2:  # two whole epochs without a window: wrapping around would loop forever
+                    raise UserError(
+                        f"{self.shard_dir} gives this process no windows (epochs {self.epoch - 1} and {self.epoch}): "
+                        "every shard it reads is damaged or holds none of the windows it trains on"
+                    )
+                self._it = None
+                self.epoch += 1
+                continue
+            self.index += 1
+            samples.append(sample)
+            epochs.append(self.epoch)
+        batch = collate(samples)
+        batch["epoch"] = epochs
+        return next(_pinned([batch])) if self.pin_memory else batch
 
 
 def infinite_batches(
@@ -307,30 +336,28 @@ def infinite_batches(
     *,
     seed: int = 0,
     start_epoch: int = 0,
-    skip_batches: int = 0,
+    skip_samples: int = 0,
     rank: int | None = None,
     world_size: int | None = None,
     workers: int = 0,
-    drop_last: bool = True,
     cache: bool = False,
     shuffle_buffer: int = 1000,
     pin_memory: bool = False,
     select: str = "kept",
 ) -> InfiniteBatches:
-    """Endless version of :func:`stream_batches` with ``split="nodes"`` (see :class:`InfiniteBatches`)."""
+    """Endless full batches from :func:`stream_windows` with ``split="nodes"`` (see :class:`InfiniteBatches`)."""
     return InfiniteBatches(
         shard_dir,
         batch_size,
         start_epoch=start_epoch,
-        skip_batches=skip_batches,
+        skip_samples=skip_samples,
+        pin_memory=pin_memory,
         seed=seed,
         split="nodes",
         rank=rank,
         world_size=world_size,
         workers=workers,
-        drop_last=drop_last,
         cache=cache,
         shuffle_buffer=shuffle_buffer,
-        pin_memory=pin_memory,
         select=select,
     )

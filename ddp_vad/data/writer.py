@@ -31,6 +31,7 @@ from ddp_vad.data.tario import TarShardWriter
 from ddp_vad.data.windows import fold_summary
 from ddp_vad.errors import UserError
 from ddp_vad.files import atomic_path, staging_folder, swap_in, write_json_atomic
+from ddp_vad.warn import warn
 
 # Clips are split, in a seeded order, into groups of CLIPS_PER_GROUP; each group is one job: decode the group's clips
 # and write the group's shards (block order shuffled within the group, so a shard mixes blocks of several clips of
@@ -216,6 +217,7 @@ def build_shards(cfg: ShardConfig, show_progress: bool = True) -> Path:
     t0 = time.perf_counter()
     dataset = open_dataset(cfg.data, cfg.format, cfg.dataset, cfg.anomaly_types, cfg.fps)
     plan = plan_windows(dataset, cfg)
+    warn_without_anomalies(dataset, plan, cfg)
     out = Path(cfg.out)
     stage = _prepare_output(out, cfg.overwrite)
 
@@ -224,6 +226,19 @@ def build_shards(cfg: ShardConfig, show_progress: bool = True) -> Path:
     write_json_atomic(stage / MANIFEST, manifest)
     swap_in(stage, out)
     return out
+
+
+def warn_without_anomalies(dataset: Dataset, plan: WindowPlan, cfg: ShardConfig) -> None:
+    """Warn, naming the labels file, when the shards would hold no anomalous window (an empty ``labels.csv``, a gt
+    file that marks nothing): they build, but there is nothing to detect and cross-validation has one class."""
+    labels = dataset.gt_path or dataset.path
+    if not any(clip.frame_labels.any() for clip in dataset.clips):
+        tests = sum(clip.split == "test" for clip in dataset.clips)
+        warn(f"{labels}: marks no frame of the {tests} test clip(s) anomalous: the shards will hold 0 anomalous "
+             "windows (nothing to detect); check the labels")  # fmt: skip
+    elif not plan.label.any():
+        warn(f"{labels}: no window has {cfg.min_anomalous} anomalous frames of {cfg.window}: the shards will hold 0 "
+             "anomalous windows; lower --min-anomalous")  # fmt: skip
 
 
 def _manifest(cfg: ShardConfig, dataset: Dataset, plan: WindowPlan, shards: list[dict], seconds: float) -> dict:

@@ -168,6 +168,7 @@ def _fit_predict(method: str, cfg: BaselinesConfig, x_train, y_train, x_test, se
         note = f"training folds hold class {only} only: constant prediction"
         return np.full(len(x_test), float(only)), np.full(len(x_test), only, dtype=np.int64), note
     model = make_estimator(method, cfg)
+    note = fit_to_size(model, len(x_train))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model.fit(x_train, y_train)
@@ -175,19 +176,30 @@ def _fit_predict(method: str, cfg: BaselinesConfig, x_train, y_train, x_test, se
         score = anomaly_scores(model, x_test)
     for w in caught:
         seen_warnings[f"{w.category.__name__}: {str(w.message).splitlines()[0]}"] = None
-    return score, y_pred, None
+    return score, y_pred, note
+
+
+def fit_to_size(model: Any, n_train: int) -> str | None:
+    """Shrink what a tiny training set cannot hold (k of k-NN above its row count, as at a small labelled fraction);
+    returns a note saying so, or None when the estimator fits as configured."""
+    k = getattr(model, "n_neighbors", None)
+    if isinstance(k, int) and k > n_train:
+        model.set_params(n_neighbors=n_train)
+        return f"{n_train} training windows < {k} neighbours: k = {n_train}"
+    return None
 
 
 def _run_method(
     method: str, cfg: BaselinesConfig, x: np.ndarray, cv: CVWindows
-) -> tuple[list[dict], list[dict], list[str]]:
-    """k-fold CV of one method (every fold of every repeat). Returns fold rows, out-of-fold rows and de-duplicated
-    fit warnings."""
+) -> tuple[list[dict], list[dict], list[str], list[str]]:
+    """k-fold CV of one method (every fold of every repeat). Returns fold rows, out-of-fold rows, de-duplicated fit
+    warnings and per-fold notes."""
     from tqdm.auto import tqdm
 
     fold_rows: list[dict] = []
     oof_rows: list[dict] = []
     seen_warnings: dict[str, None] = {}
+    notes: list[str] = []  # what a fold could not do as configured (one class, too few rows), for the report
     buf = np.empty((0, x.shape[1]), dtype=np.float32)  # one training buffer, grown to the largest split
     for k in tqdm(range(cv.n_units), desc=f"{method} folds", unit="fold", leave=False):
         train_idx, test_idx, _ = fold_split(cv, k, fraction=cfg.labelled_fraction, seed=cfg.seed)
@@ -208,10 +220,11 @@ def _run_method(
         row, oof = score_fold(cv, k, test_idx, score, y_pred, n_train=int(train_idx.size))
         if note:
             row["note"] = f"{row['note']}; {note}" if "note" in row else note
+            notes.append(f"fold {k}: {note}")
         row["seconds"] = round(time.perf_counter() - t0, 3)
         fold_rows.append(row)
         oof_rows += oof
-    return fold_rows, oof_rows, list(seen_warnings)
+    return fold_rows, oof_rows, list(seen_warnings), notes
 
 
 def _features(kind: str, frames: np.ndarray, cfg: BaselinesConfig) -> tuple[np.ndarray, dict]:
@@ -285,7 +298,7 @@ def run_baselines(cfg: BaselinesConfig) -> dict[str, Path]:
         estimator = repr(make_estimator(method, cfg))
         write_resolved_config(run_dir, cfg, extra={"method": method, "features": features, "estimator": estimator})
         t0 = time.perf_counter()
-        fold_rows, oof_rows, fit_warnings = _run_method(method, cfg, x, cv)
+        fold_rows, oof_rows, fit_warnings, notes = _run_method(method, cfg, x, cv)
         seconds = time.perf_counter() - t0
         extra = {
             "labelled_fraction": float(cfg.labelled_fraction),
@@ -295,6 +308,7 @@ def run_baselines(cfg: BaselinesConfig) -> dict[str, Path]:
             "estimator": estimator,
             "seconds": round(seconds, 2),
             "warnings": fit_warnings,
+            "notes": notes,
         }
         finish_cv(run_dir, method, cfg.protocol, fold_rows, oof_rows, extra, seconds, "baselines")
     return results

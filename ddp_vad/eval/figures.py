@@ -128,12 +128,15 @@ def fig_similarity(curves: list[tuple[str, dict[str, list[float]]]]):
     return fig
 
 
-def real_windows(shard_dir: Path, n: int) -> list[tuple[str, np.ndarray]]:
-    """The first ``n`` windows of a shard set (key, uint8 [T, H, W]), read lazily from the first shards."""
-    from ddp_vad.data.reader import load_window_set
+def real_windows(shard_dir: Path, n: int, select: str = "kept") -> list[tuple[str, np.ndarray]]:
+    """The first ``n`` windows of a shard set (key, uint8 [T, H, W]) among ``select`` (the windows a stage reads,
+    e.g. ``train`` for a leak-free GAN), read lazily from the first shards; a damaged shard is reported and skipped."""
+    from itertools import islice
 
-    ws = load_window_set(shard_dir, n=n, on_damage="skip")  # figures only: a damaged shard is reported, skipped
-    return list(zip(ws.keys, ws.frames, strict=True))
+    from ddp_vad.data.stream import stream_windows
+
+    samples = stream_windows(shard_dir, split="all", shuffle=False, select=select)
+    return [(s["key"], np.array(s["frames"])) for s in islice(samples, n)]
 
 
 def _latent_dim(generator: Any, model_cfg: Any) -> int:

@@ -160,7 +160,20 @@ def _curve(report: dict[str, Any]) -> list[str]:
         "",
         "![label efficiency](fig1_label_efficiency.png)",
         "",
+        *_curve_notes(by_method),
     ]
+
+
+def _curve_notes(by_method: dict[str, dict[float, Any]]) -> list[str]:
+    """Notes of the smaller shares' runs (what a tiny training set could not do as configured); the runs with all
+    labels have theirs under the main table."""
+    noted = [
+        f"- {method} at {f:g}: {'; '.join(e['notes'])}"
+        for method, runs in sorted(by_method.items())
+        for f, e in sorted(runs.items())
+        if f < 1 and e.get("notes")
+    ]
+    return ["Notes on the smaller shares:", "", *noted, ""] if noted else []
 
 
 def _gan_health(report: dict[str, Any]) -> list[str]:

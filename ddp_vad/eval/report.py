@@ -14,7 +14,6 @@ report):
 from __future__ import annotations
 
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,8 +51,9 @@ from ddp_vad.eval.runs import (
     run_shards,
     summarise_run,
 )
-from ddp_vad.files import staging_folder, swap_in, write_json_atomic, write_text_atomic
+from ddp_vad.files import read_json_object, staging_folder, swap_in, write_json_atomic, write_text_atomic
 from ddp_vad.options import option
+from ddp_vad.warn import warn
 
 
 @dataclass
@@ -146,12 +146,22 @@ def _pretrain_part(pretrain_runs: list[Path], figures: dict[str, Any]) -> list[d
         figures["fig3_similarity"] = fig_similarity(curves)
     for i, (run, info) in enumerate(zip(pretrain_runs, infos, strict=True)):
         shards = run_shards(run)
-        real = real_windows(shards, 3) if shards else []
+        real = real_windows(shards, 3, _gan_selection(run, shards)) if shards else []
         if shards is None:
             info["notes"].append(f"{run}: shards not found, figure 4 shows generated windows only")
         name = "fig4_real_vs_fake" if i == 0 else f"fig4_real_vs_fake_{run.name}"
         figures[name] = fig_real_vs_fake(real, fake_windows(run, 3))
     return infos
+
+
+def _gan_selection(run: Path, shards: Path) -> str:
+    """The windows the GAN of ``run`` streamed (figure 4 shows those: under the leak-free protocol the train clips',
+    never a test clip it did not see); runs that predate the protocol option streamed the balanced set."""
+    from ddp_vad.data.shards import load_manifest
+    from ddp_vad.train.pretrain import gan_windows
+
+    protocol = read_json_object(run / "config.json", "pretrain run config").get("config", {}).get("protocol", "window")
+    return gan_windows(str(protocol), load_manifest(shards), str(shards))
 
 
 def _data_sets(entries: list[dict]) -> list[dict]:
@@ -178,7 +188,7 @@ def check_one_data_set(sets: list[dict], allow: bool) -> None:
             f"the runs come from {len(sets)} different shard sets: {named}; evaluate each set on its own, or pass "
             "--allow-mixed-data to compare them anyway"
         )
-    print(f"WARNING: the runs come from {len(sets)} different shard sets: {named}", file=sys.stderr, flush=True)
+    warn(f"the runs come from {len(sets)} different shard sets: {named}")
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -200,7 +210,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     report: dict[str, Any] = {
         "methods": dict(zip(labels, entries, strict=True)),
         "curve": {
-            m: {f"{f:g}": {k: e[k] for k in ("mean", "std", "run")} for f, e in runs.items()}
+            m: {f"{f:g}": {k: e[k] for k in ("mean", "std", "run", "notes")} for f, e in runs.items()}
             for m, runs in by_method.items()
         },  # fmt: skip
         "verdict": (paired_verdict(comparisons, protocols[0]) if ranked else verdict(by_method, protocols[0]))

@@ -23,14 +23,14 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
 from ddp_vad.errors import UserError, os_error_message
-from ddp_vad.files import atomic_path, sha256_file, write_json_atomic
+from ddp_vad.files import atomic_path, sha256_file, swap_in, write_json_atomic
 from ddp_vad.train.distributed import all_gather_objects, object_group
+from ddp_vad.warn import warn
 
 STATE_FILE = "train_state.json"
 _NAME = re.compile(r"^step_(\d+)$")
@@ -94,8 +94,10 @@ def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path | None:
             aside = path.with_name(path.name + ".damaged")
             shutil.rmtree(aside, ignore_errors=True)
             path.rename(aside)
-            print(f"warning: checkpoint {path} is damaged ({problem}); moved to {aside.name}, resuming from the "
-                  f"older {problems[usable][0].name}", file=sys.stderr, flush=True)  # fmt: skip
+            warn(
+                f"{path}: damaged checkpoint ({problem}); moved to {aside.name}, resuming from the older "
+                f"{problems[usable][0].name}"
+            )
         return problems[usable][0]
     if resume == "none":
         if existing:
@@ -202,9 +204,7 @@ def save_checkpoint(accelerator, ckpt_dir: str | Path, step: int, train_state: d
     if accelerator.is_main_process:
         try:
             write_json_atomic(tmp / STATE_FILE, {"step": step, **train_state, "files": _file_list(tmp)})
-            if final.exists():  # e.g. a run resumed from an earlier checkpoint re-reaches this step
-                shutil.rmtree(final)
-            tmp.rename(final)
+            swap_in(tmp, final)  # an existing one (a resumed run re-reaches this step) goes once the new one is in
         except OSError as exc:
             error = os_error_message(exc)
     _agree_or_clean(accelerator, error, tmp, step, ckpt_dir)

@@ -7,7 +7,6 @@ import hashlib
 import os
 import random
 import sys
-import warnings
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from ddp_vad.errors import UserError, error_message
+from ddp_vad.warn import warn
 
 ALLOW_NO_PG_ENV = "DDP_VAD_ALLOW_NO_PROCESS_GROUP"
 PRECISIONS = ("no", "bf16", "fp16")  # accelerate's mixed-precision names
@@ -49,8 +49,7 @@ def check_process_group(num_processes: int) -> None:
             f"accelerate config. Set {ALLOW_NO_PG_ENV}=1 to run anyway."
         )
         if os.environ.get(ALLOW_NO_PG_ENV, "") not in ("", "0"):
-            warnings.warn("WARNING: " + message, stacklevel=2)
-            print("WARNING: " + message, file=sys.stderr, flush=True)
+            warn(message)
             return
         raise UserError(message)
 

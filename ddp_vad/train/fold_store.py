@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from ddp_vad.files import read_json_object, sha256_file
 from ddp_vad.models import ModelConfig
 from ddp_vad.train.checkpoint import list_fold_checkpoints, load_fold_checkpoint, remove_partial_fold_saves
 from ddp_vad.train.classifier import RANDOM, SCRATCH, discriminator_file
+from ddp_vad.warn import warn
 
 MODEL_FILE, RESULT_FILE = "model.safetensors", "result.json"
 FINGERPRINT_KEYS = ("train", "protocol", "epochs", "batch_size", "lr", "seed", "holdout_type", "labelled_fraction")
@@ -75,8 +75,10 @@ def fold_status(run_dir: Path, k: int, fp: dict) -> tuple[str, Any, str | None]:
         aside = ckpts[-1][1].with_name(ckpts[-1][1].name + ".damaged")
         ckpts[-1][1].replace(aside)
         reason = str(exc) if isinstance(exc, UserError) else f"no fingerprint ({type(exc).__name__})"
-        print(f"warning: fold {k}: damaged checkpoint ({reason}); moved to {aside.name}, the fold restarts from "
-              "epoch 0", file=sys.stderr, flush=True)  # fmt: skip
+        warn(
+            f"{ckpts[-1][1]}: fold {k}: damaged checkpoint ({reason}); moved to {aside.name}, the fold restarts "
+            "from epoch 0"
+        )
         return "new", None, None
     if old != fp:
         diff = differences(fp, old)

@@ -7,8 +7,9 @@ One code path for one CPU process, one GPU, several GPUs and several nodes (``ac
 - Mixed precision comes from accelerate (``--mixed-precision`` overrides it); the LSTM runs in fp32 (models.py);
   fp16 uses accelerate's single GradScaler, skipped steps are counted and logged.
 - Data: each rank streams its own shards (``infinite_batches``), never through ``accelerator.prepare``; batches are
-  moved to the device here. The stream position (epoch, batches taken) of every rank is checkpointed, so a resumed
-  run sees exactly the batches an uninterrupted run would have seen.
+  moved to the device here. The stream position (epoch, windows taken) of every rank is checkpointed, so a resumed
+  run sees exactly the batches an uninterrupted run would have seen. The stream wraps around its epochs, so every
+  batch is full even where a rank's share of an epoch is smaller than a batch.
 - Checkpoints: ``checkpoint.save_checkpoint`` (atomic folders, retention). Resume restores weights, optimizer,
   RNG states and data positions: on CPU, N steps + resume + N steps == 2N steps, bit for bit.
 - Losses are reduced across ranks every ``log_every`` steps (one small all-reduce, no per-step host sync); a
@@ -137,7 +138,7 @@ class PretrainConfig:
 
 # ------------------------------------------------------------------------------------------ the run
 def _resume(accelerator, resume_from: Path, model_cfg: ModelConfig, preset: str) -> tuple[int, int, int, dict]:
-    """Load a checkpoint into the prepared objects; returns (step, data epoch, batches to skip) for this rank and
+    """Load a checkpoint into the prepared objects; returns (step, data epoch, windows to skip) for this rank and
     the GAN-health state."""
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     state = read_train_state(resume_from)
@@ -158,6 +159,8 @@ def _resume(accelerator, resume_from: Path, model_cfg: ModelConfig, preset: str)
     positions = state.get("data") or [[0, 0]]
     if int(state.get("world_size", 0)) == world and len(positions) == world:
         epoch, skip = (int(v) for v in positions[rank])
+        if state.get("data_unit") != "windows":  # older checkpoints counted full batches taken from the epoch
+            skip *= int(state.get("batch_size") or 0)
     else:  # the data position of another process count cannot be mapped: start the next epoch afresh
         epoch, skip = max(int(p[0]) for p in positions) + 1, 0
         print_main(
@@ -208,6 +211,7 @@ def _train_state(accelerator, batches, model_cfg: ModelConfig, cfg: PretrainConf
     pos = accelerator.gather(torch.tensor([[batches.epoch, batches.index]], device=accelerator.device)).cpu()
     return {
         "data": pos.tolist(),
+        "data_unit": "windows",  # positions are (epoch, windows taken from it): the stream wraps around epochs
         "world_size": accelerator.num_processes,
         "model": model_cfg.to_dict(),
         "seed": cfg.seed,
@@ -305,7 +309,7 @@ def _train(cfg: PretrainConfig, accelerator, manifest: dict) -> Path:
     if is_main:
         _write_config(run_dir, cfg, model_cfg, manifest, accelerator, step=start_step)
     batches = infinite_batches(
-        cfg.shards, cfg.batch_size, seed=cfg.seed, start_epoch=epoch, skip_batches=skip, rank=rank, world_size=world,
+        cfg.shards, cfg.batch_size, seed=cfg.seed, start_epoch=epoch, skip_samples=skip, rank=rank, world_size=world,
         workers=cfg.workers, cache=cfg.cache, shuffle_buffer=cfg.shuffle_buffer,
         pin_memory=accelerator.device.type == "cuda",  # the batches are copied with non_blocking=True
         select=gan_windows(cfg.protocol, manifest, cfg.shards),
@@ -343,7 +347,7 @@ def _loop(cfg, accelerator, gan: _Gan, batches, monitor, model_cfg, start_step, 
     while step < cfg.steps:
         batch, data_error = _next_batch(batches, batch, data_error, cfg.batch_size, model_cfg)
         if debug_keys is not None:
-            debug_keys.extend(f"{batches.epoch} {k}" for k in batch["key"])
+            debug_keys.extend(f"{e} {k}" for e, k in zip(batch.get("epoch", []), batch["key"], strict=False))
         real = frames_to_float(batch["frames"].to(accelerator.device, non_blocking=True))
         noise = cfg.instance_noise * (1.0 - step / cfg.steps)  # annealed linearly to 0
         stats.append(gan_step(accelerator, gan.gen, gan.disc, gan.opt_g, gan.opt_d, real, model_cfg.z_dim,

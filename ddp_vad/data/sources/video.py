@@ -14,7 +14,6 @@ that source frame's label.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -26,6 +25,7 @@ import numpy as np
 from ddp_vad.data.sources.base import read_frames
 from ddp_vad.data.sources.frames import resize_frame
 from ddp_vad.errors import UserError
+from ddp_vad.warn import warn
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".ogv")
 _DECODE_ERRORS = (av.FFmpegError, OSError, ValueError)
@@ -136,7 +136,7 @@ def _iter_decoded(path: Path, threads: int) -> Iterator[av.VideoFrame]:
     except _DECODE_ERRORS as exc:
         if not decoded:
             raise UserError(f"{path}: unreadable video ({_why(exc)})") from None
-        warnings.warn(f"{path}: decoding stopped after {decoded} frames ({_why(exc)})", stacklevel=2)
+        warn(f"{path}: decoding stopped after {decoded} frames ({_why(exc)})")
     if not decoded:
         raise UserError(f"{path}: no frame could be decoded")
 
@@ -190,9 +190,7 @@ class VideoClip:
         for gray, _ in iter_gray(self.path, threads):
             i, decoded = decoded, decoded + 1
             if i == self.n_source:
-                warnings.warn(
-                    f"{self.path}: more frames than the {self.n_source} counted; extra ones ignored", stacklevel=2
-                )
+                warn(f"{self.path}: more frames than the {self.n_source} counted; extra ones ignored")
                 break
             if out == len(index) or index[out] != i:
                 continue  # resampling skips this source frame
@@ -201,10 +199,9 @@ class VideoClip:
                 yield last
                 out += 1
         if out < len(index):
-            warnings.warn(
+            warn(
                 f"{self.path}: decoded {decoded} frames, {self.n_source} were counted; "
-                f"repeating the last one {len(index) - out} times",
-                stacklevel=2,
+                f"repeating the last one {len(index) - out} times"
             )
             for _ in range(len(index) - out):
                 yield last

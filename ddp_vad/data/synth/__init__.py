@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +43,7 @@ from ddp_vad.data.sources.video import write_video
 from ddp_vad.data.synth.render import anomaly_type_order, synth_clip
 from ddp_vad.data.synth.scene import ANOMALY_TYPES, build_scene
 from ddp_vad.errors import UserError
-from ddp_vad.files import write_json_atomic
+from ddp_vad.files import staging_folder, swap_in, write_json_atomic
 from ddp_vad.options import option
 
 DATASET_NAME = "SynthPed"
@@ -125,11 +123,10 @@ def run_synth(cfg: SynthConfig, show_progress: bool = True) -> Path:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"synth: OUT is not a folder: {out}")
-    final, partial = out / DATASET_NAME, out / f".{DATASET_NAME}.partial"
+    final = out / DATASET_NAME
     if final.exists() and not cfg.overwrite:
         raise UserError(f"synthetic dataset already exists: {final} (pass --overwrite to replace it)")
-    if partial.exists():
-        shutil.rmtree(partial)  # leftover of a killed run
+    partial = staging_folder(final)  # OUT/.SynthPed.partial; a leftover of a killed run is removed first
     scene = build_scene(cfg.height, cfg.width, cfg.seed)
     order = anomaly_type_order(cfg.seed)
     jobs = [("train", i, None) for i in range(cfg.train_clips)]
@@ -158,14 +155,6 @@ def run_synth(cfg: SynthConfig, show_progress: bool = True) -> Path:
         (partial / "Test" / f"{DATASET_NAME}.m").write_text("\n".join(gt_lines) + "\n")
     (partial / "anomaly_types.json").write_text(json.dumps(types, indent=2) + "\n")
     write_resolved_config(partial, cfg, extra={"dataset": DATASET_NAME, "anomaly_types": list(ANOMALY_TYPES)})
-    if final.exists():  # overwrite: swap in the new set, then delete the old one
-        old = out / f".{DATASET_NAME}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-        os.replace(partial, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(partial, final)
+    swap_in(partial, final)  # with --overwrite the old set is deleted once the new one is in place
     write_json_atomic(out / "anomaly_types.json", types)
     return final
