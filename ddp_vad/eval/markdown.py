@@ -145,6 +145,7 @@ def _curve(report: dict[str, Any]) -> list[str]:
             "",
             "![label efficiency](fig1_label_efficiency.png)",
             "",
+            *_curve_notes(by_method),
         ]
     return [
         "## Label efficiency",
