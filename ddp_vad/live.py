@@ -112,7 +112,7 @@ def _live_gray(source: str) -> Iterator[tuple[np.ndarray, float | None]]:
 
     try:
         if source == STDIN:
-            container = av.open(sys.stdin.buffer, "r")
+            container = av.open("pipe:0", "r")
         elif source.startswith("/dev/"):
             container = av.open(source, "r", format="v4l2")
         else:
@@ -123,6 +123,7 @@ def _live_gray(source: str) -> Iterator[tuple[np.ndarray, float | None]]:
         if not container.streams.video:
             raise UserError(f"{source}: no video stream")
         stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1  # frame threading would hold back one frame per thread
         try:
             for packet in container.demux(stream):
                 for frame in packet.decode():

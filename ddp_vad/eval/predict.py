@@ -7,7 +7,7 @@ cross-validation ensemble), and a frame's score is the max over the windows that
 The source is streamed (:meth:`Detector.stream`): memory does not grow with its length (a frame's score, 8 bytes,
 is kept for the plot), and a frame's CSV row is written as soon as its score is final: ``window - 2 + batch_size``
 frames after it arrives at most. A file source's CSV appears whole when done (``files.atomic_path``); a live
-source's CSV grows in place and is flushed every second, so it can be followed while the stream runs. ``--events``
+source's CSV grows in place, flushed row by row, so it can be followed while the stream runs. ``--events``
 writes one JSON line per anomalous interval as it closes. Ctrl-C (SIGINT) ends the stream: the frames read so far
 are scored, the files are finished, and the command exits 130. ``--annotate OUT.mp4`` re-reads a file source and
 writes a copy with a score bar and a red border on flagged frames.
@@ -21,7 +21,6 @@ import json
 import signal
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,6 @@ __all__ = ["PredictConfig", "annotate", "draw_score", "frame_scores", "model_fil
            "stream_scores", "window_scores"]  # fmt: skip
 
 FOLDER_FPS = 10  # frame rate of an annotated copy of a frame folder (UCSD's cameras record 10 frames/s)
-FLUSH_SECONDS = 1.0  # a live CSV is flushed at least this often
 
 
 @dataclass
@@ -189,7 +187,6 @@ def run_predict(cfg: PredictConfig) -> Path:
         events = _Events(events_file, name, detector.threshold)
         writer = csv.writer(f)
         writer.writerow(["frame", column, "score", "anomalous"])
-        last_flush = time.monotonic()
         stack.enter_context(stop.installed())
         try:
             for s in detector.stream(cfg.source, batch_size=batch, reconnect=cfg.reconnect, stop=stop):
@@ -197,9 +194,8 @@ def run_predict(cfg: PredictConfig) -> Path:
                 tag = s.name if column == "file" else f"{s.time if s.time is not None else 0.0:.3f}"
                 writer.writerow([s.frame, tag, f"{s.score:.6f}", int(s.anomalous)])
                 events.add(s)
-                if live and time.monotonic() - last_flush >= FLUSH_SECONDS:
-                    f.flush()
-                    last_flush = time.monotonic()
+                if live:
+                    f.flush()  # a row per frame: a reader following the file sees each score when it is final
         except (StreamBroken, KeyboardInterrupt) as exc:
             failure = exc  # the rows so far are kept: finish the files, then report
         events.close()
