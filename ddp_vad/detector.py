@@ -159,8 +159,15 @@ class Detector:
             except (StreamBroken, KeyboardInterrupt) as exc:
                 failure.append(exc)  # score what was read first, then raise
 
-        for (number, time, name), score in stream_scores(frames(), self.scorer, self.window, batch_size, str(source)):
-            yield FrameScore(number, time, name, score, score >= self.threshold)
+        try:
+            for (number, time, name), score in stream_scores(
+                frames(), self.scorer, self.window, batch_size, str(source)
+            ):
+                yield FrameScore(number, time, name, score, score >= self.threshold)
+        except UserError:
+            if failure:  # "too few frames" after a break: the break is the news
+                raise failure[0] from None
+            raise
         if failure:
             raise failure[0]
 

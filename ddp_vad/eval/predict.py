@@ -95,7 +95,11 @@ class PredictConfig:
 
 
 class _Interrupt:
-    """SIGINT sets a flag that ends the stream after the current frame; a second SIGINT interrupts at once."""
+    """The first SIGINT only sets a flag, checked per frame (``Detector.stream(stop=...)``): the stream ends after the
+    current frame and the frames read so far are scored as at any end of stream. A second SIGINT kills at once (a
+    source that sends nothing more leaves PyAV waiting in C, where no Python exception reaches it); the rows
+    written until then stay, as a live CSV is flushed row by row.
+    """
 
     def __init__(self) -> None:
         self.requested = False
@@ -106,13 +110,12 @@ class _Interrupt:
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         if threading.current_thread() is not threading.main_thread():
-            yield  # signal handlers can only be set from the main thread
+            yield  # handlers can only be set from the main thread; the default one stays
             return
 
         def handle(signum, frame) -> None:
-            if self.requested:
-                raise KeyboardInterrupt
             self.requested = True
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
 
         before = signal.signal(signal.SIGINT, handle)
         try:
@@ -177,7 +180,7 @@ def run_predict(cfg: PredictConfig) -> Path:
     make_folder(out.parent)
     column = "file" if source_path is not None and source_path.is_dir() else "time"
 
-    stop = _Interrupt()
+    interrupt = _Interrupt()
     failure: BaseException | None = None
     scores: list[float] = []
     with contextlib.ExitStack() as stack:
@@ -187,9 +190,9 @@ def run_predict(cfg: PredictConfig) -> Path:
         events = _Events(events_file, name, detector.threshold)
         writer = csv.writer(f)
         writer.writerow(["frame", column, "score", "anomalous"])
-        stack.enter_context(stop.installed())
+        stack.enter_context(interrupt.installed())
         try:
-            for s in detector.stream(cfg.source, batch_size=batch, reconnect=cfg.reconnect, stop=stop):
+            for s in detector.stream(cfg.source, batch_size=batch, reconnect=cfg.reconnect, stop=interrupt):
                 scores.append(s.score)
                 tag = s.name if column == "file" else f"{s.time if s.time is not None else 0.0:.3f}"
                 writer.writerow([s.frame, tag, f"{s.score:.6f}", int(s.anomalous)])
@@ -215,7 +218,7 @@ def run_predict(cfg: PredictConfig) -> Path:
     flagged = int((per_frame >= detector.threshold).sum())
     summary = (f"{name}: {len(per_frame)} frames, {flagged} at or above {detector.threshold:.3f}, "
                f"{events.count} event(s); wrote {', '.join(wrote)}")  # fmt: skip
-    if isinstance(failure, KeyboardInterrupt) or stop.requested:
+    if isinstance(failure, KeyboardInterrupt) or interrupt.requested:
         print(f"interrupted: {summary}", file=sys.stderr)
         raise KeyboardInterrupt
     print(summary)
