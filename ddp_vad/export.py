@@ -15,6 +15,7 @@ labels, the model config, the folds, and the largest difference to PyTorch measu
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,13 @@ def run_export(cfg: ExportConfig) -> Path:
     out = Path(cfg.out) if cfg.out else (run if run.is_dir() else run.parent) / "export" / "model.onnx"
     module = _ensemble([m for m, _ in loaded])
     example = torch.randint(0, 256, (2, mcfg.window, mcfg.height, mcfg.width)).float()
-    with atomic_path(out) as tmp:
+    with atomic_path(out) as tmp, warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of dynamo (which needs onnxscript), warns that it traces
+        # the LSTM's size checks as constants (they are, for a fixed model) and that an LSTM exported at batch 2
+        # may fail at other batch sizes (it does not here: the check below scores 4 windows).
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size other than 1")
         torch.onnx.export(
             module,
             (example,),
