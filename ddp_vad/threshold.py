@@ -9,8 +9,8 @@ The threshold is the score ``t`` (a window is anomalous when ``score >= t``) tha
 * for one fold's model (``--fold k``): over the *other* folds' rows only, never fold k's own test fold.
 
 It is chosen on window scores and applied to frame scores (a frame's score is the max over its windows). The
-values go into ``RUN/threshold.json`` the first time they are needed; a run without out-of-fold scores of both
-classes gets 0.5, and says so.
+values go into ``RUN/threshold.json`` the first time they are needed, and are redone when ``oof_scores.csv``
+changes (its sha256 is recorded); a run without out-of-fold scores of both classes gets 0.5, and says so.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ddp_vad.files import read_json_object, write_json_atomic
+from ddp_vad.files import read_json_object, sha256_file, write_json_atomic
 
 THRESHOLD_FILE = "threshold.json"
 DEFAULT = 0.5
@@ -64,6 +64,7 @@ def compute_thresholds(run: str | Path) -> dict:
     if not oof.is_file():
         record["notes"].append(f"no {oof.name} in the run: default {DEFAULT}")
         return record
+    record["oof_sha256"] = sha256_file(oof)  # a re-run transfer rewrites the scores: the record is then redone
     scores, labels, folds = _read_oof(oof)
     whole = best_threshold(scores, labels)
     if whole is not None:
@@ -84,10 +85,10 @@ def run_threshold(run: str | Path, fold: int | None = None) -> tuple[float, str]
     Reads ``RUN/threshold.json``; computes and writes it when absent (a read-only run is computed, not written).
     """
     run = Path(run)
-    path = run / THRESHOLD_FILE
-    if path.is_file():
-        record = read_json_object(path, "threshold file")
-    else:
+    path, oof = run / THRESHOLD_FILE, run / "oof_scores.csv"
+    record = read_json_object(path, "threshold file") if path.is_file() else None
+    current = sha256_file(oof) if oof.is_file() else None
+    if record is None or record.get("oof_sha256") != current:
         record = compute_thresholds(run)
         with contextlib.suppress(OSError):  # a read-only run: the value is still right, only not cached
             write_json_atomic(path, record)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from ddp_vad.cli import cli
 from ddp_vad.eval.predict import ground_truth
 from ddp_vad.models import ModelConfig, build_lrcn, save_model
 from ddp_vad.presets import PRESETS
-from ddp_vad.threshold import best_threshold, compute_thresholds
+from ddp_vad.threshold import best_threshold, compute_thresholds, run_threshold
 
 REPO = Path(__file__).resolve().parents[1]
 WINDOW, N_FRAMES = 10, 60
@@ -205,6 +206,15 @@ def test_the_threshold_is_chosen_on_training_folds_only(run, tmp_path):
         for k in range(3):
             assert thresholds[f"fold_{k:02d}"] == best_threshold(values[folds != k], labels[folds != k])
     assert found[0]["fold_01"] == found[1]["fold_01"] and found[0]["all"] != found[1]["all"]
+    # recorded in the run, and redone when the out-of-fold scores change (a re-run transfer)
+    folder = tmp_path / "run0"
+    value, how = run_threshold(folder)
+    assert value == found[0]["all"] and "balanced accuracy" in how
+    assert (folder / "threshold.json").is_file()
+    shutil.copy(tmp_path / "run1" / "oof_scores.csv", folder / "oof_scores.csv")
+    assert run_threshold(folder, fold=0)[0] == found[1]["fold_00"]
+    assert run_threshold(tmp_path, None)[0] == 0.5  # no out-of-fold scores: the default, said so
+    assert "default 0.5" in run_threshold(tmp_path, None)[1]
 
 
 def test_ground_truth_comes_from_labels_or_the_ucsd_gt_file(tiny_data, tmp_path):

@@ -201,8 +201,15 @@ def run_predict(cfg: PredictConfig) -> Path:
                     f.flush()  # a row per frame: a reader following the file sees each score when it is final
         except (StreamBroken, KeyboardInterrupt) as exc:
             failure = exc  # the rows so far are kept: finish the files, then report
+        except UserError:
+            if not interrupt.requested:
+                raise
+            # stopped before the first window was full ("too few frames"): an interrupt, not bad input
         events.close()
     if not scores:
+        if isinstance(failure, KeyboardInterrupt) or interrupt.requested:
+            print(f"interrupted: {cfg.source}: no frame scored yet", file=sys.stderr)
+            raise KeyboardInterrupt
         if failure is not None:
             raise failure
         raise UserError(f"{cfg.source}: no frame was scored")
