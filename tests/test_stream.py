@@ -224,3 +224,23 @@ def test_ground_truth_comes_from_labels_or_the_ucsd_gt_file(tiny_data, tmp_path)
     labels.write_text("clip,start,end\nTest002,3,4\nother,1,2\n")
     assert ground_truth(str(clip), str(labels)) == [(3, 4)]
     assert ground_truth(str(tiny_data / "Train" / "Train001"), None) == []
+
+
+def test_the_plot_shades_the_ground_truth_when_the_clip_has_it(run, tiny_data, tmp_path):
+    from PIL import Image
+
+    clip = tiny_data / "Test" / "Test002"  # gt [1:6, 15:22] in the dataset's .m file
+    empty = tmp_path / "labels.csv"
+    empty.write_text("clip,start,end\nother,1,2\n")  # labels without rows for this clip: nothing to shade
+    images = {}
+    for name, extra in (("gt", []), ("none", ["--labels", str(empty)])):
+        out = tmp_path / f"{name}.csv"
+        result = CliRunner().invoke(cli, ["predict", str(clip), "--model", str(run), "--out", str(out), *extra])
+        assert result.exit_code == 0, result.output
+        images[name] = np.asarray(Image.open(out.with_suffix(".png")).convert("RGB")).astype(int)
+
+    def light_blue(img: np.ndarray) -> int:  # the ground truth's span
+        r, b = img[..., 0], img[..., 2]
+        return int(((b > r + 20) & (b > 200) & (r > 150)).sum())
+
+    assert light_blue(images["gt"]) > 5000 and light_blue(images["none"]) == 0
