@@ -61,7 +61,7 @@ def _threshold_of(path: Path, fold: int | None) -> tuple[float, str]:
     run = path.parents[2] if match and len(path.parents) > 2 else None
     if run is not None and (run / "oof_scores.csv").is_file():
         return run_threshold(run, int(match.group(1)))
-    return DEFAULT, f"default {DEFAULT} (a lone model file has no out-of-fold scores)"
+    return DEFAULT, f"default {DEFAULT}: a lone model file has no out-of-fold scores"
 
 
 class Detector:

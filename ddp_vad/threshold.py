@@ -25,7 +25,7 @@ from ddp_vad.files import read_json_object, sha256_file, write_json_atomic
 
 THRESHOLD_FILE = "threshold.json"
 DEFAULT = 0.5
-RULE = "max balanced accuracy over the out-of-fold window scores of the training folds (fold models: the others)"
+RULE = "max balanced accuracy on the training folds' out-of-fold window scores"
 
 
 def best_threshold(scores: np.ndarray, labels: np.ndarray) -> float | None:
@@ -62,7 +62,7 @@ def compute_thresholds(run: str | Path) -> dict:
     oof = run / "oof_scores.csv"
     record: dict = {"rule": RULE, "source": oof.name, "thresholds": {}, "notes": []}
     if not oof.is_file():
-        record["notes"].append(f"no {oof.name} in the run: default {DEFAULT}")
+        record["notes"].append(f"no {oof.name} in the run")
         return record
     record["oof_sha256"] = sha256_file(oof)  # a re-run transfer rewrites the scores: the record is then redone
     scores, labels, folds = _read_oof(oof)
@@ -75,7 +75,7 @@ def compute_thresholds(run: str | Path) -> dict:
         if value is not None:
             record["thresholds"][f"fold_{fold:02d}"] = value
     if not record["thresholds"]:
-        record["notes"].append(f"out-of-fold scores lack one class: default {DEFAULT}")
+        record["notes"].append("the out-of-fold scores lack one class")
     return record
 
 
@@ -95,5 +95,5 @@ def run_threshold(run: str | Path, fold: int | None = None) -> tuple[float, str]
     key = "all" if fold is None else f"fold_{fold:02d}"
     value = record.get("thresholds", {}).get(key)
     if value is None:
-        return DEFAULT, f"default {DEFAULT} ({'; '.join(record.get('notes', [])) or 'none chosen for ' + key})"
-    return float(value), f"{record.get('rule', RULE)} ({path.name})"
+        return DEFAULT, f"default {DEFAULT}: {'; '.join(record.get('notes', [])) or 'none chosen for ' + key}"
+    return float(value), f"{record.get('rule', RULE)}, RUN/{path.name}"

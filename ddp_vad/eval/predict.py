@@ -223,8 +223,8 @@ def run_predict(cfg: PredictConfig) -> Path:
         annotate(Path(cfg.source), per_frame, detector.threshold, Path(cfg.annotate))
         wrote.append(cfg.annotate)
     flagged = int((per_frame >= detector.threshold).sum())
-    summary = (f"{name}: {len(per_frame)} frames, {flagged} at or above {detector.threshold:.3f}, "
-               f"{events.count} event(s); wrote {', '.join(wrote)}")  # fmt: skip
+    summary = (f"{name}: {len(per_frame)} frames, {flagged} at or above {detector.threshold:.3f} "
+               f"({detector.threshold_note}), {events.count} event(s); wrote {', '.join(wrote)}")  # fmt: skip
     if isinstance(failure, KeyboardInterrupt) or interrupt.requested:
         print(f"interrupted: {summary}", file=sys.stderr)
         raise KeyboardInterrupt
