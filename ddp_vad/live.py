@@ -91,7 +91,7 @@ def iter_frames(source: str | Path, height: int, width: int, reconnect: int = 0,
             if str(source) == STDIN or tries >= reconnect:
                 raise StreamBroken(f"{exc} (after {tries} reconnect tries)") from None
             tries += 1
-            print(f"{source}: {exc}; reconnecting ({tries}/{reconnect})", file=sys.stderr, flush=True)
+            print(f"{exc}; reconnecting ({tries}/{reconnect})", file=sys.stderr, flush=True)
             time.sleep(wait)
 
 
@@ -133,4 +133,5 @@ def _live_gray(source: str) -> Iterator[tuple[np.ndarray, float | None]]:
 
 
 def _why(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    """The reason without the path (FFmpeg's errors repeat the URL)."""
+    return getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -244,3 +244,53 @@ def test_the_plot_shades_the_ground_truth_when_the_clip_has_it(run, tiny_data, t
         return int(((b > r + 20) & (b > 200) & (r > 150)).sum())
 
     assert light_blue(images["gt"]) > 5000 and light_blue(images["none"]) == 0
+
+
+@pytest.fixture
+def breaking_server(ts_clip):
+    """An HTTP server whose first response breaks off halfway through the clip; later ones send it whole."""
+    import http.server
+    import threading
+
+    data, requests = ts_clip.read_bytes(), []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data if len(requests) > 1 else data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/clip.ts", requests
+    server.shutdown()
+
+
+def test_a_broken_stream_is_reopened_and_numbering_continues(run, breaking_server, tmp_path):
+    url, requests = breaking_server
+    out = tmp_path / "s.csv"
+    result = CliRunner().invoke(cli, ["predict", url, "--model", str(run), "--out", str(out), "--reconnect", "1"])
+    assert result.exit_code == 0, result.output
+    assert "stream broke" in result.stderr and "reconnecting (1/1)" in result.stderr
+    rows = _rows(out)
+    assert len(requests) == 2 and N_FRAMES < len(rows) < 2 * N_FRAMES  # part of the first try, then all of it
+    assert [int(r["frame"]) for r in rows] == list(range(1, len(rows) + 1))
+
+
+def test_a_broken_stream_without_reconnects_keeps_its_rows_and_stops_with_one_line(run, breaking_server, tmp_path):
+    url, requests = breaking_server
+    out = tmp_path / "s.csv"
+    result = CliRunner().invoke(cli, ["predict", url, "--model", str(run), "--out", str(out)])
+    assert result.exit_code == 2 and len(requests) == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {url}: stream broke (Input/output error) (after 0 reconnect tries)"
+    ]
+    rows = _rows(out)
+    assert WINDOW <= len(rows) < N_FRAMES and (tmp_path / "s.png").is_file()  # the frames read were all scored
