@@ -3,6 +3,7 @@ and ``import ddp_vad`` stays light."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -22,7 +23,7 @@ def test_import_ddp_vad_does_not_import_torch():
         "import ddp_vad, sys; assert 'torch' not in sys.modules; "
         "ddp_vad.TransferConfig; assert 'torch' in sys.modules"  # imported once a name needs it
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def test_every_public_name_resolves_and_others_do_not():

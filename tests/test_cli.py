@@ -3,9 +3,11 @@ must equal the live config dataclasses'."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -13,6 +15,8 @@ from click.testing import CliRunner
 from ddp_vad.cli import StageCommand, cli
 from ddp_vad.clispec import STAGE_CONFIGS, cached_specs, config_class, live_specs
 from ddp_vad.options import params_from_specs
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Runs `ddp_vad ARGS` in a fresh interpreter and prints which heavy modules it imported.
 _PROBE = """
@@ -28,7 +32,9 @@ print("IMPORTED", sorted(m for m in ("torch", "sklearn", "webdataset", "matplotl
 
 def _probe(*args: str) -> tuple[str, float]:
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, check=True).stdout
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's package, installed or not
+    out = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, check=True, env=env)
+    out = out.stdout
     return out, time.perf_counter() - t0
 
 

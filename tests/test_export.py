@@ -110,3 +110,19 @@ def test_one_fold_exports_alone(run, tmp_path):
     windows = np.random.default_rng(3).integers(0, 256, (3, WINDOW, HEIGHT, WIDTH), dtype=np.uint8)
     np.testing.assert_allclose(Detector.load(out).scorer(windows), Detector.load(run, fold=1).scorer(windows),
                                atol=1e-4)  # fmt: skip
+
+
+def test_scoring_with_the_onnx_model_does_not_import_torch(exported, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from ddp_vad import Detector\n"
+        f"d = Detector.load({str(exported)!r})\n"
+        "s = d.score_frames(np.random.default_rng(0).integers(0, 256, (12, 60, 90), dtype=np.uint8))\n"
+        "assert s.shape == (12,) and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
