@@ -23,6 +23,8 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "Detector": "ddp_vad.detector",
+    "FrameScore": "ddp_vad.detector",
+    "StreamBroken": "ddp_vad.live",
     "synth": "ddp_vad.api",
     "build_shards": "ddp_vad.api",
     "pretrain": "ddp_vad.api",
