@@ -16,6 +16,7 @@ from PIL import Image
 import ddp_vad
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: threads only contend on shared cores
 
 
 def test_import_ddp_vad_does_not_import_torch():

@@ -23,6 +23,7 @@ from ddp_vad.models import ModelConfig, build_lrcn, load_model, save_model  # no
 from ddp_vad.presets import PRESETS  # noqa: E402
 
 WINDOW, HEIGHT, WIDTH = 10, 120, 182  # the demo preset at the shards' default frame size
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: threads only contend on shared cores
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from ddp_vad.presets import PRESETS
 from ddp_vad.threshold import best_threshold, compute_thresholds, run_threshold
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: threads only contend on shared cores
 WINDOW, N_FRAMES = 10, 60
 # Writes the first half of a file to stdout, waits for GO (a file) to appear, then sends the rest slowly.
 FEEDER = """
@@ -92,7 +93,7 @@ def _frames_in(data: bytes, tmp: Path) -> int:
 def _start(ts_clip: Path, tmp_path: Path, delay: float, *extra: str) -> tuple[subprocess.Popen, subprocess.Popen]:
     go = tmp_path / "go"
     feeder = subprocess.Popen([sys.executable, "-c", FEEDER, str(ts_clip), str(go), str(delay)], stdout=subprocess.PIPE)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     predict = subprocess.Popen(
         [sys.executable, "-m", "ddp_vad", "predict", "-", *extra],
         stdin=feeder.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
