@@ -126,7 +126,11 @@ def _live_gray(source: str) -> Iterator[tuple[np.ndarray, float | None]]:
         stream.codec_context.thread_count = 1  # frame threading would hold back one frame per thread
         try:
             for packet in container.demux(stream):
-                for frame in packet.decode():
+                try:
+                    frames = packet.decode()
+                except av.InvalidDataError:
+                    continue  # one damaged packet (common over UDP): skip it, the stream goes on
+                for frame in frames:
                     yield gray_of(frame), frame.time
         except (av.FFmpegError, OSError) as exc:
             raise StreamBroken(f"{source}: stream broke ({_why(exc)})") from None
