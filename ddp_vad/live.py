@@ -2,7 +2,8 @@
 
 Live footage is a stream URL (``rtsp://``, ``http://``, ``udp://``, ...), a capture device (``/dev/video0``) or
 ``-`` (a video stream on stdin, e.g. MPEG-TS piped from ffmpeg). A live stream that breaks (an error while
-opening, reading or decoding) is reopened up to ``reconnect`` times; frame numbers continue across a reconnect.
+opening or reading it; a damaged packet is skipped) is reopened up to ``reconnect`` times; frame numbers continue
+across a reconnect.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def _folder_frames(folder: Path, height: int, width: int) -> Iterator[Frame]:
 
 
 def _live_gray(source: str) -> Iterator[tuple[np.ndarray, float | None]]:
-    """Decode a live source; any failure to open, read or decode becomes :class:`StreamBroken`."""
+    """Decode a live source; a failure to open or read it becomes :class:`StreamBroken`."""
     import av
 
     from ddp_vad.data.sources.video import gray_of
