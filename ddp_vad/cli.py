@@ -1,4 +1,9 @@
-"""Command-line interface. This layer only parses options and calls one library function per command."""
+"""Command-line interface. This layer only parses options and calls one public function per command
+(:mod:`ddp_vad.api`).
+
+Nothing heavy is imported to build it: a stage command's options come from ``cli_spec.json`` when only ``--help``
+is asked (see :mod:`ddp_vad.clispec`), and its stage module (and torch) is imported when the command runs.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +12,17 @@ from collections.abc import Callable
 
 import click
 
-from ddp_vad.config import load_config_file
-from ddp_vad.data.shards import ShardConfig, build_shards, print_info
-from ddp_vad.data.synth import SynthConfig, run_synth
+from ddp_vad.clispec import cached_specs, config_class
 from ddp_vad.errors import UserError, error_message
-from ddp_vad.eval.baselines import BaselinesConfig, run_baselines
-from ddp_vad.eval.predict import PredictConfig, run_predict
-from ddp_vad.eval.report import EvaluateConfig, run_evaluate
-from ddp_vad.options import click_params
-from ddp_vad.pipeline import PipelineConfig, run_pipeline
-from ddp_vad.runlock import run_lock
-from ddp_vad.train.distributed import main_lock, main_process_only, object_group, process_state
-from ddp_vad.train.pretrain import PretrainConfig, run_pretrain
-from ddp_vad.train.transfer import TransferConfig, run_transfer
+from ddp_vad.options import param_specs, params_from_specs
 
 
 def _apply_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     """Eager ``--config`` callback: file values become defaults, so explicit flags still win."""
     if value is None:
         return None
+    from ddp_vad.config import load_config_file  # numpy + yaml: only when a config file is given
+
     values = load_config_file(value)
     # Keys may be written as the flag ("from", "min-anomalous") or as the parameter name ("source").
     names = {p.name: p.name for p in ctx.command.params}
@@ -97,23 +94,71 @@ def command(group: click.Group, name: str, **settings) -> Callable:
     return decorate
 
 
-def stage_command(group: click.Group, name: str, config_cls: type) -> Callable:
-    """A command whose options are the fields of ``config_cls`` (declared there once, see ddp_vad.options)."""
+def _asks_help(args: list[str]) -> bool:
+    """Whether the command line asks for ``--help`` (before a ``--``)."""
+    args = args[: args.index("--")] if "--" in args else args
+    return any(a in ("-h", "--help") for a in args)
+
+
+class StageCommand(click.Command):
+    """A command whose options are the fields of a stage's config dataclass, declared there once.
+
+    The options are attached when the command is about to parse its arguments: from the cached declarations when
+    only ``--help`` is asked (fast, no torch), else from the live dataclass (importing its stage module).
+    """
+
+    def __init__(self, name: str, path: str, **kwargs) -> None:
+        super().__init__(name, **kwargs)
+        self.stage_path = path  # key in clispec.STAGE_CONFIGS
+        self._base_params = list(self.params)  # --config
+        self._source: str | None = None
+
+    def load_params(self, cached: bool) -> None:
+        """Attach the stage options (``cached``: from cli_spec.json when it has them)."""
+        if self._source == "live" or (self._source == "cached" and cached):
+            return
+        specs = cached_specs().get(self.stage_path) if cached else None
+        if specs is None:
+            specs, self._source = param_specs(config_class(self.stage_path)), "live"
+        else:
+            self._source = "cached"
+        self.params = self._base_params + params_from_specs(specs)
+
+    def make_context(self, info_name, args, parent=None, **extra) -> click.Context:
+        self.load_params(cached=_asks_help(list(args)) or extra.get("resilient_parsing", False))
+        return super().make_context(info_name, args, parent=parent, **extra)
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if self._source is None:
+            self.load_params(cached=False)
+        return super().get_params(ctx)
+
+
+def stage_command(group: click.Group, name: str, path: str | None = None) -> Callable:
+    """A :class:`StageCommand` of ``group`` (``path``: its key in clispec.STAGE_CONFIGS, default ``name``)."""
 
     def decorate(func: Callable) -> click.Command:
-        cmd = command(group, name)(func)
-        cmd.params.extend(click_params(config_cls))
-        return cmd
+        return group.command(name, cls=StageCommand, path=path or name)(with_config(func))
 
     return decorate
 
 
+def _stage(func_name: str) -> Callable:
+    """The public stage function ``ddp_vad.api.<func_name>`` (imported when a command runs)."""
+    from ddp_vad import api
+
+    return getattr(api, func_name)
+
+
+def _config(path: str, kwargs: dict):
+    return config_class(path)(**kwargs)
+
+
 # ----------------------------------------------------------------------------------------- synth
-@stage_command(cli, "synth", SynthConfig)
+@stage_command(cli, "synth")
 def synth_cmd(**kwargs) -> None:
     """Write a synthetic dataset (walkway scenes with five anomaly types) to OUT, as UCSD frames or as videos."""
-    cfg = SynthConfig(**kwargs)
-    main_process_only(lambda: run_synth(cfg), "synth")
+    _stage("synth")(_config("synth", kwargs))
 
 
 # ----------------------------------------------------------------------------------------- shard
@@ -122,17 +167,11 @@ def shard_group() -> None:
     """Build and inspect webdataset shards of labelled 10-frame windows."""
 
 
-@stage_command(shard_group, "build", ShardConfig)
+@stage_command(shard_group, "build", "shard build")
 def shard_build_cmd(**kwargs) -> None:
     """Cut clips in DATA (UCSD, Avenue, ShanghaiTech, or videos + labels.csv) into labelled windows and write tar
     shards + manifest.json."""
-    cfg = ShardConfig(**kwargs)
-
-    def build() -> None:
-        with run_lock(cfg.out, what="shard build"):  # one writer per shard folder (a lock file beside it)
-            build_shards(cfg)
-
-    main_process_only(build, "shard build")
+    _stage("build_shards")(_config("shard build", kwargs))
 
 
 @command(shard_group, "info")
@@ -140,75 +179,74 @@ def shard_build_cmd(**kwargs) -> None:
 @click.option("--verify", is_flag=True, help="Re-read every shard; check sample counts and sha256.")
 def shard_info_cmd(directory: str, verify: bool) -> None:
     """Print counts and class balance of a shard set; --verify checks every shard against the manifest."""
+    from ddp_vad.data.shards import print_info
+
     print_info(directory, verify=verify)
 
 
 # ------------------------------------------------------------------------------------- baselines
-@stage_command(cli, "baselines", BaselinesConfig)
+@stage_command(cli, "baselines")
 def baselines_cmd(**kwargs) -> None:
     """Cross-validate classic ML baselines (60x90 pixels, frame-difference motion) on the same folds as transfer.
 
     A method whose OUT/<method>/metrics.json exists is skipped, so a re-run resumes.
     """
-    cfg = BaselinesConfig(**kwargs)
-
-    def run() -> None:
-        with run_lock(cfg.out, what="baselines"):
-            run_baselines(cfg)
-
-    main_process_only(run, "baselines")
+    _stage("baselines")(_config("baselines", kwargs))
 
 
 # -------------------------------------------------------------------------------------- evaluate
-@stage_command(cli, "evaluate", EvaluateConfig)
+@stage_command(cli, "evaluate")
 def evaluate_cmd(**kwargs) -> None:
     """Report (Table 5, per-fold accuracy, confusion matrices, AUROC, GAN figures) for RUN folders.
 
     RUN may be a transfer run, a baselines folder (its methods are expanded) or a pretrain run.
     """
-    cfg = EvaluateConfig(**kwargs)
-
-    def run() -> None:
-        with run_lock(cfg.out, what="evaluate"):
-            run_evaluate(cfg)
-
-    main_process_only(run, "evaluate")
+    _stage("evaluate")(_config("evaluate", kwargs))
 
 
 # -------------------------------------------------------------------------------------- pretrain
-@stage_command(cli, "pretrain", PretrainConfig)
+@stage_command(cli, "pretrain")
 def pretrain_cmd(**kwargs) -> None:
     """Pretrain the GAN (generator vs LRCN discriminator) on shards; also under `accelerate launch`/`torchrun`."""
-    run_pretrain(PretrainConfig(**kwargs))
+    _stage("pretrain")(_config("pretrain", kwargs))
 
 
 # ---------------------------------------------------------------------------------------- predict
-@stage_command(cli, "predict", PredictConfig)
+@stage_command(cli, "predict")
 def predict_cmd(**kwargs) -> None:
-    """Per-frame anomaly scores (CSV + score-over-time PNG) for CLIP_DIR, a folder of numbered frames or a video."""
-    run_predict(PredictConfig(**kwargs))
+    """Per-frame anomaly scores (CSV + score-over-time PNG) for SOURCE: a folder of frames, a video file, a stream
+    URL (rtsp://, http://...), a capture device (/dev/video0) or - (a video stream on stdin).
+
+    Rows are written as scores become final; Ctrl-C finishes the files for the frames read so far and exits 130.
+    """
+    try:
+        _stage("predict")(_config("predict", kwargs))
+    except KeyboardInterrupt:
+        sys.exit(130)  # predict already printed its one line
+
+
+# ----------------------------------------------------------------------------------------- export
+@stage_command(cli, "export")
+def export_cmd(**kwargs) -> None:
+    """Export a transfer run's classifier for use outside PyTorch (ONNX + a JSON sidecar)."""
+    _stage("export_model")(_config("export", kwargs))
 
 
 # --------------------------------------------------------------------------------------- pipeline
-@stage_command(cli, "pipeline", PipelineConfig)
+@stage_command(cli, "pipeline")
 def pipeline_cmd(**kwargs) -> None:
     """Everything: synth (no --data) -> shards -> pretrain -> transfer (GAN and scratch) -> baselines -> evaluate."""
-    cfg = PipelineConfig(**kwargs)
-    state = process_state()  # the same process group run_pipeline uses
-    world = state.num_processes
-    # One lock for the whole folder; the stages' own locks inside it are this process's, so they pass.
-    with main_lock(cfg.out, "pipeline", state.is_main_process, object_group(world), world):
-        run_pipeline(cfg)
+    _stage("run_pipeline")(_config("pipeline", kwargs))
 
 
 # -------------------------------------------------------------------------------------- transfer
-@stage_command(cli, "transfer", TransferConfig)
+@stage_command(cli, "transfer")
 def transfer_cmd(**kwargs) -> None:
     """Fine-tune the LRCN classifier with k-fold CV, folds spread over processes (fold k on process k % P).
 
     Also under `accelerate launch -m ddp_vad transfer ...` / `torchrun -m ddp_vad transfer ...`.
     """
-    run_transfer(TransferConfig(**kwargs))
+    _stage("transfer")(_config("transfer", kwargs))
 
 
 def main() -> None:
@@ -220,9 +258,10 @@ def main() -> None:
         clean = exc.code in (None, 0)
         raise
     finally:
-        from ddp_vad.train.distributed import shutdown_process_group
+        if "torch" in sys.modules:  # only a command that ran a stage can have joined a process group
+            from ddp_vad.train.distributed import shutdown_process_group
 
-        shutdown_process_group(clean)
+            shutdown_process_group(clean)
 
 
 if __name__ == "__main__":

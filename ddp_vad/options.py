@@ -53,37 +53,67 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
-def click_params(config_cls: type) -> list[click.Parameter]:
-    """click parameters for every :func:`option` field of ``config_cls``, in field order."""
+_KINDS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def param_specs(config_cls: type) -> list[dict[str, Any]]:
+    """JSON-ready description of every :func:`option` field of ``config_cls``, in field order.
+
+    This is all click needs to build the command's parameters; ``cli_spec.json`` holds it for every command so that
+    ``--help`` can be answered without importing the stage modules (and torch).
+    """
     hints = typing.get_type_hints(config_cls)
-    params: list[click.Parameter] = []
+    specs = []
     for field in dataclasses.fields(config_cls):
         spec: OptionSpec | None = field.metadata.get(_KEY)
         if spec is None:
             continue
         kind, repeated = _base_type(hints[field.name])
-        ptype: Any = click.Choice(list(spec.choices)) if spec.choices else kind
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
-        default = None if required else field.default
-        if spec.argument:
-            params.append(click.Argument([field.name], type=ptype, nargs=-1 if repeated else 1, required=required))
+        specs.append(
+            {
+                "name": field.name,
+                "kind": kind.__name__,
+                "repeated": repeated,
+                "required": required,
+                "default": None if required else field.default,
+                **{k: list(v) if k == "choices" and v is not None else v for k, v in dataclasses.asdict(spec).items()},
+            }
+        )
+    return specs
+
+
+def params_from_specs(specs: list[dict[str, Any]]) -> list[click.Parameter]:
+    """click parameters from :func:`param_specs` output."""
+    params: list[click.Parameter] = []
+    for s in specs:
+        kind = _KINDS[s["kind"]]
+        ptype: Any = click.Choice(list(s["choices"])) if s["choices"] else kind
+        required, default, name = s["required"], s["default"], s["name"]
+        if s["argument"]:
+            params.append(click.Argument([name], type=ptype, nargs=-1 if s["repeated"] else 1, required=required))
             continue
-        flag = spec.flag or "--" + field.name.replace("_", "-")
-        decls = [flag, field.name]
+        flag = s["flag"] or "--" + name.replace("_", "-")
+        decls = [flag, name]
         extra: dict[str, Any] = {}
         if kind is bool:
-            decls = [f"{flag}/--no-{flag[2:]}" if spec.negatable else flag, field.name]
-            extra = {"is_flag": not spec.negatable, "type": None} if not spec.negatable else {}
+            decls = [f"{flag}/--no-{flag[2:]}" if s["negatable"] else flag, name]
+            extra = {} if s["negatable"] else {"is_flag": True}
         params.append(
             click.Option(
                 decls,
                 type=None if kind is bool else ptype,
                 default=default,
                 required=required,
-                help=spec.help,
-                envvar=spec.envvar,
+                help=s["help"],
+                envvar=s["envvar"],
                 show_default=not required and default is not None and default is not False,
-                **{k: v for k, v in extra.items() if k != "type"},
+                **extra,
             )
         )
     return params
+
+
+def click_params(config_cls: type) -> list[click.Parameter]:
+    """click parameters for every :func:`option` field of ``config_cls``, in field order."""
+    return params_from_specs(param_specs(config_cls))

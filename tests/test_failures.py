@@ -79,12 +79,12 @@ def test_out_under_a_regular_file_is_one_line_naming_it_for_every_command(tiny_s
 
 
 def test_an_unexpected_exception_is_one_line_and_a_hint_with_exit_1(monkeypatch, tmp_path):
-    import ddp_vad.cli as cli_module
+    import ddp_vad.api as api_module
 
     def broken(_cfg):
         raise KeyError("internal")
 
-    monkeypatch.setattr(cli_module, "run_pretrain", broken)
+    monkeypatch.setattr(api_module, "pretrain", broken)  # the public function the command calls
     shards = tmp_path / "s"
     shards.mkdir()
     result = CliRunner().invoke(cli, ["pretrain", "--shards", str(shards), "--out", str(tmp_path / "o")])

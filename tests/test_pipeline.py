@@ -106,7 +106,7 @@ def test_predict_scores_every_frame_and_draws_a_plot(pipeline_dir, tmp_path):
     assert len(rows) == len(list(clip.glob("*.tif")))
     assert [int(r["frame"]) for r in rows] == list(range(1, len(rows) + 1))
     # Recomputed here: every stride-1 window scored by every fold model (mean probability), a frame's score the
-    # max over the windows that cover it, flagged at 0.5.
+    # max over the windows that cover it, flagged at the run's threshold (chosen on its training folds, recorded).
     models = [
         load_model(f, build_lrcn)[0] for f in sorted((pipeline_dir / "lrcn-gan").glob("folds/*/model.safetensors"))
     ]
@@ -119,7 +119,9 @@ def test_predict_scores_every_frame_and_draws_a_plot(pipeline_dir, tmp_path):
     expected = [max(win[max(0, i - cfg.window + 1) : i + 1]) for i in range(len(frames))]
     got = [float(r["score"]) for r in rows]
     np.testing.assert_allclose(got, expected, atol=2e-6)
-    assert [int(r["anomalous"]) for r in rows] == [int(s >= 0.5) for s in got]
+    record = json.loads((pipeline_dir / "lrcn-gan" / "threshold.json").read_text())
+    threshold = record["thresholds"].get("all", 0.5)
+    assert [int(r["anomalous"]) for r in rows] == [int(s >= threshold) for s in got]
     assert np.ptp(got) > 0  # not a constant
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 

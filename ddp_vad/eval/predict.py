@@ -1,226 +1,275 @@
-"""``ddp_vad predict``: per-frame anomaly scores for a folder of frames or a video file, from a fine-tuned run.
+"""``ddp_vad predict``: per-frame anomaly scores for a folder of frames, a video file or live footage.
 
-Every window of the clip (the run's window length, stride 1) is scored by each fold's model; a window's score is
-the mean anomaly probability over the fold models (a cross-validation ensemble), and a frame's score is the max
-over the windows that cover it (the rule the evaluation uses for frame-level AUROC).
+A thin shell over :class:`ddp_vad.Detector`: every window of the source (the run's window length, stride 1) is
+scored by each fold's model, a window's score is the mean anomaly probability over the fold models (a
+cross-validation ensemble), and a frame's score is the max over the windows that cover it.
 
-The clip is streamed: frames are decoded one at a time into a buffer of ``window - 1 + batch_size`` frames, each
-full buffer is scored as one batch of windows, and a frame's CSV row is written as soon as every window covering
-it has been scored. Memory does not grow with the clip's length (a frame's score, 8 bytes, is kept for the plot).
-``--annotate OUT.mp4`` re-reads the clip and writes a copy with a score bar and a red border on flagged frames.
+The source is streamed (:meth:`Detector.stream`): memory does not grow with its length (a frame's score, 8 bytes,
+is kept for the plot), and a frame's CSV row is written as soon as its score is final: ``window - 2 + batch_size``
+frames after it arrives at most. A file source's CSV appears whole when done (``files.atomic_path``); a live
+source's CSV grows in place, flushed row by row, so it can be followed while the stream runs. ``--events``
+writes one JSON line per anomalous interval as it closes. Ctrl-C (SIGINT) ends the stream: the frames read so far
+are scored, the files are finished, and the command exits 130. ``--annotate OUT.mp4`` re-reads a file source and
+writes a copy with a score bar and a red border on flagged frames.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import os
-from collections import deque
-from collections.abc import Iterable, Iterator
+import json
+import signal
+import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import IO
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
-from ddp_vad.data.sources.frames import IMAGE_SUFFIXES, FrameClip, frame_files, read_rgb, resize_frame
-from ddp_vad.data.sources.video import VIDEO_SUFFIXES, VideoWriter, iter_gray, iter_rgb, video_rate
+from ddp_vad.detector import Detector, FrameScore, model_files
 from ddp_vad.errors import UserError
-from ddp_vad.files import make_folder
-from ddp_vad.models import build_lrcn, load_model
+from ddp_vad.files import atomic_path, make_folder
+from ddp_vad.live import StreamBroken, check_source, is_live, source_name
 from ddp_vad.options import option
+from ddp_vad.scoring import frame_scores, stream_scores, window_scores
 
-T = TypeVar("T")
+__all__ = ["PredictConfig", "annotate", "draw_score", "frame_scores", "model_files", "run_predict",
+           "stream_scores", "window_scores"]  # fmt: skip
+
 FOLDER_FPS = 10  # frame rate of an annotated copy of a frame folder (UCSD's cameras record 10 frames/s)
 
 
 @dataclass
 class PredictConfig:
-    """Options of ``ddp_vad predict`` (``clip_dir``: a folder of numbered frames or a video file)."""
+    """Options of ``ddp_vad predict``."""
 
-    clip_dir: str = option(help="A folder of numbered frames or a video file.", argument=True)
-    model: str = option(help="A transfer run folder (its fold models are averaged) or one model.safetensors.")
+    source: str = option(
+        help="A folder of numbered frames, a video file, a stream URL, a capture device or - (stdin).", argument=True
+    )
+    model: str | None = option(
+        None, "A transfer run folder (its fold models are averaged), one model.safetensors, or an exported .onnx."
+    )
+    onnx: str | None = option(None, "Score with this exported ONNX model (onnxruntime) instead of --model.")
     out: str | None = option(
-        None, "CSV of per-frame scores (default: <clip>_scores.csv beside CLIP_DIR); a PNG goes beside it."
+        None,
+        "CSV of per-frame scores (default: <clip>_scores.csv beside a file source, in the current folder for a live "
+        "one); a PNG goes beside it.",
     )
     fold: int | None = option(None, "Use only this fold's model.")
-    batch_size: int = option(64, "Windows per forward pass.")
-    threshold: float = option(0.5, "Score at which a frame is flagged.")
+    batch_size: int | None = option(
+        None, "Windows per forward pass (default 64 for files, 1 for live sources: a row every frame)."
+    )
+    threshold: float | None = option(
+        None, "Score at which a frame is flagged (default: the run's, chosen on its training folds; else 0.5)."
+    )
+    events: str | None = option(None, "Write anomalous intervals (frames at or above the threshold) as JSON lines.")
+    labels: str | None = option(
+        None, "labels.csv (clip,start,end) whose rows for this clip shade the plot (UCSD .m ground truth is found)."
+    )
+    reconnect: int = option(0, "Live sources: reopen a broken stream this many times before stopping.")
     annotate: str | None = option(
         None, "Also write the clip as a video (.mp4/.avi/.mkv) with a score bar and a red border on flagged frames."
     )
 
     def __post_init__(self) -> None:
-        clip = Path(self.clip_dir)
-        if not clip.exists():
-            raise UserError(f"clip folder or video not found: {self.clip_dir}")
-        if clip.is_file() and clip.suffix.lower() not in VIDEO_SUFFIXES:
-            raise UserError(f"{clip}: not a video ({', '.join(VIDEO_SUFFIXES)}) nor a folder of frames")
-        if self.batch_size < 1:
+        check_source(self.source)
+        if (self.model is None) == (self.onnx is None):
+            raise UserError("give --model RUN (or a model file) or --onnx FILE")
+        if self.batch_size is not None and self.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.fold is not None and self.fold < 0:
             raise UserError(f"--fold must be >= 0, got {self.fold}")
-        if not 0.0 <= self.threshold <= 1.0:
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise UserError(f"--threshold must be in [0, 1], got {self.threshold}")
+        if self.reconnect < 0:
+            raise UserError(f"--reconnect must be >= 0, got {self.reconnect}")
         if self.annotate is not None and Path(self.annotate).suffix.lower() not in (".mp4", ".avi", ".mkv", ".mov"):
             raise UserError(f"--annotate {self.annotate}: give a .mp4, .avi, .mkv or .mov file name")
+        if self.annotate is not None and is_live(self.source):
+            raise UserError("--annotate needs a file source (a live stream cannot be read twice)")
+        if self.labels is not None and not Path(self.labels).is_file():
+            raise UserError(f"--labels {self.labels}: file not found")
 
 
-def model_files(run: str | Path, fold: int | None = None) -> list[Path]:
-    """The per-fold classifier weights of a transfer run (``RUN/folds/fold_XX/model.safetensors``)."""
-    run = Path(run)
-    if run.suffix == ".safetensors":
-        if not run.is_file():
-            raise UserError(f"model file not found: {run}")
-        return [run]
-    if not run.is_dir():
-        raise UserError(f"model run folder not found: {run}")
-    files = sorted(run.glob("folds/fold_*/model.safetensors"))
-    if fold is not None:
-        files = [f for f in files if f.parent.name == f"fold_{fold:02d}"]
-    if not files:
-        which = f"fold {fold} " if fold is not None else ""
-        raise UserError(
-            f"no {which}classifier weights (folds/fold_XX/model.safetensors) in {run}; "
-            "give a finished `ddp_vad transfer` run"
-        )
-    return files
-
-
-def window_scores(frames: np.ndarray, models: list[torch.nn.Module], window: int, batch_size: int) -> np.ndarray:
-    """Mean anomaly probability of every stride-1 window of ``frames`` (uint8 [N, H, W]) over ``models``."""
-    n = len(frames) - window + 1
-    video = torch.from_numpy(frames)
-    scores = np.zeros(n, np.float64)
-    with torch.no_grad():
-        for start in range(0, n, batch_size):
-            idx = torch.arange(start, min(start + batch_size, n))
-            batch = video[idx[:, None] + torch.arange(window)]  # [B, T, H, W]
-            x = batch.unsqueeze(2).float().div_(255.0)
-            for model in models:
-                scores[start : start + len(idx)] += torch.softmax(model(x).float(), dim=1)[:, 1].numpy()
-    return scores / len(models)
-
-
-def frame_scores(win_scores: np.ndarray, n_frames: int, window: int) -> np.ndarray:
-    """A frame's score = max over the scores of the windows that cover it."""
-    out = np.zeros(n_frames)
-    for start, score in enumerate(win_scores):
-        np.maximum(out[start : start + window], score, out=out[start : start + window])
-    return out
-
-
-def stream_scores(
-    items: Iterable[tuple[T, np.ndarray]],
-    models: list[torch.nn.Module],
-    window: int,
-    batch_size: int,
-    source: str = "the clip",
-) -> Iterator[tuple[T, float]]:
-    """Per-frame scores of a stream of ``(tag, uint8 [H, W] frame)``, yielded in order as ``(tag, score)``.
-
-    Holds at most ``window - 1 + batch_size`` frames: each time the buffer is full its ``batch_size`` windows are
-    scored in one batch (the same batches as :func:`window_scores` on the whole clip, so the same numbers), the
-    first ``batch_size`` frames are final and leave, the last ``window - 1`` move to the front.
+class _Interrupt:
+    """The first SIGINT only sets a flag, checked per frame (``Detector.stream(stop=...)``): the stream ends after the
+    current frame and the frames read so far are scored as at any end of stream. A second SIGINT kills at once (a
+    source that sends nothing more leaves PyAV waiting in C, where no Python exception reaches it); the rows
+    written until then stay, as a live CSV is flushed row by row.
     """
-    span = window - 1 + batch_size
-    buf: np.ndarray | None = None
-    best = np.zeros(span)  # running max of the scores of the windows covering each buffered frame
-    tags: deque = deque()
-    filled = total = 0
-    for tag, frame in items:
-        if buf is None:
-            buf = np.empty((span, *frame.shape), np.uint8)
-        buf[filled] = frame
-        tags.append(tag)
-        filled, total = filled + 1, total + 1
-        if filled < span:
-            continue
-        _cover(best, window_scores(buf, models, window, batch_size), window)
-        for j in range(batch_size):
-            yield tags.popleft(), float(best[j])
-        buf[: window - 1] = buf[batch_size:]
-        best[: window - 1] = best[batch_size:]
-        best[window - 1 :] = 0.0
-        filled = window - 1
-    if total < window:
-        raise UserError(f"{source} has {total} frames; the model needs at least {window}")
-    if filled >= window:  # the last, partial batch
-        _cover(best, window_scores(buf[:filled], models, window, batch_size), window)
-    for j in range(filled):
-        yield tags.popleft(), float(best[j])
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # handlers can only be set from the main thread; the default one stays
+            return
+
+        def handle(signum, frame) -> None:
+            self.requested = True
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+        before = signal.signal(signal.SIGINT, handle)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, before)
 
 
-def _cover(best: np.ndarray, win: np.ndarray, window: int) -> None:
-    for start, score in enumerate(win):
-        np.maximum(best[start : start + window], score, out=best[start : start + window])
+class _Events:
+    """Anomalous intervals (consecutive frames at or above the threshold), one JSON line each as it closes."""
+
+    def __init__(self, file: IO[str] | None, clip: str, threshold: float):
+        self.file, self.clip, self.threshold = file, clip, threshold
+        self.open: dict | None = None
+        self.count = 0
+
+    def add(self, s: FrameScore) -> None:
+        if s.anomalous:
+            if self.open is None:
+                self.open = {"clip": self.clip, "start_frame": s.frame, "start_time": s.time, "peak_score": s.score,
+                             "peak_frame": s.frame}  # fmt: skip
+            elif s.score > self.open["peak_score"]:
+                self.open.update(peak_score=s.score, peak_frame=s.frame)
+            self.open.update(end_frame=s.frame, end_time=s.time)
+        elif self.open is not None:
+            self.close()
+
+    def close(self) -> None:
+        if self.open is None:
+            return
+        event = {**self.open, "threshold": self.threshold}
+        event["peak_score"] = round(event["peak_score"], 6)
+        if self.file is not None:
+            self.file.write(json.dumps(event) + "\n")
+            self.file.flush()
+        self.open = None
+        self.count += 1
 
 
-def _gray_stream(clip: Path, height: int, width: int) -> tuple[str, Iterator[tuple[str, np.ndarray]]]:
-    """(name of the CSV's second column, stream of (that column's value, resized gray frame))."""
-    if clip.is_dir():
-        paths = frame_files(clip, IMAGE_SUFFIXES, first=None)
-        frames = FrameClip(clip.name, "test", paths, np.zeros(len(paths), np.uint8)).iter_frames(height, width)
-        return "file", zip((p.name for p in paths), frames, strict=True)
-    rate = video_rate(clip)
-    stream = (
-        (f"{t if t is not None else i / rate:.3f}", resize_frame(gray, height, width))
-        for i, (gray, t) in enumerate(iter_gray(clip, threads=0))
-    )
-    return "time", stream
+def _detector(cfg: PredictConfig) -> Detector:
+    return Detector.load(cfg.onnx or cfg.model, fold=cfg.fold, threshold=cfg.threshold)
 
 
 def run_predict(cfg: PredictConfig) -> Path:
-    """Score every frame of ``cfg.clip_dir``; write the CSV, a score-over-time PNG and, with ``cfg.annotate``,
-    an annotated copy of the clip; return the CSV path."""
-    files = model_files(cfg.model, cfg.fold)
-    loaded = [load_model(f, build_lrcn) for f in files]
-    models = [m for m, _ in loaded]
-    mcfg = loaded[0][1]
-    clip = Path(cfg.clip_dir)
-    name = clip.name if clip.is_dir() else clip.stem
-    column, stream = _gray_stream(clip, mcfg.height, mcfg.width)
+    """Score every frame of ``cfg.source``; write the CSV, a score-over-time PNG and, with ``cfg.events`` /
+    ``cfg.annotate``, the events and an annotated copy of the clip; return the CSV path.
 
-    out = Path(cfg.out) if cfg.out else clip.resolve().parent / f"{name}_scores.csv"
+    Ctrl-C finishes the files for the frames read so far and then raises KeyboardInterrupt; a live stream that
+    breaks (after ``cfg.reconnect`` tries) does the same and then raises :class:`ddp_vad.live.StreamBroken`.
+    """
+    detector = _detector(cfg)
+    live = is_live(cfg.source)
+    name = source_name(cfg.source)
+    batch = cfg.batch_size or (1 if live else 64)
+    source_path = None if live else Path(cfg.source)
+    if cfg.out:
+        out = Path(cfg.out)
+    elif source_path is not None:
+        out = source_path.resolve().parent / f"{name}_scores.csv"
+    else:
+        out = Path(f"{name}_scores.csv")
     make_folder(out.parent)
-    tmp = out.with_name(f".{out.name}.tmp")
-    scores = []
-    try:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["frame", column, "score", "anomalous"])
-            for tag, score in stream_scores(stream, models, mcfg.window, cfg.batch_size, str(clip)):
-                scores.append(score)
-                writer.writerow([len(scores), tag, f"{score:.6f}", int(score >= cfg.threshold)])
-    except BaseException:  # bad frames, a full disk, Ctrl-C: no half-written CSV is left behind
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, out)
+    column = "file" if source_path is not None and source_path.is_dir() else "time"
+
+    interrupt = _Interrupt()
+    failure: BaseException | None = None
+    scores: list[float] = []
+    with contextlib.ExitStack() as stack:
+        csv_path = out if live else stack.enter_context(atomic_path(out))
+        f = stack.enter_context(open(csv_path, "w", newline=""))
+        events_file = stack.enter_context(open(cfg.events, "w")) if cfg.events else None
+        events = _Events(events_file, name, detector.threshold)
+        writer = csv.writer(f)
+        writer.writerow(["frame", column, "score", "anomalous"])
+        stack.enter_context(interrupt.installed())
+        try:
+            for s in detector.stream(cfg.source, batch_size=batch, reconnect=cfg.reconnect, stop=interrupt):
+                scores.append(s.score)
+                tag = s.name if column == "file" else f"{s.time if s.time is not None else 0.0:.3f}"
+                writer.writerow([s.frame, tag, f"{s.score:.6f}", int(s.anomalous)])
+                events.add(s)
+                if live:
+                    f.flush()  # a row per frame: a reader following the file sees each score when it is final
+        except (StreamBroken, KeyboardInterrupt) as exc:
+            failure = exc  # the rows so far are kept: finish the files, then report
+        except UserError:
+            if not interrupt.requested:
+                raise
+            # stopped before the first window was full ("too few frames"): an interrupt, not bad input
+        events.close()
+    if not scores:
+        if isinstance(failure, KeyboardInterrupt) or interrupt.requested:
+            print(f"interrupted: {cfg.source}: no frame scored yet", file=sys.stderr)
+            raise KeyboardInterrupt
+        if failure is not None:
+            raise failure
+        raise UserError(f"{cfg.source}: no frame was scored")
+
     per_frame = np.asarray(scores)
-    _plot(per_frame, cfg.threshold, out.with_suffix(".png"), f"{name}: {len(files)} fold model(s)")
-    flagged = int((per_frame >= cfg.threshold).sum())
-    wrote = f"{out} and {out.with_suffix('.png')}"
-    if cfg.annotate:
-        annotate(clip, per_frame, cfg.threshold, Path(cfg.annotate))
-        wrote = f"{out}, {out.with_suffix('.png')} and {cfg.annotate}"
-    print(f"{name}: {len(per_frame)} frames, {flagged} at or above {cfg.threshold:.2f}; wrote {wrote}")
+    png = out.with_suffix(".png")
+    truth = ground_truth(cfg.source, cfg.labels)
+    _plot(per_frame, detector.threshold, png, f"{name}: {detector.description}", truth)
+    wrote = [str(out), str(png)] + ([cfg.events] if cfg.events else [])
+    if cfg.annotate and failure is None:
+        annotate(Path(cfg.source), per_frame, detector.threshold, Path(cfg.annotate))
+        wrote.append(cfg.annotate)
+    flagged = int((per_frame >= detector.threshold).sum())
+    summary = (f"{name}: {len(per_frame)} frames, {flagged} at or above {detector.threshold:.3f} "
+               f"({detector.threshold_note}), {events.count} event(s); wrote {', '.join(wrote)}")  # fmt: skip
+    if isinstance(failure, KeyboardInterrupt) or interrupt.requested:
+        print(f"interrupted: {summary}", file=sys.stderr)
+        raise KeyboardInterrupt
+    print(summary)
+    if failure is not None:
+        raise failure
     return out
+
+
+def ground_truth(source: str, labels: str | None) -> list[tuple[int, int]]:
+    """Anomalous frame ranges (1-based, inclusive) of the clip: its rows in ``labels`` (``clip,start,end``), else
+    its entry in the UCSD ``.m`` file beside a test-clip folder; [] when neither has it."""
+    name = source_name(source)
+    if labels is not None:
+        from ddp_vad.data.sources.videos import parse_labels_csv
+
+        return [(r.start, r.end) for r in parse_labels_csv(Path(labels)) if r.clip == name]
+    path = Path(source)
+    if is_live(source) or not path.is_dir():
+        return []
+    found = sorted(path.parent.glob("*.m"))
+    if len(found) != 1:
+        return []
+    from ddp_vad.data.sources.ucsd import parse_gt_file
+
+    try:
+        return parse_gt_file(found[0]).get(name, [])
+    except UserError:
+        return []  # a malformed gt file only costs the shading
 
 
 def annotate(clip: Path, scores: np.ndarray, threshold: float, out: Path) -> Path:
     """Write ``clip`` (a video or a frame folder) as a video with a score bar along the bottom of every frame and a
     red border on frames at or above ``threshold``; frames are streamed, never held together."""
+    from ddp_vad.data.sources.frames import IMAGE_SUFFIXES, frame_files, read_rgb
+    from ddp_vad.data.sources.video import VideoWriter, iter_rgb, video_rate
+
     if clip.is_dir():
         frames = (read_rgb(p) for p in frame_files(clip, IMAGE_SUFFIXES, first=None))
         fps = FOLDER_FPS
     else:
         frames, fps = iter_rgb(clip), video_rate(clip)
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-    with VideoWriter(tmp, fps) as writer:
+    with atomic_path(out) as tmp, VideoWriter(tmp, fps) as writer:
         for i, (rgb, score) in enumerate(zip(frames, scores, strict=False)):
             writer.write(draw_score(rgb, i + 1, float(score), threshold))
-    os.replace(tmp, out)
     return out
 
 
@@ -244,7 +293,7 @@ def draw_score(rgb: np.ndarray, frame: int, score: float, threshold: float) -> n
     return np.asarray(img)
 
 
-def _plot(scores: np.ndarray, threshold: float, path: Path, title: str) -> None:
+def _plot(scores: np.ndarray, threshold: float, path: Path, title: str, truth: list[tuple[int, int]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -252,13 +301,16 @@ def _plot(scores: np.ndarray, threshold: float, path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 3), dpi=100)
     frames = np.arange(1, len(scores) + 1)
+    for k, (first, last) in enumerate(truth):  # ground truth: frames first..last, drawn as their full width
+        ax.axvspan(
+            first - 0.5, last + 0.5, color="tab:blue", alpha=0.15, lw=0, label="ground truth" if k == 0 else None
+        )
     ax.plot(frames, scores, color="tab:red", lw=1.5, label="anomaly score")
     ax.fill_between(frames, 0, scores, where=scores >= threshold, color="tab:red", alpha=0.2, step="mid")
     ax.axhline(threshold, color="gray", ls="--", lw=1, label=f"threshold {threshold:.2f}")
-    ax.set(xlabel="frame", ylabel="score", ylim=(0, 1.02), xlim=(1, len(scores)), title=title)
+    ax.set(xlabel="frame", ylabel="score", ylim=(0, 1.02), xlim=(1, max(len(scores), 2)), title=title)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)

@@ -1,0 +1,297 @@
+"""predict on live footage: an MPEG-TS stream piped into `predict -` is scored row by row (latency), gives the same
+scores as the same stream read from a file, writes events, ends cleanly on Ctrl-C, and stops with one line on a
+stream that cannot be opened. Also the run's threshold (chosen on training folds only) and ground-truth shading."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ddp_vad.cli import cli
+from ddp_vad.eval.predict import ground_truth
+from ddp_vad.models import ModelConfig, build_lrcn, save_model
+from ddp_vad.presets import PRESETS
+from ddp_vad.threshold import best_threshold, compute_thresholds, run_threshold
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: threads only contend on shared cores
+WINDOW, N_FRAMES = 10, 60
+# Writes the first half of a file to stdout, waits for GO (a file) to appear, then sends the rest slowly.
+FEEDER = """
+import os, sys, time
+data, go = open(sys.argv[1], "rb").read(), sys.argv[2]
+out = sys.stdout.buffer
+out.write(data[: len(data) // 2]); out.flush()
+deadline = time.time() + 60
+while not os.path.exists(go) and time.time() < deadline:
+    time.sleep(0.05)
+try:
+    for i in range(len(data) // 2, len(data), 1000):
+        out.write(data[i : i + 1000]); out.flush(); time.sleep(float(sys.argv[3]))
+except BrokenPipeError:
+    pass
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A transfer-run folder: two tiny fold models (random weights) and out-of-fold scores with both classes."""
+    root = tmp_path_factory.mktemp("run")
+    cfg = ModelConfig(preset="tiny", window=WINDOW, height=24, width=36, **PRESETS["tiny"].model)
+    for fold in range(2):
+        torch.manual_seed(fold)
+        save_model(build_lrcn(cfg), root / "folds" / f"fold_{fold:02d}" / "model.safetensors", cfg)
+    rows = ["key,clip,start,label,score,fold"] + [
+        f"k{i},c,{i},{i % 2},{0.3 + 0.2 * (i % 2) + 0.01 * (i % 7):.4f},{i % 3 // 2}" for i in range(30)
+    ]
+    (root / "oof_scores.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ts_clip(tmp_path_factory) -> Path:
+    """An MPEG-TS file (MPEG-4 video, 10 frames/s) of a bright square crossing a noisy background."""
+    path = tmp_path_factory.mktemp("ts") / "clip.ts"
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w", format="mpegts") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 72, 48, "yuv420p"
+        for i in range(N_FRAMES):
+            img = rng.integers(60, 100, (48, 72, 3), dtype=np.uint8)
+            img[10:30, i % 60 : i % 60 + 12] = 250
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def _rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [r for r in csv.DictReader(f) if r.get("anomalous") is not None]  # a row being written is skipped
+
+
+def _frames_in(data: bytes, tmp: Path) -> int:
+    tmp.write_bytes(data)
+    with av.open(str(tmp)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def _start(ts_clip: Path, tmp_path: Path, delay: float, *extra: str) -> tuple[subprocess.Popen, subprocess.Popen]:
+    go = tmp_path / "go"
+    feeder = subprocess.Popen([sys.executable, "-c", FEEDER, str(ts_clip), str(go), str(delay)], stdout=subprocess.PIPE)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    predict = subprocess.Popen(
+        [sys.executable, "-m", "ddp_vad", "predict", "-", *extra],
+        stdin=feeder.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    feeder.stdout.close()  # predict holds the pipe now
+    return feeder, predict
+
+
+def _wait_rows(csv_path: Path, n: int, timeout: float = 60) -> list[dict]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        rows = _rows(csv_path)
+        if len(rows) >= n:
+            return rows
+        time.sleep(0.1)
+    raise AssertionError(f"only {len(_rows(csv_path))} rows after {timeout} s")
+
+
+def test_predict_scores_a_piped_stream_row_by_row_like_the_same_file(run, ts_clip, tmp_path):
+    live_csv, events = tmp_path / "live.csv", tmp_path / "events.jsonl"
+    half = _frames_in(ts_clip.read_bytes()[: len(ts_clip.read_bytes()) // 2], tmp_path / "half.ts")
+    # Rows due while the writer waits: the frames of the first half, less the window's latency (window - 1), one
+    # frame the TS demuxer holds until the next packet starts, and one cut in half.
+    due = half - (WINDOW - 1) - 2
+    feeder, predict = _start(ts_clip, tmp_path, 0.02, "--model", str(run), "--out", str(live_csv),
+                             "--events", str(events))  # fmt: skip
+    try:
+        early = _wait_rows(live_csv, due)
+        assert feeder.poll() is None, "the writer had finished: rows did not come before the end of the stream"
+        assert [int(r["frame"]) for r in early] == list(range(1, len(early) + 1))
+    finally:
+        (tmp_path / "go").touch()
+    out, err = predict.communicate(timeout=120)
+    feeder.wait(timeout=30)
+    assert predict.returncode == 0, err
+    # the same stream from a file, same batch size: the same numbers
+    file_csv = tmp_path / "file.csv"
+    result = CliRunner().invoke(cli, ["predict", str(ts_clip), "--model", str(run), "--out", str(file_csv),
+                                      "--batch-size", "1"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    live, from_file = _rows(live_csv), _rows(file_csv)
+    assert len(live) == len(from_file) == N_FRAMES
+    assert live == from_file
+    assert len({r["score"] for r in live}) > 5  # varying scores: the comparison could fail
+    # events: maximal runs of anomalous rows, with times and the peak
+    flags = [int(r["anomalous"]) for r in live]
+    runs, start = [], None
+    for i, flag in enumerate([*flags, 0], start=1):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            runs.append((start, i - 1))
+            start = None
+    written = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [(e["start_frame"], e["end_frame"]) for e in written] == runs and runs
+    for e in written:
+        scores = [float(r["score"]) for r in live[e["start_frame"] - 1 : e["end_frame"]]]
+        assert e["peak_score"] == pytest.approx(max(scores), abs=1e-6)
+        assert e["start_time"] == pytest.approx(float(live[e["start_frame"] - 1]["time"]), abs=1e-3)
+        assert e["clip"] == "stdin" and e["threshold"] == pytest.approx(compute_thresholds(run)["thresholds"]["all"])
+
+
+def test_ctrl_c_finishes_the_rows_it_read_and_exits_130(run, ts_clip, tmp_path):
+    live_csv = tmp_path / "live.csv"
+    feeder, predict = _start(ts_clip, tmp_path, 0.3, "--model", str(run), "--out", str(live_csv))
+    try:
+        before = len(_wait_rows(live_csv, 5))
+        predict.send_signal(signal.SIGINT)
+    finally:
+        (tmp_path / "go").touch()  # more data arrives: PyAV returns to Python, which sees the interrupt
+    out, err = predict.communicate(timeout=60)
+    feeder.wait(timeout=30)
+    assert predict.returncode == 130, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("interrupted: stdin:"), err
+    rows = _rows(live_csv)
+    assert before + WINDOW - 1 <= len(rows) < N_FRAMES  # the frames waiting for their windows were scored too
+    assert [int(r["frame"]) for r in rows] == list(range(1, len(rows) + 1))
+    assert (tmp_path / "live.png").is_file()
+
+
+def test_a_stream_that_cannot_be_opened_is_retried_then_one_line(run, tmp_path):
+    result = CliRunner().invoke(
+        cli, ["predict", "tcp://127.0.0.1:9", "--model", str(run), "--out", str(tmp_path / "s.csv"), "--reconnect", "1"]
+    )
+    assert result.exit_code == 2
+    assert "reconnecting (1/1)" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: tcp://127.0.0.1:9: cannot open") and "after 1 reconnect tries" in last
+
+
+def test_the_threshold_is_chosen_on_training_folds_only(run, tmp_path):
+    scores = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.9])
+    labels = np.array([0, 0, 1, 0, 1, 1])
+    assert best_threshold(scores, labels) == 0.3  # a tie with 0.7 (balanced accuracy 0.833 both): the lowest
+    assert best_threshold(np.array([0.1, 0.4, 0.35, 0.8, 0.9]), np.array([0, 0, 1, 1, 1])) == 0.8
+    assert best_threshold(scores, np.zeros(6)) is None
+    # fold k's threshold ignores fold k's own rows: changing them changes the others' thresholds, not fold k's
+    rng = np.random.default_rng(1)
+    labels = np.arange(60) % 2
+    folds = np.arange(60) % 3
+    scores = rng.random(60) * 0.7 + 0.3 * labels
+    changed = np.where(folds == 1, rng.random(60), scores)
+    found = []
+    for values in (np.round(scores, 6), np.round(changed, 6)):
+        folder = tmp_path / f"run{len(found)}"
+        folder.mkdir()
+        rows = [f"k{i},c,{i},{labels[i]},{values[i]:.6f},{folds[i]}" for i in range(60)]
+        (folder / "oof_scores.csv").write_text("key,clip,start,label,score,fold\n" + "\n".join(rows) + "\n")
+        found.append(thresholds := compute_thresholds(folder)["thresholds"])
+        assert thresholds["all"] == best_threshold(values, labels)
+        for k in range(3):
+            assert thresholds[f"fold_{k:02d}"] == best_threshold(values[folds != k], labels[folds != k])
+    assert found[0]["fold_01"] == found[1]["fold_01"] and found[0]["all"] != found[1]["all"]
+    # recorded in the run, and redone when the out-of-fold scores change (a re-run transfer)
+    folder = tmp_path / "run0"
+    value, how = run_threshold(folder)
+    assert value == found[0]["all"] and "balanced accuracy" in how
+    assert (folder / "threshold.json").is_file()
+    shutil.copy(tmp_path / "run1" / "oof_scores.csv", folder / "oof_scores.csv")
+    assert run_threshold(folder, fold=0)[0] == found[1]["fold_00"]
+    assert run_threshold(tmp_path, None)[0] == 0.5  # no out-of-fold scores: the default, said so
+    assert "default 0.5" in run_threshold(tmp_path, None)[1]
+
+
+def test_ground_truth_comes_from_labels_or_the_ucsd_gt_file(tiny_data, tmp_path):
+    clip = tiny_data / "Test" / "Test002"
+    assert ground_truth(str(clip), None) == [(1, 6), (15, 22)]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("clip,start,end\nTest002,3,4\nother,1,2\n")
+    assert ground_truth(str(clip), str(labels)) == [(3, 4)]
+    assert ground_truth(str(tiny_data / "Train" / "Train001"), None) == []
+
+
+def test_the_plot_shades_the_ground_truth_when_the_clip_has_it(run, tiny_data, tmp_path):
+    from PIL import Image
+
+    clip = tiny_data / "Test" / "Test002"  # gt [1:6, 15:22] in the dataset's .m file
+    empty = tmp_path / "labels.csv"
+    empty.write_text("clip,start,end\nother,1,2\n")  # labels without rows for this clip: nothing to shade
+    images = {}
+    for name, extra in (("gt", []), ("none", ["--labels", str(empty)])):
+        out = tmp_path / f"{name}.csv"
+        result = CliRunner().invoke(cli, ["predict", str(clip), "--model", str(run), "--out", str(out), *extra])
+        assert result.exit_code == 0, result.output
+        images[name] = np.asarray(Image.open(out.with_suffix(".png")).convert("RGB")).astype(int)
+
+    def light_blue(img: np.ndarray) -> int:  # the ground truth's span
+        r, b = img[..., 0], img[..., 2]
+        return int(((b > r + 20) & (b > 200) & (r > 150)).sum())
+
+    assert light_blue(images["gt"]) > 5000 and light_blue(images["none"]) == 0
+
+
+@pytest.fixture
+def breaking_server(ts_clip):
+    """An HTTP server whose first response breaks off halfway through the clip; later ones send it whole."""
+    import http.server
+    import threading
+
+    data, requests = ts_clip.read_bytes(), []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data if len(requests) > 1 else data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/clip.ts", requests
+    server.shutdown()
+
+
+def test_a_broken_stream_is_reopened_and_numbering_continues(run, breaking_server, tmp_path):
+    url, requests = breaking_server
+    out = tmp_path / "s.csv"
+    result = CliRunner().invoke(cli, ["predict", url, "--model", str(run), "--out", str(out), "--reconnect", "1"])
+    assert result.exit_code == 0, result.output
+    assert "stream broke" in result.stderr and "reconnecting (1/1)" in result.stderr
+    rows = _rows(out)
+    assert len(requests) == 2 and N_FRAMES < len(rows) < 2 * N_FRAMES  # part of the first try, then all of it
+    assert [int(r["frame"]) for r in rows] == list(range(1, len(rows) + 1))
+
+
+def test_a_broken_stream_without_reconnects_keeps_its_rows_and_stops_with_one_line(run, breaking_server, tmp_path):
+    url, requests = breaking_server
+    out = tmp_path / "s.csv"
+    result = CliRunner().invoke(cli, ["predict", url, "--model", str(run), "--out", str(out)])
+    assert result.exit_code == 2 and len(requests) == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {url}: stream broke (Input/output error) (after 0 reconnect tries)"
+    ]
+    rows = _rows(out)
+    assert WINDOW <= len(rows) < N_FRAMES and (tmp_path / "s.png").is_file()  # the frames read were all scored
