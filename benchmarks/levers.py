@@ -35,8 +35,21 @@ from ddp_vad.eval.metrics import (
 RESULTS = Path(__file__).parent / "results" / "levers.md"
 GAN = "{gan}"  # placeholder for --from: the --gan run
 # name -> extra transfer flags; "--from scratch --train all" unless a config says otherwise
+FAST = ["--preset", "fast"]  # frames pooled 3x, kernels 5,3,3; its lever defaults: diff in, top-4 out
 LEVERS: dict[str, list[str]] = {
     "method": [],
+    "fast": FAST,
+    "fast-frames-flatten": [*FAST, "--input-mode", "frames", "--pooling", "flatten"],
+    "fast-diff-flatten": [*FAST, "--pooling", "flatten"],
+    "fast-frames-topk": [*FAST, "--input-mode", "frames"],
+    "fast-both": [*FAST, "--input-mode", "both"],
+    "fast-max": [*FAST, "--pooling", "max"],
+    "fast-cw": [*FAST, "--class-weight", "balanced"],
+    "fast-flip": [*FAST, "--augment", "flip"],
+    "fast-aug": [*FAST, "--augment", "flip,shift,jitter"],
+    "fast-val": [*FAST, "--val-clips", "2"],
+    "fast-wd": [*FAST, "--weight-decay", "0.01"],
+    "fast-do2": [*FAST, "--dropout", "0.2"],
     "diff": ["--input-mode", "diff"],
     "both": ["--input-mode", "both"],
     "topk": ["--pooling", "topk"],
@@ -98,7 +111,7 @@ def run_config(name: str, flags: list[str], args: argparse.Namespace) -> float:
     cmd = [sys.executable, "-m", "ddp_vad", "transfer", "--shards", args.shards, "--out", str(out),
            "--epochs", str(args.epochs), "--resume", "none", "--no-progress", *args.extra]  # fmt: skip
     if "--from" not in flags:
-        cmd += ["--from", "scratch", "--preset", args.preset]
+        cmd += ["--from", "scratch"] + ([] if "--preset" in flags else ["--preset", args.preset])
     if "--train" not in flags:
         cmd += ["--train", "all"]
     t0 = time.perf_counter()

@@ -129,3 +129,43 @@ def test_augment_needs_train_all_and_gan_architecture_is_not_overridden(tiny_sha
         _cfg(tiny_shards, tmp_path / "x", train="head", augment="flip")
     plain = run_transfer(_cfg(tiny_shards, tmp_path / "plain", epochs=1))
     assert json.loads((plain / "config.json").read_text())["model"]["input_mode"] == "frames"  # default: the method
+
+
+def test_gan_carries_its_levers_into_transfer(tiny_shards, tmp_path):
+    from ddp_vad.models import load_discriminator
+    from ddp_vad.train.pretrain import PretrainConfig, run_pretrain
+
+    gan = run_pretrain(PretrainConfig(
+        shards=str(tiny_shards), out=str(tmp_path / "gan"), preset="tiny", steps=3, batch_size=4, similarity_every=0,
+        image_every=0, checkpoint_every=0, workers=0, progress=False, protocol="window", input_mode="both",
+        pooling="topk", topk=2,
+    ))  # fmt: skip
+    disc, cfg = load_discriminator(gan)
+    assert (cfg.input_mode, cfg.pooling, cfg.topk) == ("both", "topk", 2)
+    for train in ("head", "head+lstm"):
+        run = run_transfer(
+            TransferConfig(
+                shards=str(tiny_shards),
+                out=str(tmp_path / train),
+                source=str(gan),
+                train=train,
+                epochs=1,
+                batch_size=8,
+                progress=False,
+                protocol="window",
+            )
+        )
+        model = json.loads((run / "config.json").read_text())["model"]
+        assert (model["input_mode"], model["pooling"]) == ("both", "topk")
+    with pytest.raises(UserError, match="brings its own architecture"):
+        run_transfer(
+            TransferConfig(
+                shards=str(tiny_shards),
+                out=str(tmp_path / "x"),
+                source=str(gan),
+                input_mode="frames",
+                epochs=1,
+                progress=False,
+                protocol="window",
+            )
+        )

@@ -33,6 +33,8 @@ from ddp_vad.errors import NonFiniteLossError, UserError, error_message
 from ddp_vad.models import (
     DISCRIMINATOR_FILE,
     GENERATOR_FILE,
+    INPUT_MODES,
+    POOLINGS,
     ModelConfig,
     build_generator,
     build_lrcn,
@@ -107,6 +109,19 @@ class PretrainConfig:
     instance_noise: float = option(
         0.0, "Stabiliser: std of Gaussian noise on every window D sees, annealed linearly to 0 (0 = the method's GAN)."
     )
+
+    # Levers of the discriminator's architecture (docs/models.md); the generator and the windows stay as they are.
+    input_mode: str | None = option(
+        None,
+        "Discriminator input: frames (the method), diff (|x_t - x_t-1|) or both (default: the preset's).",
+        choices=INPUT_MODES,
+    )
+    pooling: str | None = option(
+        None,
+        "Discriminator: flatten (the method), max or topk pooling of each frame's conv map (default: preset's).",
+        choices=POOLINGS,
+    )
+    topk: int | None = option(None, "--pooling topk: positions averaged per channel (default: the preset's).")
 
     def __post_init__(self) -> None:
         if self.preset not in PRESET_NAMES:
@@ -286,7 +301,7 @@ def _train(cfg: PretrainConfig, accelerator, manifest: dict) -> Path:
     ckpt_dir = run_dir / "checkpoints"
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     group = object_group(world)
-    model_cfg = model_config_for(cfg.preset, manifest)
+    model_cfg = model_config_for(cfg.preset, manifest, input_mode=cfg.input_mode, pooling=cfg.pooling, topk=cfg.topk)
     check_shard_count(len(manifest["shards"]), world, cfg.workers, is_main)
     # Decided by the main process for all: nodes without a shared filesystem would each see their own checkpoints.
     resume_from = decide_on_main(lambda: resolve_resume(cfg.resume, ckpt_dir), is_main, group, world)
