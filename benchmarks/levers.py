@@ -50,6 +50,7 @@ LEVERS: dict[str, list[str]] = {
     "fast-val": [*FAST, "--val-clips", "2"],
     "fast-wd": [*FAST, "--weight-decay", "0.01"],
     "fast-do2": [*FAST, "--dropout", "0.2"],
+    "fast-scratch-head": [*FAST, "--train", "head"],  # random-init control of the GAN's linear probe
     "diff": ["--input-mode", "diff"],
     "both": ["--input-mode", "both"],
     "topk": ["--pooling", "topk"],
