@@ -169,3 +169,24 @@ def test_gan_carries_its_levers_into_transfer(tiny_shards, tmp_path):
                 protocol="window",
             )
         )
+
+
+def test_feature_matching_adds_a_positive_term_to_the_generator_loss():
+    from ddp_vad.models import build_generator, build_lrcn, model_config_for
+    from ddp_vad.train.distributed import make_accelerator, seed_everything
+    from ddp_vad.train.gan import gan_step
+
+    cfg = model_config_for("tiny", {"window": 10, "height": 24, "width": 36}, input_mode="diff", pooling="topk")
+    losses = []
+    for weight in (0.0, 1.0):
+        acc = make_accelerator("no")
+        seed_everything(0)
+        gen, disc = build_generator(cfg), build_lrcn(cfg)
+        opts = [torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.5, 0.999)) for m in (gen, disc)]
+        gen, disc, opt_g, opt_d = acc.prepare(gen, disc, *opts)
+        real = torch.rand(4, 10, 1, 24, 36, generator=torch.Generator().manual_seed(0))
+        stats = gan_step(acc, gen, disc, opt_g, opt_d, real, cfg.z_dim, feature_matching=weight)
+        assert torch.isfinite(stats).all()
+        losses.append(stats)
+    assert torch.equal(losses[0][0], losses[1][0])  # the D step is the same
+    assert losses[1][1] > losses[0][1]  # G's loss gains the (positive) feature-matching term

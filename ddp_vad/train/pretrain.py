@@ -122,6 +122,11 @@ class PretrainConfig:
         choices=POOLINGS,
     )
     topk: int | None = option(None, "--pooling topk: positions averaged per channel (default: the preset's).")
+    feature_matching: float = option(
+        0.0,
+        "Add this weight x feature-matching loss (D's features, real vs generated batch means) to G's loss; "
+        "0 = the method's GAN.",
+    )
 
     def __post_init__(self) -> None:
         if self.preset not in PRESET_NAMES:
@@ -146,6 +151,8 @@ class PretrainConfig:
             raise UserError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.protocol not in PROTOCOLS:
             raise UserError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        if not self.feature_matching >= 0.0:
+            raise UserError(f"--feature-matching must be >= 0, got {self.feature_matching}")
         if not self.instance_noise >= 0.0:
             raise UserError(f"--instance-noise must be >= 0, got {self.instance_noise}")
 
@@ -234,6 +241,7 @@ def _train_state(accelerator, batches, model_cfg: ModelConfig, cfg: PretrainConf
 def hparams_of(cfg: PretrainConfig) -> dict:
     """The hyperparameters a pretrain run is compared by in TensorBoard's HParams dashboard."""
     keys = ("preset", "steps", "batch_size", "lr", "lr_d", "beta1", "seed", "label_smoothing", "instance_noise",
+            "feature_matching", "input_mode", "pooling", "topk",
             "mixed_precision", "shards")  # fmt: skip
     return {k: getattr(cfg, k) for k in keys}
 
@@ -362,7 +370,7 @@ def _loop(cfg, accelerator, gan: _Gan, batches, monitor, model_cfg, start_step, 
         real = frames_to_float(batch["frames"].to(accelerator.device, non_blocking=True))
         noise = cfg.instance_noise * (1.0 - step / cfg.steps)  # annealed linearly to 0
         stats.append(gan_step(accelerator, gan.gen, gan.disc, gan.opt_g, gan.opt_d, real, model_cfg.z_dim,
-                              cfg.label_smoothing, noise))  # fmt: skip
+                              cfg.label_smoothing, noise, cfg.feature_matching))  # fmt: skip
         if accelerator.scaler is not None:
             skipped["d"] += int(gan.opt_d.step_was_skipped)
             skipped["g"] += int(gan.opt_g.step_was_skipped)
