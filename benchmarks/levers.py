@@ -3,12 +3,13 @@
     python benchmarks/levers.py --shards /tmp/l17/shards --work /tmp/l17/runs --epochs 4 \\
         --configs method,diff-topk --reference method [--gan GANRUN] [--label "Ped1 sample"]
 
-Each config is a list of extra ``transfer`` flags (``LEVERS``); every run uses ``--preset demo`` (a GAN run brings
-its own), the same seed and the shards' clip-grouped leak-free folds, so rows differ only by their levers. A row
-appended to ``benchmarks/results/levers.md``: frame AUROC (a frame's score is the max over the scored windows
-covering it, every frame of the labelled clips), window AUROC, balanced accuracy at the classifier's own decision
-(argmax, i.e. P(anomalous) > 0.5), wall seconds of the transfer run, and the paired difference with the
-``--reference`` run: frame AUROC per test clip, mean difference over the clips and how many clips improved.
+Each config is a list of extra ``transfer`` flags (``LEVERS``); runs use ``--preset demo`` unless the config names
+another (a GAN run brings its own), the same seed and the shards' clip-grouped leak-free folds, so rows differ only
+by their levers. A row appended to ``benchmarks/results/levers.md``: frame AUROC (a frame's score is the max over
+the scored windows covering it, every frame of the labelled clips), window AUROC, balanced accuracy at the
+classifier's own decision (argmax, i.e. P(anomalous) > 0.5), the transfer run's own wall seconds (``metrics.json``;
+the CPU is shared with other jobs, so read them as rough), and the paired difference with the ``--reference`` run:
+frame AUROC per test clip, mean difference over the clips and how many clips improved.
 Nothing is chosen on a test fold here: the table only reports.
 """
 
@@ -102,7 +103,7 @@ def measure(run: Path, labels: dict) -> dict:
 
 
 def run_config(name: str, flags: list[str], args: argparse.Namespace) -> float:
-    """Run one transfer (fresh folder); returns wall seconds."""
+    """Run one transfer (fresh folder); returns wall seconds of the process."""
     out = Path(args.work) / name
     if out.exists():
         raise SystemExit(f"{out} exists: remove it or use another --work")
@@ -149,8 +150,11 @@ def main() -> None:
     for name in args.configs.split(","):
         if name not in LEVERS:
             raise SystemExit(f"unknown config {name}")
-        seconds = float("nan") if args.measure_only else run_config(name, LEVERS[name], args)
+        if not args.measure_only:
+            run_config(name, LEVERS[name], args)
         m = measure(Path(args.work) / name, labels)
+        # transfer's own wall time (windows loaded, every fold trained and scored), so re-measuring keeps it
+        seconds = float(json.loads((Path(args.work) / name / "metrics.json").read_text())["seconds"])
         paired = "-"
         ref = Path(args.work) / args.reference
         if name != args.reference and (ref / "oof_scores.csv").is_file():
