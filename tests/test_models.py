@@ -88,7 +88,8 @@ def test_paper_generator_layer_shapes_match_the_tables():
 
 
 @pytest.mark.parametrize(
-    "preset,frames", [("demo", PED1), ("tiny", TINY), ("demo", {**PED1, "height": 121, "width": 181})]
+    "preset,frames",
+    [("demo", PED1), ("tiny", TINY), ("demo", {**PED1, "height": 121, "width": 181}), ("fast", PED1)],
 )
 def test_presets_round_trip_windows_of_the_manifest_size(preset, frames):
     cfg = model_config_for(preset, frames)
@@ -256,3 +257,11 @@ def test_levers_are_stored_with_the_weights(tmp_path):
 def test_bad_lever_values_are_user_errors(field, value):
     with pytest.raises(UserError, match=field):
         model_config_for("tiny", TINY, **{field: value})
+
+
+def test_fast_preset_matches_its_table_row():
+    cfg = model_config_for("fast", PED1)
+    lrcn = build_lrcn(cfg)
+    assert (cfg.input_mode, cfg.pooling, cfg.topk, cfg.feature_map()) == ("diff", "topk", 4, (3, 5))
+    counts = [count_parameters(m) for m in (build_generator(cfg), lrcn, lrcn.features.convs, lrcn.features.lstm)]
+    assert counts == [2_876_362, 80_418, 1_376, 70_656]  # docs/models.md, "Parameter counts"
