@@ -69,6 +69,9 @@ LEVERS: dict[str, list[str]] = {
     "scratch-head": ["--train", "head"],
     "gan-head": ["--from", GAN, "--train", "head"],
     "gan-all": ["--from", GAN, "--train", "all"],
+    "gan-head+lstm": ["--from", GAN, "--train", "head+lstm"],
+    "gan-fm-head": ["--from", GAN, "--train", "head"],  # the same, named for a GAN pretrained with --feature-matching
+    "gan-method-head": ["--from", GAN, "--train", "head"],  # named for the method's (demo) GAN
 }
 
 
