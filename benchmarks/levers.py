@@ -46,6 +46,7 @@ LEVERS: dict[str, list[str]] = {
     "fast-both": [*FAST, "--input-mode", "both"],
     "fast-max": [*FAST, "--pooling", "max"],
     "fast-cw": [*FAST, "--class-weight", "balanced"],
+    "fast-cw-val": [*FAST, "--class-weight", "balanced", "--val-clips", "2"],
     "fast-flip": [*FAST, "--augment", "flip"],
     "fast-aug": [*FAST, "--augment", "flip,shift,jitter"],
     "fast-val": [*FAST, "--val-clips", "2"],
