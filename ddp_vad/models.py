@@ -33,6 +33,8 @@ from ddp_vad.presets import PRESET_NAMES, PRESETS
 GENERATOR_FILE = "generator.safetensors"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
 _META_KEY = "ddp_vad_model_config"
+INPUT_MODES = ("frames", "diff", "both")
+POOLINGS = ("flatten", "max", "topk")
 
 
 @dataclass
@@ -58,6 +60,12 @@ class ModelConfig:
     # feeds [0, 1] frames (docs/models.md). Stored with the weights so every loader applies the same.
     input_mean: float = 0.5
     input_std: float = 0.25
+    # Levers against chance-level scores on unseen clips (docs/models.md, "Input modes and pooling"). The defaults
+    # are the method: raw frames in, conv maps flattened per frame into the LSTM.
+    input_mode: str = "frames"  # frames | diff (|x_t - x_{t-1}|, T-1 steps) | both (frame and diff as 2 channels)
+    diff_std: float = 0.05  # abs frame differences are divided by this (Ped1 sample: mean 0.009, std 0.03)
+    pooling: str = "flatten"  # flatten | max | topk: how a frame's last conv map becomes the LSTM's input
+    topk: int = 8  # pooling=topk: mean of the k largest positions per channel
 
     def __post_init__(self) -> None:
         self.gen_channels = tuple(int(c) for c in self.gen_channels)
@@ -77,6 +85,16 @@ class ModelConfig:
         ):
             if getattr(self, name) < 1:
                 raise UserError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.input_mode not in INPUT_MODES:
+            raise UserError(f"model config: input_mode must be one of {', '.join(INPUT_MODES)}: {self.input_mode!r}")
+        if self.pooling not in POOLINGS:
+            raise UserError(f"model config: pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.input_mode != "frames" and self.window < 2:
+            raise UserError(f"model config: input_mode {self.input_mode} needs windows of >= 2 frames")
+        if self.topk < 1:
+            raise UserError(f"model config: topk must be >= 1, got {self.topk}")
+        if not self.diff_std > 0:
+            raise UserError(f"model config: diff_std must be > 0, got {self.diff_std}")
         if not self.input_std > 0:
             raise UserError(f"model config: input_std must be > 0, got {self.input_std}")
         if not self.gen_channels or min(self.gen_channels) < 1:
@@ -114,9 +132,20 @@ class ModelConfig:
 
     @property
     def frame_features(self) -> int:
-        """Length of one frame's flattened conv features (the LSTM's input size)."""
+        """Length of one frame's conv features (the LSTM's input size): the flattened map, or one value per channel
+        when positions are pooled."""
         h, w = self.feature_map()
-        return self.conv_channels[-1] * h * w
+        return self.conv_channels[-1] * (h * w if self.pooling == "flatten" else 1)
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of one time step at the conv stack's input (2 when ``input_mode`` is ``both``)."""
+        return 2 if self.input_mode == "both" else 1
+
+    @property
+    def steps(self) -> int:
+        """Time steps the LSTM sees: T frames, or T - 1 when differences are taken."""
+        return self.window if self.input_mode == "frames" else self.window - 1
 
     def to_dict(self) -> dict:
         """JSON-ready dict (tuples become lists)."""
@@ -132,16 +161,18 @@ class ModelConfig:
         return cls(**data)
 
 
-def model_config_for(preset: str, manifest: dict) -> ModelConfig:
-    """The ``preset`` architecture sized for the shards described by ``manifest`` (window, height, width)."""
+def model_config_for(preset: str, manifest: dict, **overrides) -> ModelConfig:
+    """The ``preset`` architecture sized for the shards described by ``manifest`` (window, height, width); keyword
+    ``overrides`` (None values ignored) replace preset fields, e.g. ``input_mode="diff"`` from the command line."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r} (expected one of {', '.join(PRESET_NAMES)})")
+    fields = {**PRESETS[preset].model, **{k: v for k, v in overrides.items() if v is not None}}
     return ModelConfig(
         preset=preset,
         window=int(manifest["window"]),
         height=int(manifest["height"]),
         width=int(manifest["width"]),
-        **PRESETS[preset].model,
+        **fields,
     )
 
 
@@ -189,7 +220,7 @@ class FeatureExtractor(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         layers: list[nn.Module] = [nn.AvgPool2d(cfg.input_pool)] if cfg.input_pool > 1 else []
-        prev = 1
+        prev = cfg.in_channels
         for c, k in zip(cfg.conv_channels, cfg.conv_kernels, strict=True):
             layers += [nn.Conv2d(prev, c, k), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
             prev = c
@@ -198,21 +229,47 @@ class FeatureExtractor(nn.Module):
         self.lstm = nn.LSTM(cfg.frame_features, cfg.lstm_hidden, batch_first=True)
         self.out_features = cfg.lstm_hidden
         self.input_mean, self.input_std = cfg.input_mean, cfg.input_std
+        self.input_mode, self.diff_std = cfg.input_mode, cfg.diff_std
+        self.pooling, self.topk = cfg.pooling, cfg.topk
 
-    def frame_features(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, 1, H, W] -> per-frame flattened conv features [B, T, F]."""
-        b, t = x.shape[:2]
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The fixed (parameter-free) input stem: [B, T, 1, H, W] in [0, 1] -> [B, T', C, H, W] for the convs.
+
+        ``frames``: centred frames (T' = T). ``diff``: ``|x_t - x_{t-1}| / diff_std`` (T' = T - 1): the motion the
+        conv stack never sees when it looks at one frame at a time. ``both``: frame t and that difference as two
+        channels (T' = T - 1). Differences are taken at full resolution, before ``input_pool``, so pooling
+        averages local motion energy instead of blurring the frames first.
+        """
         # Centre and scale [0, 1] frames (no parameters): on raw [0, 1] input an LRCN trained from scratch stays
         # at chance (loss 0.693 for epochs on the demo data); centred input trains.
-        x = (x - self.input_mean) / self.input_std
+        if self.input_mode == "frames":
+            return (x - self.input_mean) / self.input_std
+        diff = (x[:, 1:] - x[:, :-1]).abs() / self.diff_std
+        if self.input_mode == "diff":
+            return diff
+        return torch.cat([(x[:, 1:] - self.input_mean) / self.input_std, diff], dim=2)
+
+    def frame_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, 1, H, W] -> per-step conv features [B, T', F] (flattened maps, or pooled per channel)."""
+        x = self.stem(x)
+        b, t = x.shape[:2]
         y = self.convs(x.reshape(b * t, *x.shape[2:]))
+        if self.pooling == "max":  # local evidence: the strongest position per channel, wherever it is
+            y = y.amax(dim=(2, 3))
+        elif self.pooling == "topk":  # the mean of the k strongest positions: as local, less noisy than one max
+            flat = y.flatten(2)
+            y = flat.topk(min(self.topk, flat.shape[2]), dim=2).values.mean(dim=2)
         return y.reshape(b, t, -1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.dropout(self.frame_features(x))
+    def temporal(self, y: torch.Tensor) -> torch.Tensor:
+        """Per-step conv features [B, T', F] -> dropout -> LSTM (fp32, autocast off) -> last step [B, hidden]."""
+        y = self.dropout(y)
         with torch.autocast(device_type=y.device.type, enabled=False):
             out, _ = self.lstm(y.float())
         return out[:, -1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.temporal(self.frame_features(x))
 
 
 class Head(nn.Module):

@@ -45,6 +45,21 @@ PRESETS: dict[str, Preset] = {
             similarity_every=50, checkpoint_every=100,
         ),
     ),
+    "fast": Preset(
+        # demo's generator and run sizes with a cheaper LRCN that sees motion and keeps local evidence
+        # (docs/models.md, "Levers"): frames pooled 3x (40 x 60), smaller kernels, |x_t - x_t-1| in, top-4 positions
+        # per channel out. About 6x cheaper per window than demo's LRCN on a CPU.
+        model=dict(
+            z_dim=64, gen_channels=(32, 16, 8), gen_upsample=4, gen_conv_div=2, input_pool=3,
+            conv_channels=(8, 8, 8), conv_kernels=(5, 3, 3), lstm_hidden=128, dense=64,
+            input_mode="diff", pooling="topk", topk=4,
+        ),
+        run=dict(
+            train_clips=4, test_clips=10, frames=80, synth_height=158, synth_width=238, height=120, width=182,
+            shard_size=200, folds=5, steps=300, batch_size=16, epochs=8,
+            similarity_every=50, checkpoint_every=100,
+        ),
+    ),
     "tiny": Preset(
         model=dict(
             z_dim=16, gen_channels=(8, 8, 4), gen_upsample=2,

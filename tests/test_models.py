@@ -88,7 +88,8 @@ def test_paper_generator_layer_shapes_match_the_tables():
 
 
 @pytest.mark.parametrize(
-    "preset,frames", [("demo", PED1), ("tiny", TINY), ("demo", {**PED1, "height": 121, "width": 181})]
+    "preset,frames",
+    [("demo", PED1), ("tiny", TINY), ("demo", {**PED1, "height": 121, "width": 181}), ("fast", PED1)],
 )
 def test_presets_round_trip_windows_of_the_manifest_size(preset, frames):
     cfg = model_config_for(preset, frames)
@@ -193,3 +194,74 @@ def test_input_normalisation_is_part_of_the_saved_config(tmp_path):
     torch.testing.assert_close(lrcn.features(x), expected)
     with pytest.raises(UserError, match="input_std"):
         ModelConfig.from_dict({**cfg.to_dict(), "input_std": 0.0})
+
+
+# ------------------------------------------------------------------------------------------- levers
+LEVERS = [("frames", "flatten"), ("diff", "flatten"), ("both", "topk"), ("diff", "max"), ("frames", "topk")]
+
+
+@pytest.mark.parametrize("input_mode,pooling", LEVERS)
+def test_input_modes_and_poolings_shape_the_lstm_input(input_mode, pooling):
+    cfg = model_config_for("tiny", TINY, input_mode=input_mode, pooling=pooling, topk=2)
+    model = build_lrcn(cfg).eval()
+    x = torch.rand(3, 10, 1, 24, 36)
+    with torch.no_grad():
+        y = model.features.frame_features(x)
+        # The cached head+lstm path (classifier.lstm_from_frame_features) is the full forward pass.
+        from ddp_vad.train.classifier import lstm_from_frame_features
+
+        torch.testing.assert_close(model.head(lstm_from_frame_features(model.features, y)), model(x))
+    assert y.shape == (3, cfg.steps, cfg.frame_features)
+    assert cfg.steps == (10 if input_mode == "frames" else 9)
+    assert model.features.convs[0].in_channels == (2 if input_mode == "both" else 1)
+    assert cfg.frame_features == 4 * (2 if pooling == "flatten" else 1)  # tiny: 4 channels x 1 x 2 positions
+
+
+def test_diff_stem_sees_motion_only():
+    """A static window gives the same scores whatever its brightness; a moving blob changes them."""
+    model = build_lrcn(model_config_for("tiny", TINY, input_mode="diff", pooling="topk")).eval()
+    dark, bright = torch.full((1, 10, 1, 24, 36), 0.1), torch.full((1, 10, 1, 24, 36), 0.9)
+    moving = dark.clone()
+    for t in range(10):
+        moving[0, t, 0, 8:14, 2 + 3 * t : 8 + 3 * t] = 1.0
+    with torch.no_grad():
+        assert torch.equal(model(dark), model(bright))
+        assert not torch.allclose(model(dark), model(moving))
+    frames = build_lrcn(model_config_for("tiny", TINY)).eval()
+    with torch.no_grad():
+        assert not torch.allclose(frames(dark), frames(bright))  # the method's frame input does see brightness
+
+
+def test_topk_of_one_is_max_pooling():
+    torch.manual_seed(0)
+    topk = build_lrcn(model_config_for("tiny", TINY, pooling="topk", topk=1)).eval()
+    peak = build_lrcn(model_config_for("tiny", TINY, pooling="max")).eval()
+    peak.load_state_dict(topk.state_dict())
+    x = torch.rand(2, 10, 1, 24, 36)
+    with torch.no_grad():
+        torch.testing.assert_close(topk(x), peak(x))
+
+
+def test_levers_are_stored_with_the_weights(tmp_path):
+    cfg = model_config_for("tiny", TINY, input_mode="both", pooling="topk", topk=3, dropout=0.2)
+    save_model(build_lrcn(cfg), tmp_path / "d.safetensors", cfg)
+    again = load_model_config(tmp_path / "d.safetensors")
+    assert (again.input_mode, again.pooling, again.topk, again.dropout) == ("both", "topk", 3, 0.2)
+    model, _ = load_discriminator(tmp_path / "d.safetensors")
+    assert model.features.convs[0].in_channels == 2
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("input_mode", "pooling", "topk", "diff_std")}
+    assert ModelConfig.from_dict(old).input_mode == "frames"  # a file from before the levers loads as the method
+
+
+@pytest.mark.parametrize("field,value", [("input_mode", "flow"), ("pooling", "mean"), ("topk", 0), ("diff_std", 0.0)])
+def test_bad_lever_values_are_user_errors(field, value):
+    with pytest.raises(UserError, match=field):
+        model_config_for("tiny", TINY, **{field: value})
+
+
+def test_fast_preset_matches_its_table_row():
+    cfg = model_config_for("fast", PED1)
+    lrcn = build_lrcn(cfg)
+    assert (cfg.input_mode, cfg.pooling, cfg.topk, cfg.feature_map()) == ("diff", "topk", 4, (3, 5))
+    counts = [count_parameters(m) for m in (build_generator(cfg), lrcn, lrcn.features.convs, lrcn.features.lstm)]
+    assert counts == [2_876_362, 80_418, 1_376, 70_656]  # docs/models.md, "Parameter counts"

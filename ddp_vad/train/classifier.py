@@ -112,15 +112,13 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
 
 
 def lstm_from_frame_features(features: FeatureExtractor, y: torch.Tensor) -> torch.Tensor:
-    """``features.forward`` after the conv stack: dropout -> LSTM (fp32, autocast off) -> last step.
+    """``features.forward`` after the conv stack (and its spatial pooling): dropout -> LSTM (fp32, autocast off) ->
+    last step.
 
-    ``features(x) == lstm_from_frame_features(features, features.frame_features(x))`` (mirrors
-    ``FeatureExtractor.forward``; a test checks that they agree).
+    ``features(x) == lstm_from_frame_features(features, features.frame_features(x))``: both run
+    ``FeatureExtractor.temporal`` (a test checks that they agree for every input mode and pooling).
     """
-    y = features.dropout(y)
-    with torch.autocast(device_type=y.device.type, enabled=False):
-        out, _ = features.lstm(y.float())
-    return out[:, -1]
+    return features.temporal(y)
 
 
 def frozen_part(model: LRCN, train: str) -> Callable[[torch.Tensor], torch.Tensor] | None:

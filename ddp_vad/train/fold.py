@@ -25,6 +25,7 @@ from ddp_vad.data.reader import WindowSet, frames_to_float
 from ddp_vad.errors import NonFiniteLossError, UserError
 from ddp_vad.files import write_json_atomic
 from ddp_vad.models import LRCN, ModelConfig, save_model
+from ddp_vad.train.augment import augment_windows, epoch_generator, parse_augment
 from ddp_vad.train.checkpoint import list_fold_checkpoints, save_fold_checkpoint
 from ddp_vad.train.classifier import (
     CHUNK,
@@ -90,6 +91,43 @@ def _holdout_part(run: FoldRun, test_idx: np.ndarray, preds: np.ndarray, n_exclu
     }
 
 
+def inner_validation_split(
+    cv: CVWindows, train_idx: np.ndarray, n_clips: int, seed: int, fold: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, validation) windows of a fold's training windows: ``n_clips`` whole training clips, drawn by a
+    permutation seeded by ``(seed, fold)``, are held out for model selection (never the test fold). When the drawn
+    clips hold one class only, the last one is swapped for the next clip of the permutation that brings the other
+    class, so the validation AUROC is defined where it can be. ``n_clips`` 0 (or too few clips) -> (train_idx, [])."""
+    clips = np.asarray(cv.clips, dtype=object)[train_idx]
+    names = sorted(set(clips.tolist()))
+    if n_clips < 1 or len(names) <= n_clips:
+        return train_idx, np.zeros(0, np.int64)
+    order = [names[i] for i in np.random.default_rng([abs(int(seed)), int(fold), 0x5A1]).permutation(len(names))]
+    chosen = order[:n_clips]
+    classes = set(cv.labels[train_idx[np.isin(clips, chosen)]].tolist())
+    if len(classes) < 2:
+        for name in order[n_clips:]:
+            if set(cv.labels[train_idx[clips == name]].tolist()) - classes:
+                chosen = [*chosen[:-1], name]
+                break
+    val = np.isin(clips, chosen)
+    return train_idx[~val], train_idx[val]
+
+
+def class_weights(labels: np.ndarray, num_classes: int = 2) -> torch.Tensor:
+    """Balanced cross-entropy weights ``n / (num_classes * n_c)`` from training labels (an absent class gets 0)."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def _auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    """ROC AUC, or None when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(labels, scores)) if np.unique(labels).size == 2 else None
+
+
 def _restore(resume_state: dict, model, optimizer, scaler, device) -> tuple[int, list]:
     """Load a fold checkpoint into the live objects; returns (epochs done, history)."""
     model.load_state_dict(resume_state["model"])
@@ -136,17 +174,30 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler)
         optimizer.step()
 
 
-def _train_epoch(run: FoldRun, k: int, epoch: int, order: np.ndarray, model, forward, get_inputs, optimizer, scaler):
-    """One pass over the fold's training windows; returns the mean loss."""
+def _train_epoch(
+    run: FoldRun, k: int, epoch: int, order: np.ndarray, model, forward, get_inputs, optimizer, scaler,
+    weight: torch.Tensor | None = None,
+):  # fmt: skip
+    """One pass over the fold's training windows; returns the mean loss. ``weight``: cross-entropy class weights.
+
+    With ``--augment`` (``--train all`` only) each batch of frames is transformed with the epoch's own generator.
+    """
     device, autocast, batch = run.accelerator.device, run.accelerator.autocast, run.cfg.batch_size
     labels = torch.from_numpy(run.cv.labels)
+    augments = parse_augment(getattr(run.cfg, "augment", "none"))
+    gen = epoch_generator(run.cfg.seed, k, epoch) if augments else None
+    weight = None if weight is None else weight.to(device)
     train_mode(model, run.cfg.train)
     total = torch.zeros((), dtype=torch.float64, device=device)
     for lo in range(0, order.size, batch):
         b = order[lo : lo + batch]
+        inputs = get_inputs(b)
+        if gen is not None:
+            inputs = augment_windows(inputs, augments, gen)
         with autocast():
-            logits = forward(get_inputs(b))
-        loss = F.cross_entropy(logits.float(), labels[b].to(device))
+            logits = forward(inputs)
+        # Weighted mean over the batch (F.cross_entropy divides by the summed weights of the batch's labels).
+        loss = F.cross_entropy(logits.float(), labels[b].to(device), weight=weight)
         optimizer_step(loss, optimizer, scaler)
         total += loss.detach().double() * b.size
     epoch_loss = (total / order.size).item()
@@ -160,9 +211,12 @@ def _train_epoch(run: FoldRun, k: int, epoch: int, order: np.ndarray, model, for
     return epoch_loss
 
 
-def _checkpoint_state(run: FoldRun, k: int, epoch: int, model, optimizer, scaler, history: list) -> dict:
+def _checkpoint_state(
+    run: FoldRun, k: int, epoch: int, model, optimizer, scaler, history: list, best: dict | None = None
+) -> dict:
     device = run.accelerator.device
     return {
+        "best": best or {},
         "fold": k,
         "epoch": epoch,
         "fingerprint": json.dumps(run.fingerprint, sort_keys=True),
@@ -191,13 +245,20 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
         [f"training windows of fold {k} hold one class only"] if np.unique(run.cv.labels[train_idx]).size < 2 else []
     )
 
+    # Model selection (--val-clips): whole training clips held out; the test fold is never looked at.
+    fit_idx, val_idx = inner_validation_split(run.cv, train_idx, int(getattr(cfg, "val_clips", 0)), cfg.seed, k)
+    weight = class_weights(run.cv.labels[fit_idx]) if getattr(cfg, "class_weight", "none") == "balanced" else None
     model = build_classifier(run.model_cfg, cfg.train, fold_seed(cfg.seed, k), run.features_state).to(acc.device)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = float(getattr(cfg, "weight_decay", 0.0))
+    # AdamW only when asked: the default stays the method's plain Adam, bit for bit.
+    optimizer = torch.optim.AdamW(params, cfg.lr, weight_decay=decay) if decay else torch.optim.Adam(params, cfg.lr)
     scaler = torch.amp.GradScaler(acc.device.type) if run.scaler_needed else None
-    start_epoch, history = 0, []
+    start_epoch, history, best = 0, [], {}
     if resume_state is not None:
         start_epoch, history = _restore(resume_state, model, optimizer, scaler, acc.device)
-    get_inputs, norm = _input_fn(run, model, train_idx)
+        best = resume_state.get("best") or {}
+    get_inputs, norm = _input_fn(run, model, fit_idx)
     forward = trainable_forward(model, cfg.train)
 
     name = fold_name(k)
@@ -205,26 +266,42 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
     last = None
     try:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
-            order = train_idx[np.random.default_rng([abs(cfg.seed), k, epoch]).permutation(train_idx.size)]
-            loss = _train_epoch(run, k, epoch, order, model, forward, get_inputs, optimizer, scaler)
+            order = fit_idx[np.random.default_rng([abs(cfg.seed), k, epoch]).permutation(fit_idx.size)]
+            loss = _train_epoch(run, k, epoch, order, model, forward, get_inputs, optimizer, scaler, weight)
+            record: dict = {}
+            if val_idx.size:
+                val_scores = predict(model, forward, get_inputs, val_idx, acc.autocast)[0]
+                val_auroc = _auroc(run.cv.labels[val_idx], val_scores)
+                record = {"val_auroc": val_auroc}
+                writer.add_scalar("validation/auroc", math.nan if val_auroc is None else val_auroc, epoch)
+                # Strictly better only: ties keep the earlier epoch; an undefined AUROC never replaces one.
+                if not best or (val_auroc is not None and (best["auroc"] is None or val_auroc > best["auroc"])):
+                    best = {"epoch": epoch, "auroc": val_auroc,
+                            "model": {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}}  # fmt: skip
             last = predict(model, forward, get_inputs, test_idx, acc.autocast)
             test_acc = float((last[1] == run.cv.labels[test_idx]).mean()) if test_idx.size else float("nan")
             # Logged for watching only: nothing (epoch, threshold) is chosen on the test fold; the tag says so.
             writer.add_scalar("loss/train", loss, epoch)
             writer.add_scalar(TEST_CURVE_TAG, test_acc, epoch)
             writer.add_scalar("lr", optimizer.param_groups[0]["lr"], epoch)
-            history.append({"epoch": epoch, "loss": loss, "test_accuracy": test_acc})
-            state = _checkpoint_state(run, k, epoch, model, optimizer, scaler, history)
+            history.append({"epoch": epoch, "loss": loss, "test_accuracy": test_acc, **record})
+            state = _checkpoint_state(run, k, epoch, model, optimizer, scaler, history, best)
             save_fold_checkpoint(run.run_dir / "checkpoints" / name, epoch, state)
             if pbar is not None:
                 pbar.update(1)
                 pbar.set_postfix(fold=k, loss=f"{loss:.3f}", acc=f"{test_acc:.3f}")
     finally:
         writer.close()
-    if last is None:  # resumed from the final epoch's checkpoint
+    if best:  # keep the epoch chosen on the validation clips, not the last one
+        model.load_state_dict(best["model"])
+        last = None
+    if last is None:  # resumed from the final epoch's checkpoint, or the chosen epoch's weights
         last = predict(model, forward, get_inputs, test_idx, acc.autocast)
     scores, preds = last
-    row, oof = score_fold(run.cv, k, test_idx, scores, preds, n_train=int(train_idx.size))
+    extra = {"n_train": int(fit_idx.size)}
+    if best:
+        extra.update(n_validation=int(val_idx.size), chosen_epoch=int(best["epoch"]), validation_auroc=best["auroc"])
+    row, oof = score_fold(run.cv, k, test_idx, scores, preds, **extra)
     if "note" in row:
         notes.append(f"fold {k}: {row['note']}")
     result = {

@@ -21,6 +21,8 @@ from ddp_vad.warn import warn
 
 MODEL_FILE, RESULT_FILE = "model.safetensors", "result.json"
 FINGERPRINT_KEYS = ("train", "protocol", "epochs", "batch_size", "lr", "seed", "holdout_type", "labelled_fraction")
+# Training levers: in a fingerprint only when set, so runs made before they existed still resume.
+LEVER_DEFAULTS = {"augment": "none", "class_weight": "none", "val_clips": 0, "weight_decay": 0.0}
 
 
 def fold_name(fold: int) -> str:
@@ -37,6 +39,7 @@ def fingerprint(cfg: Any, manifest: dict, model_cfg: ModelConfig, mixed_precisio
         "source": source,
         "model": model_cfg.to_dict(),
         **{k: getattr(cfg, k) for k in FINGERPRINT_KEYS},
+        **{k: getattr(cfg, k, d) for k, d in LEVER_DEFAULTS.items() if getattr(cfg, k, d) != d},
         "standardize": bool(cfg.standardize and cfg.train == "head"),
         "mixed_precision": mixed_precision,
     }

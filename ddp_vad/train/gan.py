@@ -34,13 +34,17 @@ def gan_step(
     z_dim: int,
     label_smoothing: float = 0.0,
     instance_noise: float = 0.0,
+    feature_matching: float = 0.0,
 ) -> torch.Tensor:
     """One D step then one G step; returns detached ``STAT_NAMES``: the two losses, mean p(real) of real and of fake
     windows, and the gradient norms of D and G.
 
     The method's plain GAN is the default. Stabilisers (both off by default): ``label_smoothing`` s makes D's targets
     for real windows 1 - s (one-sided: fake targets stay 0); ``instance_noise`` is the std of Gaussian noise added to
-    every window D sees (real and fake, in the D and the G step).
+    every window D sees (real and fake, in the D and the G step). ``feature_matching`` w adds
+    ``w * ||mean f(real) - mean f(fake)||^2`` to the G loss, f = D's ``features`` (conv stack + LSTM, the part
+    transfer keeps): G is asked to match the statistics of the features the classifier will reuse, not only to fool
+    the head (Salimans et al. 2016).
     """
     b = real.shape[0]
     ones = torch.ones(b, device=real.device)
@@ -63,6 +67,11 @@ def gan_step(
     try:
         with accelerator.no_sync(disc):
             loss_g = F.binary_cross_entropy_with_logits(real_fake_logit(disc(noisy(fake))).float(), ones)
+            if feature_matching > 0:
+                feats = accelerator.unwrap_model(disc).features  # the same weights, outside DDP's forward
+                with torch.no_grad():
+                    target = feats(noisy(real)).float().mean(0)
+                loss_g = loss_g + feature_matching * (feats(noisy(fake)).float().mean(0) - target).pow(2).sum()
             opt_g.zero_grad(set_to_none=True)
             accelerator.backward(loss_g)
             grad_g = _grad_norm(gen, accelerator)

@@ -34,6 +34,8 @@ from ddp_vad.errors import NonFiniteLossError, UserError, error_message
 from ddp_vad.models import (
     DISCRIMINATOR_FILE,
     GENERATOR_FILE,
+    INPUT_MODES,
+    POOLINGS,
     ModelConfig,
     build_generator,
     build_lrcn,
@@ -109,6 +111,24 @@ class PretrainConfig:
         0.0, "Stabiliser: std of Gaussian noise on every window D sees, annealed linearly to 0 (0 = the method's GAN)."
     )
 
+    # Levers of the discriminator's architecture (docs/models.md); the generator and the windows stay as they are.
+    input_mode: str | None = option(
+        None,
+        "Discriminator input: frames (the method), diff (|x_t - x_t-1|) or both (default: the preset's).",
+        choices=INPUT_MODES,
+    )
+    pooling: str | None = option(
+        None,
+        "Discriminator: flatten (the method), max or topk pooling of each frame's conv map (default: preset's).",
+        choices=POOLINGS,
+    )
+    topk: int | None = option(None, "--pooling topk: positions averaged per channel (default: the preset's).")
+    feature_matching: float = option(
+        0.0,
+        "Add this weight x feature-matching loss (D's features, real vs generated batch means) to G's loss; "
+        "0 = the method's GAN.",
+    )
+
     def __post_init__(self) -> None:
         if self.preset not in PRESET_NAMES:
             raise UserError(f"--preset must be one of {', '.join(PRESET_NAMES)}, got {self.preset!r}")
@@ -132,6 +152,8 @@ class PretrainConfig:
             raise UserError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.protocol not in PROTOCOLS:
             raise UserError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        if not self.feature_matching >= 0.0:
+            raise UserError(f"--feature-matching must be >= 0, got {self.feature_matching}")
         if not self.instance_noise >= 0.0:
             raise UserError(f"--instance-noise must be >= 0, got {self.instance_noise}")
 
@@ -223,6 +245,7 @@ def _train_state(accelerator, batches, model_cfg: ModelConfig, cfg: PretrainConf
 def hparams_of(cfg: PretrainConfig) -> dict:
     """The hyperparameters a pretrain run is compared by in TensorBoard's HParams dashboard."""
     keys = ("preset", "steps", "batch_size", "lr", "lr_d", "beta1", "seed", "label_smoothing", "instance_noise",
+            "feature_matching", "input_mode", "pooling", "topk",
             "mixed_precision", "shards")  # fmt: skip
     return {k: getattr(cfg, k) for k in keys}
 
@@ -290,7 +313,7 @@ def _train(cfg: PretrainConfig, accelerator, manifest: dict) -> Path:
     ckpt_dir = run_dir / "checkpoints"
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     group = object_group(world)
-    model_cfg = model_config_for(cfg.preset, manifest)
+    model_cfg = model_config_for(cfg.preset, manifest, input_mode=cfg.input_mode, pooling=cfg.pooling, topk=cfg.topk)
     check_shard_count(len(manifest["shards"]), world, cfg.workers, is_main)
     # Decided by the main process for all: nodes without a shared filesystem would each see their own checkpoints.
     resume_from = decide_on_main(lambda: resolve_resume(cfg.resume, ckpt_dir), is_main, group, world)
@@ -351,7 +374,7 @@ def _loop(cfg, accelerator, gan: _Gan, batches, monitor, model_cfg, start_step, 
         real = frames_to_float(batch["frames"].to(accelerator.device, non_blocking=True))
         noise = cfg.instance_noise * (1.0 - step / cfg.steps)  # annealed linearly to 0
         stats.append(gan_step(accelerator, gan.gen, gan.disc, gan.opt_g, gan.opt_d, real, model_cfg.z_dim,
-                              cfg.label_smoothing, noise))  # fmt: skip
+                              cfg.label_smoothing, noise, cfg.feature_matching))  # fmt: skip
         if accelerator.scaler is not None:
             skipped["d"] += int(gan.opt_d.step_was_skipped)
             skipped["g"] += int(gan.opt_g.step_was_skipped)

@@ -27,6 +27,7 @@ reports how the held-out windows were classified (``"holdout"``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -42,9 +43,10 @@ from ddp_vad.data.reader import WindowSet, load_window_set
 from ddp_vad.data.shards import fold_count, load_manifest
 from ddp_vad.errors import UserError
 from ddp_vad.files import read_json_object
-from ddp_vad.models import ModelConfig, build_lrcn, model_config_for
+from ddp_vad.models import INPUT_MODES, POOLINGS, ModelConfig, build_lrcn, model_config_for
 from ddp_vad.options import option
 from ddp_vad.presets import PRESET_NAMES
+from ddp_vad.train.augment import parse_augment
 from ddp_vad.train.classifier import (
     RANDOM,
     SCRATCH,
@@ -133,6 +135,36 @@ class TransferConfig:
         1.0, "Train each fold on this stratified, seeded share of its labelled windows (nested across fractions)."
     )
     progress: bool = option(True, "Progress bar on the main process.", negatable=True)
+    # Levers (docs/models.md): model options override the preset's for --from scratch (a GAN run brings its own
+    # architecture); training options apply to either source.
+    input_mode: str | None = option(
+        None,
+        "LRCN input: frames (the method), diff (|x_t - x_t-1|) or both (default: the preset's).",
+        choices=INPUT_MODES,
+    )
+    pooling: str | None = option(
+        None,
+        "How a frame's conv map enters the LSTM: flatten (the method), max or topk (default: the preset's).",
+        choices=POOLINGS,
+    )
+    topk: int | None = option(None, "--pooling topk: positions averaged per channel (default: the preset's).")
+    dropout: float | None = option(None, "Dropout of the LRCN before its LSTM and head (default: the preset's, 0.5).")
+    augment: str = option(
+        "none",
+        "Comma list of flip, shift, jitter applied to training windows (seeded per seed, fold, epoch); "
+        "--train all only (head and head+lstm train on a cached output of the plain windows).",
+    )
+    class_weight: str = option(
+        "none",
+        "Cross-entropy class weights: none, or balanced (n / (2 n_class) from the fold's training labels).",
+        choices=("none", "balanced"),
+    )
+    val_clips: int = option(
+        0,
+        "Hold out this many training clips per fold (seeded) and keep the epoch with the best validation AUROC "
+        "(0 = train on every training clip, keep the last epoch). Never the test fold.",
+    )
+    weight_decay: float = option(0.0, "Decoupled weight decay (AdamW); 0 = the method's plain Adam.")
 
     def __post_init__(self) -> None:
         if not (Path(self.shards) / "manifest.json").is_file():
@@ -168,6 +200,20 @@ class TransferConfig:
         if self.holdout_type is not None and not str(self.holdout_type).strip():
             raise UserError("--holdout-type: give an anomaly type name")
         check_fraction(self.labelled_fraction)
+        self.augment = ",".join(parse_augment(self.augment)) or "none"
+        if self.augment != "none" and self.train != "all":
+            raise UserError(
+                f"--augment {self.augment} needs --train all: --train {self.train} trains on the frozen part's output, "
+                "computed once from the plain windows"
+            )
+        if self.class_weight not in ("none", "balanced"):
+            raise UserError(f"--class-weight {self.class_weight}: choose none or balanced")
+        if int(self.val_clips) < 0:
+            raise UserError(f"--val-clips must be >= 0, got {self.val_clips}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UserError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.method is None:
             self.method = {SCRATCH: METHOD_SCRATCH, RANDOM: METHOD_RANDOM}.get(self.source, METHOD_GAN)
         if not str(self.method).strip():
@@ -183,7 +229,11 @@ def resolve_model(cfg: TransferConfig, manifest: dict) -> tuple[ModelConfig, dic
                 f"--from scratch with --train {cfg.train}: the frozen part keeps its random initial weights "
                 "(the method's LRCN baseline trains everything: --train all)"
             )
-        return model_config_for(cfg.preset or DEFAULT_PRESET, manifest), None, notes
+        model_cfg = model_config_for(
+            cfg.preset or DEFAULT_PRESET, manifest,
+            input_mode=cfg.input_mode, pooling=cfg.pooling, topk=cfg.topk, dropout=cfg.dropout,
+        )  # fmt: skip
+        return model_cfg, None, notes
     model_cfg, state = gan_features(cfg.source, manifest)
     notes = check_gan_protocol(cfg.source, cfg.protocol)
     if cfg.preset is not None and cfg.preset != model_cfg.preset:
@@ -191,6 +241,15 @@ def resolve_model(cfg: TransferConfig, manifest: dict) -> tuple[ModelConfig, dic
             f"--preset {cfg.preset}: the GAN run {cfg.source} brings its own architecture ({model_cfg.preset}); "
             "leave --preset out (it only picks the architecture for --from scratch)"
         )
+    for name in ("input_mode", "pooling", "topk"):
+        asked = getattr(cfg, name)
+        if asked is not None and asked != getattr(model_cfg, name):
+            raise UserError(
+                f"--{name.replace('_', '-')} {asked}: the GAN run {cfg.source} was pretrained with "
+                f"{name} {getattr(model_cfg, name)} and brings its own architecture; pretrain with the option instead"
+            )
+    if cfg.dropout is not None:  # not an architecture change: the same weights, another dropout rate
+        model_cfg = dataclasses.replace(model_cfg, dropout=cfg.dropout)
     return model_cfg, state, notes
 
 

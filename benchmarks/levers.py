@@ -1,0 +1,180 @@
+"""Measure the classifier's levers side by side: one ``ddp_vad transfer`` run per named config, one table row each.
+
+    python benchmarks/levers.py --shards /tmp/l17/shards --work /tmp/l17/runs --epochs 4 \\
+        --configs method,diff-topk --reference method [--gan GANRUN] [--label "Ped1 sample"]
+
+Each config is a list of extra ``transfer`` flags (``LEVERS``); runs use ``--preset demo`` unless the config names
+another (a GAN run brings its own), the same seed and the shards' clip-grouped leak-free folds, so rows differ only
+by their levers. A row appended to ``benchmarks/results/levers.md``: frame AUROC (a frame's score is the max over
+the scored windows covering it, every frame of the labelled clips), window AUROC, balanced accuracy at the
+classifier's own decision (argmax, i.e. P(anomalous) > 0.5), the transfer run's own wall seconds (``metrics.json``;
+the CPU is shared with other jobs, so read them as rough), and the paired difference with the ``--reference`` run:
+frame AUROC per test clip, mean difference over the clips and how many clips improved.
+Nothing is chosen on a test fold here: the table only reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from ddp_vad.eval.metrics import (
+    frame_level_auroc,
+    frame_level_scores,
+    read_oof_scores,
+    read_shard_frame_labels,
+    window_level_auroc,
+)
+
+RESULTS = Path(__file__).parent / "results" / "levers.md"
+GAN = "{gan}"  # placeholder for --from: the --gan run
+# name -> extra transfer flags; "--from scratch --train all" unless a config says otherwise
+FAST = ["--preset", "fast"]  # frames pooled 3x, kernels 5,3,3; its lever defaults: diff in, top-4 out
+LEVERS: dict[str, list[str]] = {
+    "method": [],
+    "fast": FAST,
+    "fast-frames-flatten": [*FAST, "--input-mode", "frames", "--pooling", "flatten"],
+    "fast-diff-flatten": [*FAST, "--pooling", "flatten"],
+    "fast-frames-topk": [*FAST, "--input-mode", "frames"],
+    "fast-both": [*FAST, "--input-mode", "both"],
+    "fast-max": [*FAST, "--pooling", "max"],
+    "fast-cw": [*FAST, "--class-weight", "balanced"],
+    "fast-cw-val": [*FAST, "--class-weight", "balanced", "--val-clips", "2"],
+    "fast-flip": [*FAST, "--augment", "flip"],
+    "fast-aug": [*FAST, "--augment", "flip,shift,jitter"],
+    "fast-val": [*FAST, "--val-clips", "2"],
+    "fast-wd": [*FAST, "--weight-decay", "0.01"],
+    "fast-do2": [*FAST, "--dropout", "0.2"],
+    "fast-scratch-head": [*FAST, "--train", "head"],  # random-init control of the GAN's linear probe
+    "diff": ["--input-mode", "diff"],
+    "both": ["--input-mode", "both"],
+    "topk": ["--pooling", "topk"],
+    "max": ["--pooling", "max"],
+    "diff-max": ["--input-mode", "diff", "--pooling", "max"],
+    "diff-topk": ["--input-mode", "diff", "--pooling", "topk"],
+    "both-topk": ["--input-mode", "both", "--pooling", "topk"],
+    "diff-topk-cw": ["--input-mode", "diff", "--pooling", "topk", "--class-weight", "balanced"],
+    "diff-topk-aug": ["--input-mode", "diff", "--pooling", "topk", "--augment", "flip,shift,jitter"],
+    "diff-topk-flip": ["--input-mode", "diff", "--pooling", "topk", "--augment", "flip"],
+    "diff-topk-val": ["--input-mode", "diff", "--pooling", "topk", "--val-clips", "2"],
+    "diff-topk-wd": ["--input-mode", "diff", "--pooling", "topk", "--weight-decay", "0.01"],
+    "diff-topk-do0": ["--input-mode", "diff", "--pooling", "topk", "--dropout", "0.0"],
+    "diff-topk-do2": ["--input-mode", "diff", "--pooling", "topk", "--dropout", "0.2"],
+    "scratch-head": ["--train", "head"],
+    "gan-head": ["--from", GAN, "--train", "head"],
+    "gan-all": ["--from", GAN, "--train", "all"],
+    "gan-head+lstm": ["--from", GAN, "--train", "head+lstm"],
+    "gan-fm-head": ["--from", GAN, "--train", "head"],  # the same, named for a GAN pretrained with --feature-matching
+    "gan-method-head": ["--from", GAN, "--train", "head"],  # named for the method's (demo) GAN
+}
+
+
+def per_clip_frame_auroc(rows: list[dict], labels: dict) -> dict[str, float]:
+    """Frame AUROC of each clip that holds both classes."""
+    y, s, index = frame_level_scores(rows, labels)
+    clips = np.array([c for c, _ in index])
+    out = {}
+    for clip in sorted(set(clips.tolist())):
+        sel = clips == clip
+        if np.unique(y[sel]).size == 2:
+            out[clip] = float(roc_auc_score(y[sel], s[sel]))
+    return out
+
+
+def balanced_accuracy(rows: list[dict]) -> float:
+    """Mean of the two classes' recalls at P(anomalous) > 0.5 (the classifier's argmax)."""
+    y = np.array([r["label"] for r in rows])
+    p = np.array([r["score"] for r in rows]) > 0.5
+    return float(((p[y == 1]).mean() + (~p[y == 0]).mean()) / 2)
+
+
+def measure(run: Path, labels: dict) -> dict:
+    """The table's numbers of a finished run."""
+    rows = read_oof_scores(run)
+    return {
+        "frame_auroc": frame_level_auroc(rows, labels),
+        "window_auroc": window_level_auroc(rows),
+        "balanced_accuracy": balanced_accuracy(rows),
+        "per_clip": per_clip_frame_auroc(rows, labels),
+    }
+
+
+def run_config(name: str, flags: list[str], args: argparse.Namespace) -> float:
+    """Run one transfer (fresh folder); returns wall seconds of the process."""
+    out = Path(args.work) / name
+    if out.exists():
+        raise SystemExit(f"{out} exists: remove it or use another --work")
+    flags = [args.gan if f == GAN else f for f in flags]
+    if GAN in LEVERS[name] and not args.gan:
+        raise SystemExit(f"config {name} needs --gan")
+    cmd = [sys.executable, "-m", "ddp_vad", "transfer", "--shards", args.shards, "--out", str(out),
+           "--epochs", str(args.epochs), "--resume", "none", "--no-progress", *args.extra]  # fmt: skip
+    if "--from" not in flags:
+        cmd += ["--from", "scratch"] + ([] if "--preset" in flags else ["--preset", args.preset])
+    if "--train" not in flags:
+        cmd += ["--train", "all"]
+    t0 = time.perf_counter()
+    subprocess.run(["nice", *cmd, *flags], check=True)
+    return time.perf_counter() - t0
+
+
+def fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shards", required=True)
+    ap.add_argument("--work", required=True, help="Folder for the runs (one per config).")
+    ap.add_argument("--configs", required=True, help=f"Comma list of {', '.join(LEVERS)}.")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--preset", default="demo")
+    ap.add_argument("--reference", default="method", help="Config for the paired difference (its run in --work).")
+    ap.add_argument("--gan", default=None, help="Pretrain run for the gan-* configs.")
+    ap.add_argument("--label", default="", help="Data set / conditions, written in the row.")
+    ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--measure-only", action="store_true", help="Only (re)measure existing runs.")
+    ap.add_argument("extra", nargs="*", help="More transfer flags for every config (after --).")
+    args = ap.parse_args()
+    labels = read_shard_frame_labels(args.shards)
+    results = Path(args.results)
+    if not results.exists():
+        results.write_text(
+            "# Levers: measurements\n\n| data | lever | epochs | frame AUROC | window AUROC | balanced acc. | "
+            "seconds | paired vs reference (frame AUROC per clip: mean diff, clips better) |\n"
+            "|---|---|---|---|---|---|---|---|\n"
+        )
+    for name in args.configs.split(","):
+        if name not in LEVERS:
+            raise SystemExit(f"unknown config {name}")
+        if not args.measure_only:
+            run_config(name, LEVERS[name], args)
+        m = measure(Path(args.work) / name, labels)
+        # transfer's own wall time (windows loaded, every fold trained and scored), so re-measuring keeps it
+        seconds = float(json.loads((Path(args.work) / name / "metrics.json").read_text())["seconds"])
+        paired = "-"
+        ref = Path(args.work) / args.reference
+        if name != args.reference and (ref / "oof_scores.csv").is_file():
+            r = measure(ref, labels)["per_clip"]
+            common = sorted(set(r) & set(m["per_clip"]))
+            diffs = np.array([m["per_clip"][c] - r[c] for c in common])
+            if diffs.size:
+                paired = f"{diffs.mean():+.3f} ({int((diffs > 0).sum())}/{diffs.size} clips) vs {args.reference}"
+        flags = " ".join(LEVERS[name]).replace(GAN, "GAN") or "(method)"
+        row = (f"| {args.label} | {name}: `{flags}` {' '.join(args.extra)} | {args.epochs} | {fmt(m['frame_auroc'])} | "
+               f"{fmt(m['window_auroc'])} | {fmt(m['balanced_accuracy'])} | {seconds:.0f} | {paired} |")  # fmt: skip
+        with open(results, "a") as fh:
+            fh.write(row + "\n")
+        print(row, flush=True)
+        (Path(args.work) / name / "levers.json").write_text(json.dumps({**m, "seconds": seconds}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
