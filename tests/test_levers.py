@@ -62,7 +62,7 @@ def test_parse_augment_rejects_unknown_names():
 def _cv() -> CVWindows:
     clips = [f"C{c}" for c in range(6) for _ in range(5)]
     labels = np.array([1 if c in (0, 1) else 0 for c in range(6) for _ in range(5)])  # C0, C1 anomalous only
-    return CVWindows(labels=labels, fold_of=np.zeros(30, np.int64), keys=[str(i) for i in range(30)],
+    return CVWindows(labels=labels, fold_sets=np.zeros(30, np.int64), keys=[str(i) for i in range(30)],
                      clips=clips, starts=np.zeros(30, np.int64))  # fmt: skip
 
 

@@ -110,7 +110,8 @@ def test_presets_round_trip_windows_of_the_manifest_size(preset, frames):
 def test_demo_is_much_smaller_than_paper():
     paper, demo = model_config_for("paper", PED1), model_config_for("demo", PED1)
     assert count_parameters(build_generator(demo)) * 20 < count_parameters(Generator(paper))
-    assert demo.input_pool == 2 and demo.feature_map() == (4, 8)
+    assert demo.input_pool == 3 and demo.feature_map() == (3, 5)
+    assert (demo.input_mode, demo.pooling, demo.frame_features) == ("diff", "topk", 8)  # the levers that won
 
 
 def test_feature_extractor_and_head_are_separate_modules():

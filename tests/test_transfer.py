@@ -187,7 +187,11 @@ def test_transfer_from_gan_trains_only_its_scope(typed_shards, gan_run, tmp_path
     assert [f["fold"] for f in metrics["folds"]] == list(range(n_folds))
     for row in metrics["folds"]:
         assert {"fold", "recall", "precision", "accuracy", "f1", "n_test"} <= row.keys()
-    assert set(metrics["mean"]) == set(metrics["std"]) == {"recall", "precision", "accuracy", "f1"}
+    assert (
+        set(metrics["mean"])
+        == set(metrics["std"])
+        == {"recall", "precision", "accuracy", "f1", "balanced_accuracy", "window_auroc"}
+    )
     with open(run / "oof_scores.csv", newline="") as fh:
         assert tuple(next(csv.reader(fh))) == OOF_HEADER
     assert sorted(oof) == sorted(ws.keys)  # every window scored exactly once, out of fold

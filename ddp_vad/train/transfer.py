@@ -54,6 +54,7 @@ from ddp_vad.train.classifier import (
     build_classifier,
     compute_cache,
     discriminator_file,
+    fold_seed,
     frozen_part,
     gan_features,
     parameter_counts,
@@ -155,8 +156,9 @@ class TransferConfig:
         "--train all only (head and head+lstm train on a cached output of the plain windows).",
     )
     class_weight: str = option(
-        "none",
-        "Cross-entropy class weights: none, or balanced (n / (2 n_class) from the fold's training labels).",
+        "balanced",
+        "Cross-entropy class weights: balanced (n / (2 n_class) from the fold's training labels: the leak-free set is "
+        "every window of the labelled clips, not a balanced subset) or none (the method's plain loss).",
         choices=("none", "balanced"),
     )
     val_clips: int = option(
@@ -233,6 +235,9 @@ def resolve_model(cfg: TransferConfig, manifest: dict) -> tuple[ModelConfig, dic
             cfg.preset or DEFAULT_PRESET, manifest,
             input_mode=cfg.input_mode, pooling=cfg.pooling, topk=cfg.topk, dropout=cfg.dropout,
         )  # fmt: skip
+        if cfg.source == RANDOM:  # one random LRCN serves every fold, as one GAN does: its output is computed once
+            state = build_lrcn_seeded(model_cfg, fold_seed(cfg.seed, RANDOM_INIT_FOLD)).features.state_dict()
+            return model_cfg, {k: v.detach().clone() for k, v in state.items()}, notes
         return model_cfg, None, notes
     model_cfg, state = gan_features(cfg.source, manifest)
     notes = check_gan_protocol(cfg.source, cfg.protocol)
@@ -251,6 +256,15 @@ def resolve_model(cfg: TransferConfig, manifest: dict) -> tuple[ModelConfig, dic
     if cfg.dropout is not None:  # not an architecture change: the same weights, another dropout rate
         model_cfg = dataclasses.replace(model_cfg, dropout=cfg.dropout)
     return model_cfg, state, notes
+
+
+RANDOM_INIT_FOLD = 0x5A4D  # the random control's seed stream: no real fold has this index
+
+
+def build_lrcn_seeded(model_cfg: ModelConfig, seed: int):
+    """A freshly initialised LRCN under ``torch.manual_seed(seed)`` (the random control's frozen extractor)."""
+    torch.manual_seed(seed)
+    return build_lrcn(model_cfg)
 
 
 def check_gan_protocol(source: str, protocol: str) -> list[str]:
