@@ -158,7 +158,7 @@ def transfer_runs(chain) -> tuple[Path, Path]:
         cwd=root,
     )  # fmt: skip
     _check_ok(result)
-    assert result.stdout.count("transfer: GAN+LRCN recall") == 1  # the main process reports, once
+    assert result.stdout.count("transfer: GAN+LRCN window AUROC") == 1  # the main process reports, once
     with torch_threads(1):  # like each torchrun worker (OMP_NUM_THREADS=1): same kernels, same float sums
         run_transfer(TransferConfig(shards=options["shards"], out=str(single), source=options["from"], train="head",
                                     epochs=2, batch_size=8, seed=0, progress=False, protocol="window"))  # fmt: skip
