@@ -129,6 +129,8 @@ def plan_windows(dataset: Dataset, cfg: ShardConfig) -> WindowPlan:
     fold_leakfree = np.full(len(leakfree), -1, np.int64)
     if len(np.unique(labels[leakfree])) == 2:
         fold_leakfree = grouped_stratified_folds(labels[leakfree], clip_index[leakfree], cfg.folds, cfg.seed)
+    if (fold_leakfree < 0).all():  # too few labelled clips: the protocol is unavailable and stores nothing
+        leakfree, fold_leakfree = leakfree[:0], fold_leakfree[:0]
     train = np.flatnonzero(split == "train")
     return WindowPlan(clip_index, starts, labels, kept, fold_window, fold_clip, leakfree, fold_leakfree, train)
 
