@@ -47,6 +47,7 @@ LEVERS: dict[str, list[str]] = {
     "fast-max": [*FAST, "--pooling", "max"],
     "fast-cw": [*FAST, "--class-weight", "balanced"],
     "fast-cw-val": [*FAST, "--class-weight", "balanced", "--val-clips", "2"],
+    "fast-both-cw": [*FAST, "--input-mode", "both", "--class-weight", "balanced"],
     "fast-flip": [*FAST, "--augment", "flip"],
     "fast-aug": [*FAST, "--augment", "flip,shift,jitter"],
     "fast-val": [*FAST, "--val-clips", "2"],
