@@ -143,8 +143,9 @@ class TransferConfig:
         "--train all only (head and head+lstm train on a cached output of the plain windows).",
     )
     class_weight: str = option(
-        "none",
-        "Cross-entropy class weights: none, or balanced (n / (2 n_class) from the fold's training labels).",
+        "balanced",
+        "Cross-entropy class weights: balanced (n / (2 n_class) from the fold's training labels; 1 and 1 on a balanced "
+        "set, as the method's) or none.",
         choices=("none", "balanced"),
     )
     val_clips: int = option(
