@@ -75,6 +75,9 @@ LEVERS: dict[str, list[str]] = {
     "gan-head": ["--from", GAN, "--train", "head"],
     "gan-all": ["--from", GAN, "--train", "all"],
     "gan-head+lstm": ["--from", GAN, "--train", "head+lstm"],
+    "gan-head-cw": ["--from", GAN, "--train", "head", "--class-weight", "balanced"],
+    "gan-all-cw": ["--from", GAN, "--train", "all", "--class-weight", "balanced"],
+    "fast-scratch-head-cw": [*FAST, "--train", "head", "--class-weight", "balanced"],
     "gan-fm-head": ["--from", GAN, "--train", "head"],  # the same, named for a GAN pretrained with --feature-matching
     "gan-method-head": ["--from", GAN, "--train", "head"],  # named for the method's (demo) GAN
 }
