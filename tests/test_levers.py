@@ -82,6 +82,7 @@ def test_balanced_class_weights_equalise_the_classes():
     w = class_weights(np.array([0, 0, 0, 1]))
     torch.testing.assert_close(w, torch.tensor([4 / 6, 4 / 2]))
     assert float(w[0] * 3) == pytest.approx(float(w[1] * 1))
+    assert torch.equal(class_weights(np.array([0, 1, 1, 0])), torch.ones(2))  # a balanced set: plain cross-entropy
 
 
 # ------------------------------------------------------------------------------------------ a run

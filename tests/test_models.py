@@ -89,7 +89,7 @@ def test_paper_generator_layer_shapes_match_the_tables():
 
 @pytest.mark.parametrize(
     "preset,frames",
-    [("demo", PED1), ("tiny", TINY), ("demo", {**PED1, "height": 121, "width": 181}), ("fast", PED1)],
+    [("demo", PED1), ("tiny", TINY), ("demo", {**PED1, "height": 121, "width": 181}), ("demo-frames", PED1)],
 )
 def test_presets_round_trip_windows_of_the_manifest_size(preset, frames):
     cfg = model_config_for(preset, frames)
@@ -112,6 +112,7 @@ def test_demo_is_much_smaller_than_paper():
     assert count_parameters(build_generator(demo)) * 20 < count_parameters(Generator(paper))
     assert demo.input_pool == 3 and demo.feature_map() == (3, 5)
     assert (demo.input_mode, demo.pooling, demo.frame_features) == ("diff", "topk", 8)  # the levers that won
+    assert model_config_for("demo-frames", PED1).feature_map() == (4, 8)
 
 
 def test_feature_extractor_and_head_are_separate_modules():
@@ -260,8 +261,8 @@ def test_bad_lever_values_are_user_errors(field, value):
         model_config_for("tiny", TINY, **{field: value})
 
 
-def test_fast_preset_matches_its_table_row():
-    cfg = model_config_for("fast", PED1)
+def test_demo_preset_matches_its_table_row():
+    cfg = model_config_for("demo", PED1)
     lrcn = build_lrcn(cfg)
     assert (cfg.input_mode, cfg.pooling, cfg.topk, cfg.feature_map()) == ("diff", "topk", 4, (3, 5))
     counts = [count_parameters(m) for m in (build_generator(cfg), lrcn, lrcn.features.convs, lrcn.features.lstm)]

@@ -21,7 +21,8 @@ from ddp_vad.warn import warn
 
 MODEL_FILE, RESULT_FILE = "model.safetensors", "result.json"
 FINGERPRINT_KEYS = ("train", "protocol", "epochs", "batch_size", "lr", "seed", "holdout_type", "labelled_fraction")
-# Training levers: in a fingerprint only when set, so runs made before they existed still resume.
+# Training levers: in a fingerprint only where they differ from training before the levers existed (plain CE, no
+# augmentation, ...), so such runs still resume, and runs that differ in them are refused.
 LEVER_DEFAULTS = {"augment": "none", "class_weight": "none", "val_clips": 0, "weight_decay": 0.0}
 
 
