@@ -185,3 +185,16 @@ def test_bootstrap_auroc_of_weighted_clips_equals_sklearn_on_the_resampled_frame
     ranked = _RankedScores(labels, scores, clip)
     assert ranked.auroc(weight) == pytest.approx(roc_auc_score(labels[idx], scores[idx]))
     assert ranked.auroc(np.ones(5)) == pytest.approx(roc_auc_score(labels, scores))
+
+
+def test_a_pooled_gap_the_folds_do_not_show_is_named_in_the_verdict():
+    from ddp_vad.eval.findings import paired_verdict, pooled_only
+
+    calibrated = {"a": "GAN+LRCN", "b": "LRCN", "fraction": 0.1, "diff": 0.19, "low": 0.03, "high": 0.33,
+                  "per_fold_mean": -0.003, "per_fold_std": 0.029, "n_clips": 12, "repeats": 1}  # fmt: skip
+    ranked = {**calibrated, "per_fold_mean": 0.15, "per_fold_std": 0.04}
+    assert pooled_only(calibrated) and not pooled_only(ranked)
+    assert not pooled_only({**calibrated, "low": -0.01})  # no claim, nothing to qualify
+    text = paired_verdict([calibrated], "leakfree")
+    assert "+0.190 [+0.030, +0.330], but -0.003 ± 0.029 fold by fold" in text
+    assert "fold by fold" not in paired_verdict([ranked], "leakfree")

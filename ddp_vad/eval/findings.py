@@ -156,7 +156,21 @@ def _call(c: dict) -> str:
 
 
 def _interval(c: dict) -> str:
-    return f"{c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
+    text = f"{c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
+    if pooled_only(c):
+        text += (f", but {c['per_fold_mean']:+.3f} ± {c['per_fold_std']:.3f} fold by fold: the pooled gap comes from "
+                 "scores that are not on one scale across folds, not from ranking within a fold")  # fmt: skip
+    return text
+
+
+def pooled_only(c: dict) -> bool:
+    """A pooled difference the folds do not show: the interval excludes zero while the mean per-fold difference is
+    within one std of zero or of the other sign. Pooling frames of every fold rewards fold models whose scores
+    share a scale (calibration), which a single deployed model needs too, but it is not better ranking."""
+    m, sd = c.get("per_fold_mean"), c.get("per_fold_std")
+    if m is None or sd is None or (c["low"] <= 0 <= c["high"]):
+        return False
+    return abs(m) <= sd or (m > 0) != (c["diff"] > 0)
 
 
 def paired_verdict(comparisons: list[dict], protocol: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ddp_vad.eval.findings import PROTOCOL_GUARANTEES, curve_table
+from ddp_vad.eval.findings import PROTOCOL_GUARANTEES, curve_table, pooled_only
 from ddp_vad.eval.metrics import METRICS
 
 FRAME_AUROC_SCOPE = (
@@ -115,6 +115,8 @@ def _comparisons(report: dict[str, Any]) -> list[str]:
            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for c in rows:
         verdict = "A better" if c["low"] > 0 else "A worse" if c["high"] < 0 else "no detectable difference"
+        if pooled_only(c):
+            verdict += " (pooled only: not fold by fold)"
         per_fold = _pm(c.get("per_fold_mean"), c.get("per_fold_std"))
         out.append(f"| {c['a']} | {c['b']} | {c['fraction']:g} | {_num(c.get('a_value'))} | {_num(c.get('b_value'))} "
                    f"| {c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] | {per_fold} | {verdict} |")  # fmt: skip
