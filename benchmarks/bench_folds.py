@@ -64,12 +64,25 @@ def describe(folds: np.ndarray, labels: np.ndarray, k: int, seconds: float) -> d
     return out | {"ms": 1e3 * seconds}
 
 
+def sklearn_grouped(labels: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """scikit-learn's ``StratifiedGroupKFold`` (the clip splitter before the even dealing)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    folds = np.full(len(labels), -1, np.int64)
+    for fold, (_, test) in enumerate(
+        StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(labels, labels, groups)
+    ):
+        folds[test] = fold
+    return folds
+
+
 def compare(labels: np.ndarray, groups: np.ndarray, k: int, seed: int) -> dict:
     out = {}
     for name, fn in (
         ("window/sklearn", lambda: windows.stratified_folds(labels, k, seed)),
         ("window/hand-written", lambda: handwritten_stratified(labels, k, seed)),
-        ("clip/sklearn", lambda: windows.grouped_stratified_folds(labels, groups, k, seed)),
+        ("clip/even (ddp_vad)", lambda: windows.grouped_stratified_folds(labels, groups, k, seed)),
+        ("clip/sklearn", lambda: sklearn_grouped(labels, groups, k, seed)),
         ("clip/hand-written", lambda: handwritten_grouped(labels, groups, k, seed)),
     ):
         t0 = time.perf_counter()

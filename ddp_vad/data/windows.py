@@ -78,8 +78,8 @@ def grouped_stratified_folds(labels: np.ndarray, groups: np.ndarray, k: int, see
     Groups are sorted by their anomaly share (ties broken at random) and dealt out k at a time: each run of k
     consecutive groups goes to a seeded random permutation of the folds (a partial last run to a random subset of
     folds, preferring the folds that hold the fewest items). So every fold gets one group from each band of anomaly
-    share, and its anomaly rate stays near the overall rate whatever the seed; different seeds give different folds
-    (``--repeats`` relies on that). scikit-learn's ``StratifiedGroupKFold`` left fold rates of 0.24-0.86 on Ped1.
+    share, whatever the seed, and different seeds give different folds (``--repeats`` relies on that: scikit-learn's
+    ``StratifiedGroupKFold`` gave the same folds for every seed on real clips). Evenness: docs/data.md#folds.
 
     Returns -1 for every item when there are fewer groups than folds (the protocol is then unavailable).
     """
