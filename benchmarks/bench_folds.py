@@ -1,4 +1,4 @@
-"""Fold assignment: scikit-learn's splitters (``ddp_vad.data.windows``) vs the hand-written ones they replaced.
+"""Fold assignment: ddp_vad's splitters, scikit-learn's grouped splitter and the hand-written ones before them.
 
 Side by side on the same kept windows: the real Ped1 sample (16 clips) and synthetic data (70 clips), 5 and 10
 folds, both protocols. Reported per assignment: per-fold anomaly rate (min, max, std), fold sizes, folds without
