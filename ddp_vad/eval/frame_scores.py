@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from ddp_vad.eval.metrics import auroc
+
 # Unsupervised frame AUROCs on the full UCSD Ped1 test set, for orientation beside our supervised number.
 PUBLISHED_FRAME_AUROC = {"MDT (Mahadevan et al., 2010)": 0.818, "future frame prediction (Liu et al., 2018)": 0.831}
 N_BOOTSTRAP = 1000
@@ -40,14 +42,6 @@ class RepeatFrames:
     folds: np.ndarray  # int64 [F], the fold whose model scored the frame
 
 
-def _auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    if labels.size == 0 or np.unique(labels).size < 2:
-        return None
-    return float(roc_auc_score(labels, scores))
-
-
 def _label_map(frame_labels: Any) -> Mapping[str, Sequence[int]]:
     # A WindowSet-like object (keys + frame_labels array) works as well as a plain {key: labels} mapping.
     if hasattr(frame_labels, "frame_labels") and not isinstance(frame_labels, Mapping):
@@ -55,11 +49,14 @@ def _label_map(frame_labels: Any) -> Mapping[str, Sequence[int]]:
     return frame_labels
 
 
-def frames_by_repeat(oof_rows: Iterable[Mapping[str, Any]], frame_labels: Any) -> dict[int, RepeatFrames]:
+def frames_by_repeat(
+    oof_rows: Iterable[Mapping[str, Any]], frame_labels: Any, window: int | None = None
+) -> dict[int, RepeatFrames]:
     """``{repeat: RepeatFrames}`` from out-of-fold window rows and each window's frame labels (``{key: [0/1]}``).
 
     Frame ``start + t`` of a clip gets the max score over the repeat's windows covering it and the max of their
-    labels for it (they agree on real data). Raises ValueError when no scored window has frame labels.
+    labels for it (they agree on real data). Raises ValueError when no scored window has frame labels, or when
+    ``window`` is given and a window's labels are not that long.
     """
     labels_by_key = _label_map(frame_labels)
     per: dict[int, dict[tuple[str, int], list]] = {}
@@ -70,8 +67,10 @@ def frames_by_repeat(oof_rows: Iterable[Mapping[str, Any]], frame_labels: Any) -
         if fl is None:
             missing += 1
             continue
+        if window is not None and len(fl) != int(window):
+            raise ValueError(f"window {row['key']}: {len(fl)} frame labels, expected {int(window)}")
         frames = per.setdefault(int(row.get("repeat", 0)), {})
-        clip, start, score, fold = str(row["clip"]), int(row["start"]), float(row["score"]), int(row["fold"])
+        clip, start, score, fold = str(row["clip"]), int(row["start"]), float(row["score"]), int(row.get("fold", 0))
         for t, lab in enumerate(fl):
             cell = frames.get((clip, start + t))
             if cell is None:
@@ -94,9 +93,9 @@ def frames_by_repeat(oof_rows: Iterable[Mapping[str, Any]], frame_labels: Any) -
     return out
 
 
-def per_clip_auroc(rf: RepeatFrames) -> float | None:
+def per_clipauroc(rf: RepeatFrames) -> float | None:
     """Mean of the per-clip frame AUROCs over the clips that hold both classes (None when no clip does)."""
-    values = [_auroc(rf.labels[rf.clips == c], rf.scores[rf.clips == c]) for c in np.unique(rf.clips)]
+    values = [auroc(rf.labels[rf.clips == c], rf.scores[rf.clips == c]) for c in np.unique(rf.clips)]
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
 
@@ -104,15 +103,13 @@ def per_clip_auroc(rf: RepeatFrames) -> float | None:
 def frame_summary(by_repeat: dict[int, RepeatFrames]) -> dict[str, Any]:
     """The frame-level numbers of one run: pooled AUROC (mean and std over repeats), mean per-clip AUROC, the
     per-(repeat, fold) AUROCs and the frame and clip counts."""
-    pooled = [_auroc(rf.labels, rf.scores) for rf in by_repeat.values()]
-    clipwise = [per_clip_auroc(rf) for rf in by_repeat.values()]
+    pooled = [auroc(rf.labels, rf.scores) for rf in by_repeat.values()]
+    clipwise = [per_clipauroc(rf) for rf in by_repeat.values()]
     per_fold = []
     for repeat, rf in by_repeat.items():
         for fold in np.unique(rf.folds).tolist():
             sel = rf.folds == fold
-            per_fold.append(
-                {"repeat": repeat, "fold": int(fold), "frame_auroc": _auroc(rf.labels[sel], rf.scores[sel])}
-            )
+            per_fold.append({"repeat": repeat, "fold": int(fold), "frame_auroc": auroc(rf.labels[sel], rf.scores[sel])})
     defined = [v for v in pooled if v is not None]
     clip_defined = [v for v in clipwise if v is not None]
     fold_defined = [p["frame_auroc"] for p in per_fold if p["frame_auroc"] is not None]
@@ -199,7 +196,7 @@ def paired_difference(
     for rf, sb in pairs:
         for fold in np.unique(rf.folds).tolist():
             sel = rf.folds == fold
-            da, db = _auroc(rf.labels[sel], rf.scores[sel]), _auroc(rf.labels[sel], sb[sel])
+            da, db = auroc(rf.labels[sel], rf.scores[sel]), auroc(rf.labels[sel], sb[sel])
             if da is not None and db is not None:
                 per_fold.append(da - db)
     low, high = np.percentile(boots, [2.5, 97.5]).tolist() if boots else (math.nan, math.nan)

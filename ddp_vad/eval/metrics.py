@@ -240,15 +240,16 @@ def read_shard_frame_labels(shard_dir: str | os.PathLike) -> dict[str, list[int]
     return {w["key"]: w["meta"]["frame_labels"] for w in iter_windows(shard_dir, frames=False)}
 
 
-def _frame_label_map(frame_labels: Any) -> Mapping[str, Sequence[int]]:
-    # Accept a WindowSet-like object (keys + frame_labels array) as well as a plain mapping.
-    if (
-        hasattr(frame_labels, "keys")
-        and hasattr(frame_labels, "frame_labels")
-        and not isinstance(frame_labels, Mapping)
-    ):
-        return dict(zip(list(frame_labels.keys), np.asarray(frame_labels.frame_labels).tolist(), strict=True))
-    return frame_labels
+def auroc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float | None:
+    """ROC AUC (sklearn ``roc_auc_score``) of scores against 0/1 labels; ``None`` unless both classes are present.
+
+    The one AUROC of the project: folds, frames, clips and inner validation all use it."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(labels)
+    if y.size == 0 or np.unique(y).size < 2:
+        return None
+    return float(roc_auc_score(y, np.asarray(scores, dtype=np.float64)))
 
 
 def frame_level_scores(
@@ -256,44 +257,23 @@ def frame_level_scores(
     frame_labels: Mapping[str, Sequence[int]] | Any,
     window: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, int]]]:
-    """Per-frame labels and scores from out-of-fold window scores.
+    """Per-frame labels and scores of repeat 0 from out-of-fold window scores (the rule of
+    :func:`ddp_vad.eval.frame_scores.frames_by_repeat`, which does every repeat).
 
     ``frame_labels`` maps a window key to its per-frame labels (length ``window``), as stored in each
     shard sample's json (see :func:`read_shard_frame_labels`); a ``WindowSet`` works too. Frame ``start + t``
     of a clip gets the *max* score over the scored windows that cover it and the label its windows give it
-    (the max, should they ever disagree). Frames covered by no scored window are left out: with a balanced
-    set, only frames inside kept windows can be scored. ``window`` defaults to the length of the labels.
+    (the max, should they ever disagree). Frames covered by no scored window are left out. ``window`` defaults to
+    the length of the labels.
 
     Returns ``(labels, scores, index)`` with ``index[i] = (clip, frame)`` in sorted order.
     """
-    labels_by_key = _frame_label_map(frame_labels)
-    score: dict[tuple[str, int], float] = {}
-    label: dict[tuple[str, int], int] = {}
-    missing = 0
-    for row in oof_rows:
-        if int(row.get("repeat", 0)) != 0:  # one repeat: each frame scored once (eval.frame_scores does all repeats)
-            continue
-        key = str(row["key"])
-        fl = labels_by_key.get(key)
-        if fl is None:
-            missing += 1
-            continue
-        t_len = len(fl) if window is None else int(window)
-        if len(fl) != t_len:
-            raise ValueError(f"window {key}: {len(fl)} frame labels, expected {t_len}")
-        clip, start, s = str(row["clip"]), int(row["start"]), float(row["score"])
-        for t in range(t_len):
-            idx = (clip, start + t)
-            score[idx] = max(score.get(idx, -math.inf), s)
-            label[idx] = max(label.get(idx, 0), int(fl[t]))
-    if missing and not score:
-        raise ValueError(f"none of the {missing} scored windows has frame labels (wrong shards?)")
-    index = sorted(score)
-    return (
-        np.array([label[i] for i in index], dtype=np.int64),
-        np.array([score[i] for i in index], dtype=np.float64),
-        index,
-    )
+    from ddp_vad.eval.frame_scores import frames_by_repeat
+
+    rf = frames_by_repeat([r for r in oof_rows if int(r.get("repeat", 0)) == 0], frame_labels, window).get(0)
+    if rf is None:
+        return np.zeros(0, np.int64), np.zeros(0, np.float64), []
+    return rf.labels, rf.scores, list(zip(rf.clips.tolist(), rf.frames.tolist(), strict=True))
 
 
 def frame_level_auroc(
@@ -301,21 +281,12 @@ def frame_level_auroc(
     frame_labels: Mapping[str, Sequence[int]] | Any,
     window: int | None = None,
 ) -> float | None:
-    """Frame-level AUROC (sklearn ``roc_auc_score``) of :func:`frame_level_scores`; None with one class."""
-    from sklearn.metrics import roc_auc_score
-
+    """Frame-level AUROC of :func:`frame_level_scores`; None with one class."""
     y, s, _ = frame_level_scores(oof_rows, frame_labels, window)
-    if y.size == 0 or np.unique(y).size < 2:
-        return None
-    return float(roc_auc_score(y, s))
+    return auroc(y, s)
 
 
 def window_level_auroc(oof_rows: Iterable[Mapping[str, Any]]) -> float | None:
     """Window-level AUROC of the out-of-fold scores; ``None`` when only one class is present."""
-    from sklearn.metrics import roc_auc_score
-
     rows = list(oof_rows)
-    y = np.array([int(r["label"]) for r in rows], dtype=np.int64)
-    if y.size == 0 or np.unique(y).size < 2:
-        return None
-    return float(roc_auc_score(y, np.array([float(r["score"]) for r in rows])))
+    return auroc([int(r["label"]) for r in rows], [float(r["score"]) for r in rows])

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ddp_vad.errors import UserError
-from ddp_vad.eval.metrics import binary_metrics, write_cv_results
+from ddp_vad.eval.metrics import auroc, binary_metrics, write_cv_results
 from ddp_vad.files import read_json_object
 
 PROTOCOLS = ("leakfree", "window", "clip")  # the first is the default
@@ -166,22 +166,13 @@ def score_fold(
     window AUROC of the scores (None when the fold holds one class)."""
     repeat, fold = cv.unit(k)
     y = cv.labels[test_idx]
-    row = {"fold": fold, "repeat": repeat, **binary_metrics(y, preds), "window_auroc": _auroc(y, scores), **extra}
+    row = {"fold": fold, "repeat": repeat, **binary_metrics(y, preds), "window_auroc": auroc(y, scores), **extra}
     oof = [
         {"key": cv.keys[i], "clip": cv.clips[i], "start": int(cv.starts[i]), "label": int(cv.labels[i]),
          "score": float(s), "fold": fold, "repeat": repeat}
         for i, s in zip(np.asarray(test_idx).tolist(), np.asarray(scores).tolist(), strict=True)
     ]  # fmt: skip
     return row, oof
-
-
-def _auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    labels = np.asarray(labels)
-    if labels.size == 0 or np.unique(labels).size < 2:
-        return None
-    return float(roc_auc_score(labels, np.asarray(scores, np.float64)))
 
 
 def check_repeats(repeats: int) -> None:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ddp_vad.data.reader import WindowSet, frames_to_float
 from ddp_vad.errors import NonFiniteLossError, UserError
+from ddp_vad.eval.metrics import auroc
 from ddp_vad.files import write_json_atomic
 from ddp_vad.models import LRCN, ModelConfig, save_model
 from ddp_vad.train.augment import augment_windows, epoch_generator, parse_augment
@@ -119,13 +120,6 @@ def class_weights(labels: np.ndarray, num_classes: int = 2) -> torch.Tensor:
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
     return torch.tensor(weights, dtype=torch.float32)
-
-
-def _auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
-    """ROC AUC, or None when only one class is present."""
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(labels, scores)) if np.unique(labels).size == 2 else None
 
 
 def _restore(resume_state: dict, model, optimizer, scaler, device) -> tuple[int, list]:
@@ -271,7 +265,7 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
             record: dict = {}
             if val_idx.size:
                 val_scores = predict(model, forward, get_inputs, val_idx, acc.autocast)[0]
-                val_auroc = _auroc(run.cv.labels[val_idx], val_scores)
+                val_auroc = auroc(run.cv.labels[val_idx], val_scores)
                 record = {"val_auroc": val_auroc}
                 writer.add_scalar("validation/auroc", math.nan if val_auroc is None else val_auroc, epoch)
                 # Strictly better only: ties keep the earlier epoch; an undefined AUROC never replaces one.
