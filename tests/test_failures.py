@@ -122,7 +122,7 @@ def test_damaged_newest_checkpoints_fall_back_to_the_newest_intact_one(tiny_shar
 
 
 def test_a_gan_run_that_does_not_say_its_protocol_is_refused_under_leakfree(tmp_path):
-    from ddp_vad.train.transfer import check_gan_protocol
+    from ddp_vad.train.source import check_gan_protocol
 
     gan = tmp_path / "gan"
     gan.mkdir()

@@ -41,6 +41,7 @@ from ddp_vad.train.classifier import (
 )
 from ddp_vad.train.crossval import CVWindows, fold_split, score_fold
 from ddp_vad.train.fold_store import MODEL_FILE, RESULT_FILE, fold_name
+from ddp_vad.train.holdout import holdout_part
 
 TEST_CURVE_TAG = "test_fold_not_for_selection/accuracy"
 
@@ -75,21 +76,6 @@ def predict(model: LRCN, forward, get_inputs, idx: np.ndarray, autocast) -> tupl
     if not scores:
         return np.zeros(0, np.float64), np.zeros(0, np.int64)
     return torch.cat(scores).numpy(), torch.cat(preds).numpy().astype(np.int64)
-
-
-def _holdout_part(run: FoldRun, test_idx: np.ndarray, preds: np.ndarray, n_excluded: int) -> dict | None:
-    if run.cfg.holdout_type is None:
-        return None
-    sel = run.held_out[test_idx]
-    labels, pred = run.cv.labels[test_idx][sel], preds[sel]
-    return {
-        "n": int(sel.sum()),
-        "n_anomalous": int(labels.sum()),
-        "correct": int((pred == labels).sum()),
-        "predicted_anomalous": int(pred.sum()),
-        "detected": int(((pred == 1) & (labels == 1)).sum()),
-        "excluded_from_training": n_excluded,
-    }
 
 
 def inner_validation_split(
@@ -303,7 +289,7 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
         "fingerprint": run.fingerprint,
         "metrics": row,
         "oof": oof,
-        "holdout": _holdout_part(run, test_idx, preds, int(excluded.size)),
+        "holdout": holdout_part(cfg.holdout_type, run.held_out, run.cv.labels, test_idx, preds, int(excluded.size)),
         "history": history,
         "notes": notes,
         "seconds": round(time.perf_counter() - t0, 3),

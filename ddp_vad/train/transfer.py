@@ -27,14 +27,12 @@ reports how the held-out windows were classified (``"holdout"``).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -42,8 +40,7 @@ from ddp_vad.config import hparams_values, write_resolved_config
 from ddp_vad.data.reader import WindowSet, load_window_set
 from ddp_vad.data.shards import fold_count, load_manifest
 from ddp_vad.errors import UserError
-from ddp_vad.files import read_json_object
-from ddp_vad.models import INPUT_MODES, POOLINGS, ModelConfig, build_lrcn, model_config_for
+from ddp_vad.models import INPUT_MODES, POOLINGS, build_lrcn
 from ddp_vad.options import option
 from ddp_vad.presets import PRESET_NAMES
 from ddp_vad.train.augment import parse_augment
@@ -54,9 +51,7 @@ from ddp_vad.train.classifier import (
     build_classifier,
     compute_cache,
     discriminator_file,
-    fold_seed,
     frozen_part,
-    gan_features,
     parameter_counts,
     set_trainable,
 )
@@ -82,10 +77,10 @@ from ddp_vad.train.distributed import (
 )
 from ddp_vad.train.fold import FoldRun, train_fold
 from ddp_vad.train.fold_store import fingerprint, fold_status, run_level_error
+from ddp_vad.train.holdout import holdout_mask, holdout_summary
+from ddp_vad.train.source import FRESH, resolve_model
 
 METHOD_GAN, METHOD_SCRATCH, METHOD_RANDOM = "GAN+LRCN", "LRCN", "Random+LRCN"
-FRESH = (SCRATCH, RANDOM)  # sources without a GAN: freshly initialised weights
-DEFAULT_PRESET = "paper"
 
 
 @dataclass
@@ -222,83 +217,6 @@ class TransferConfig:
             raise UserError("--method: give a non-empty name")
 
 
-def resolve_model(cfg: TransferConfig, manifest: dict) -> tuple[ModelConfig, dict[str, torch.Tensor] | None, list]:
-    """The classifier's architecture, the GAN feature-extractor weights to start from (None from scratch) and notes."""
-    if cfg.source in FRESH:
-        notes = []
-        if cfg.source == SCRATCH and cfg.train != "all":
-            notes.append(
-                f"--from scratch with --train {cfg.train}: the frozen part keeps its random initial weights "
-                "(the method's LRCN baseline trains everything: --train all)"
-            )
-        model_cfg = model_config_for(
-            cfg.preset or DEFAULT_PRESET, manifest,
-            input_mode=cfg.input_mode, pooling=cfg.pooling, topk=cfg.topk, dropout=cfg.dropout,
-        )  # fmt: skip
-        if cfg.source == RANDOM:  # one random LRCN serves every fold, as one GAN does: its output is computed once
-            state = build_lrcn_seeded(model_cfg, fold_seed(cfg.seed, RANDOM_INIT_FOLD)).features.state_dict()
-            return model_cfg, {k: v.detach().clone() for k, v in state.items()}, notes
-        return model_cfg, None, notes
-    model_cfg, state = gan_features(cfg.source, manifest)
-    notes = check_gan_protocol(cfg.source, cfg.protocol)
-    if cfg.preset is not None and cfg.preset != model_cfg.preset:
-        raise UserError(
-            f"--preset {cfg.preset}: the GAN run {cfg.source} brings its own architecture ({model_cfg.preset}); "
-            "leave --preset out (it only picks the architecture for --from scratch)"
-        )
-    for name in ("input_mode", "pooling", "topk"):
-        asked = getattr(cfg, name)
-        if asked is not None and asked != getattr(model_cfg, name):
-            raise UserError(
-                f"--{name.replace('_', '-')} {asked}: the GAN run {cfg.source} was pretrained with "
-                f"{name} {getattr(model_cfg, name)} and brings its own architecture; pretrain with the option instead"
-            )
-    if cfg.dropout is not None:  # not an architecture change: the same weights, another dropout rate
-        model_cfg = dataclasses.replace(model_cfg, dropout=cfg.dropout)
-    return model_cfg, state, notes
-
-
-RANDOM_INIT_FOLD = 0x5A4D  # the random control's seed stream: no real fold has this index
-
-
-def build_lrcn_seeded(model_cfg: ModelConfig, seed: int):
-    """A freshly initialised LRCN under ``torch.manual_seed(seed)`` (the random control's frozen extractor)."""
-    torch.manual_seed(seed)
-    return build_lrcn(model_cfg)
-
-
-def check_gan_protocol(source: str, protocol: str) -> list[str]:
-    """Under the leak-free protocol the GAN must have pretrained on the train clips only (``pretrain --protocol
-    leakfree``): a GAN that saw every window has seen each fold's test clips. Returns notes."""
-    if protocol != "leakfree":
-        return []
-    config = discriminator_file(source).parent / "config.json"
-    if not config.is_file():
-        return [f"cannot check what the GAN {source} was pretrained on (no {config}): the leak-free guarantee "
-                "assumes it saw the train clips only"]  # fmt: skip
-    gan_protocol = read_json_object(config, "pretrain run config").get("config", {}).get("protocol", "window")
-    if gan_protocol != "leakfree":
-        raise UserError(
-            f"--protocol leakfree: the GAN run {source} was pretrained with --protocol {gan_protocol} (windows of "
-            "every clip, the test clips included), which breaks the guarantee; pretrain it with --protocol leakfree, "
-            "or use --protocol window/clip here"
-        )
-    return []
-
-
-def holdout_mask(ws: WindowSet, holdout_type: str | None) -> np.ndarray:
-    """Windows whose anomaly types include ``holdout_type`` (all False without one)."""
-    if holdout_type is None:
-        return np.zeros(len(ws), bool)
-    mask = np.array([holdout_type in types for types in ws.anomaly_types], bool)
-    if not mask.any():
-        known = sorted({t for ts in (ws.manifest.get("anomaly_types") or {}).values() for t in ts})
-        known = known or sorted({t for ts in ws.anomaly_types for t in ts})
-        listing = ", ".join(known) if known else "none: build the shards with --anomaly-types JSON"
-        raise UserError(f"--holdout-type {holdout_type}: no window has that anomaly type (available: {listing})")
-    return mask
-
-
 def _preflight(cfg: TransferConfig, run_dir: Path, n_folds: int, fp: dict, acc, group) -> dict[int, tuple]:
     """Which of this process's folds are finished / resumable; any problem anywhere stops every process."""
     rank, world = acc.process_index, acc.num_processes
@@ -358,30 +276,13 @@ def _shared_cache(cfg, model_cfg, features_state, ws: WindowSet, acc, group) -> 
     return cache, seconds
 
 
-def _holdout_summary(holdout_type: str, gathered: list[dict]) -> dict:
-    per_fold = [{"fold": r["fold"], **r["holdout"]} for r in gathered]
-    n = sum(p["n"] for p in per_fold)
-    n_anom = sum(p["n_anomalous"] for p in per_fold)
-    return {
-        "type": holdout_type,
-        "n": n,
-        "n_anomalous": n_anom,
-        "accuracy": sum(p["correct"] for p in per_fold) / n if n else None,
-        "detection_rate": sum(p["detected"] for p in per_fold) / n_anom if n_anom else None,
-        "predicted_anomalous": sum(p["predicted_anomalous"] for p in per_fold) / n if n else None,
-        "per_fold": per_fold,
-        "note": "held-out windows are removed from every training fold and scored in their own test fold; "
-        "accuracy uses their labels, detection_rate = held-out anomalous windows predicted anomalous",
-    }
-
-
 def _write_results(cfg, run_dir: Path, gathered: list[dict], extra: dict[str, Any], notes: list[str]) -> None:
     """Main process: the run's metrics.json / oof_scores.csv from every fold's result, and the summary lines."""
     gathered.sort(key=lambda r: r["fold"])
     all_notes = notes + [n for r in gathered for n in r.get("notes", [])]
     extra = {**extra, "fold_seconds": [r["seconds"] for r in gathered], "notes": all_notes}
     if cfg.holdout_type is not None:
-        extra["holdout"] = _holdout_summary(cfg.holdout_type, gathered)
+        extra["holdout"] = holdout_summary(cfg.holdout_type, gathered)
     for note in all_notes:
         print(f"transfer: note: {note}")
     rows, oof = [r["metrics"] for r in gathered], [row for r in gathered for row in r["oof"]]
