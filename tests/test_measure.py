@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import roc_auc_score
 
 from ddp_vad.data.shards import ShardConfig, build_shards
@@ -165,6 +166,16 @@ def test_transfer_repeats_and_the_random_init_control(leakfree_shards, tmp_path)
         assert len({o["key"] for o in rows}) == len(rows) == len(oof) // 2  # every window once per repeat
         for k in range(3):
             assert not {o["clip"] for o in rows if o["fold"] == k} & {o["clip"] for o in rows if o["fold"] != k}
+    # The control is one random LRCN for every fold (as one GAN serves every fold): the folds' frozen features match.
+    from safetensors.torch import load_file
+
+    states = [load_file(str(f)) for f in sorted((run / "folds").glob("fold_*/model.safetensors"))]
+    assert len(states) == 6
+    for name in (n for n in states[0] if n.startswith("features.")):
+        assert all(torch.equal(states[0][name], st[name]) for st in states[1:]), name
+    assert TransferConfig(shards=str(leakfree_shards), out=str(tmp_path / "d"), source="scratch").class_weight == (
+        "balanced"  # the leak-free set is not balanced: the default loss weighs the classes
+    )
     fold_of = [{o["key"]: o["fold"] for o in oof if o["repeat"] == r} for r in (0, 1)]
     assert fold_of[0] != fold_of[1]  # the second repeat dealt other folds
     with pytest.raises(UserError, match="--from random --train all"):
