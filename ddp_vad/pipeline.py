@@ -92,7 +92,7 @@ class PipelineConfig:
 
     def plan(self) -> dict:
         """The preset's run sizes with explicit options on top."""
-        plan = {"repeats": 1, **PRESETS[self.preset].run}
+        plan = dict(PRESETS[self.preset].run)
         for name in ("folds", "steps", "epochs", "batch_size", "repeats"):
             if getattr(self, name) is not None:
                 plan[name] = getattr(self, name)
@@ -177,8 +177,8 @@ def _transfer(cfg: PipelineConfig, plan: dict, dirs: dict[str, Path], fraction: 
             _log(f"transfer --from {source} --train {train} --labelled-fraction {fraction:g} -> {run}", main)
             run_transfer(TransferConfig(
                 shards=str(dirs["shards"]), out=str(run), source=source, train=train, folds=plan["folds"],
-                protocol=cfg.protocol, epochs=plan["epochs"], preset=None if source not in ("scratch", "random")
-                else cfg.preset, seed=cfg.seed, resume="auto", labelled_fraction=fraction, repeats=plan["repeats"],
+                protocol=cfg.protocol, epochs=plan["epochs"], preset=cfg.preset, seed=cfg.seed, resume="auto",
+                labelled_fraction=fraction, repeats=plan["repeats"],
             ))  # fmt: skip
         patient_barrier()
 
