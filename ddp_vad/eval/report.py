@@ -196,7 +196,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     cv_runs, pretrain_runs = discover_runs(cfg.runs)
     out = Path(cfg.out)
     cache: dict[str, Any] = {}
-    every = [summarise_run(run, cache) for run in cv_runs]
+    frames_of: dict[str, Any] = {}
+    every = [summarise_run(run, cache, frames_of) for run in cv_runs]
     data_sets = _data_sets(every)
     check_one_data_set(data_sets, cfg.allow_mixed_data)
     # Table 5 and the per-fold figures show the runs with all labels; the curve shows every fraction.
@@ -204,7 +205,6 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     labels = display_labels(entries)
     by_method = curve(every)
     protocols = sorted({e["protocol"] for e in every})
-    frames_of = {key[1]: value for key, value in cache.items() if isinstance(key, tuple) and key[0] == "frames"}
     ranked = prior_free(protocols)
     comparisons = paired_comparisons(by_method, frames_of) if ranked and len(protocols) == 1 else []
     report: dict[str, Any] = {

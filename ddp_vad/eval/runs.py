@@ -138,9 +138,11 @@ def _unit_name(row: dict) -> str:
     return f"{repeat}.{int(row['fold'])}" if repeat else str(int(row["fold"]))
 
 
-def _frame_part(run_dir: Path, oof: list[dict], cache: dict[str, Any], notes: list[str]) -> dict[str, Any] | None:
-    """Frame-level numbers of a run (:func:`ddp_vad.eval.frame_scores.frame_summary`); its frames are kept in
-    ``cache[("frames", run)]`` for the paired comparisons and timelines. None (with a note) without the shards."""
+def _frame_part(
+    run_dir: Path, oof: list[dict], cache: dict[str, Any], frames_of: dict[str, Any], notes: list[str]
+) -> dict[str, Any] | None:
+    """Frame-level numbers of a run (:func:`ddp_vad.eval.frame_scores.frame_summary`); its frames go into
+    ``frames_of[run]`` for the paired comparisons and timelines. None (with a note) without the shards."""
     shards = run_shards(run_dir)
     if shards is None:
         notes.append("shards recorded in config.json not found: frame-level AUROC skipped")
@@ -153,7 +155,7 @@ def _frame_part(run_dir: Path, oof: list[dict], cache: dict[str, Any], notes: li
     except ValueError as exc:
         notes.append(f"frame-level AUROC skipped: {exc}")
         return None
-    cache[("frames", str(run_dir))] = by_repeat
+    frames_of[str(run_dir)] = by_repeat
     summary = frame_summary(by_repeat)
     if summary["frame_auroc"] is None:
         notes.append("frame-level AUROC undefined: scored frames hold one class only")
@@ -171,8 +173,11 @@ def _fold_rates(oof: list[dict]) -> list[list[float]]:
     return [[round(a / n, 3) for (rep, _), (a, n) in sorted(counts.items()) if rep == r] for r in repeats]
 
 
-def summarise_run(run_dir: Path, frame_label_cache: dict[str, Any]) -> dict[str, Any]:
-    """Everything the report says about one cross-validated run."""
+def summarise_run(
+    run_dir: Path, frame_label_cache: dict[str, Any], frames_of: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Everything the report says about one cross-validated run. ``frame_label_cache``: frame labels per shard set,
+    shared between runs; ``frames_of``: receives the run's frame scores (run folder -> frames per repeat)."""
     data = read_cv_results(run_dir)
     folds = sorted(data["folds"], key=lambda f: (int(f.get("repeat", 0)), int(f["fold"])))
     # Recomputed from the folds so every method in the table uses the same (population) std.
@@ -191,7 +196,7 @@ def summarise_run(run_dir: Path, frame_label_cache: dict[str, Any]) -> dict[str,
     fold_rates = _fold_rates(oof) if oof else []
     frames = None
     if oof:
-        frames = _frame_part(run_dir, oof, frame_label_cache, notes)
+        frames = _frame_part(run_dir, oof, frame_label_cache, {} if frames_of is None else frames_of, notes)
         if window_auc is None:
             notes.append("window-level AUROC undefined: one class only")
     # The frame-level numbers sit beside the per-fold means, so tables and curves read every metric alike: the
