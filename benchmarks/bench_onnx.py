@@ -29,7 +29,7 @@ import torch
 import ddp_vad
 from ddp_vad import Detector, ExportConfig
 from ddp_vad.data.sources.frames import frame_files, read_frame, resize_frame
-from ddp_vad.export import OnnxScorer
+from ddp_vad.infer.export import OnnxScorer
 from ddp_vad.models import ModelConfig, build_lrcn, save_model
 from ddp_vad.presets import PRESETS
 
@@ -75,7 +75,7 @@ def write_ts(frames: np.ndarray, path: Path) -> Path:
 
 def stream_figures(detector: Detector, source: Path) -> dict:
     """Frames/s of Detector.stream and the latency of each score (frames and ms), arrivals timed at the decoder."""
-    import ddp_vad.detector as detector_module
+    import ddp_vad.infer.detector as detector_module
 
     arrivals: list[float] = []
     original = detector_module.iter_frames

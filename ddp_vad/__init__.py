@@ -22,9 +22,9 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "Detector": "ddp_vad.detector",
-    "FrameScore": "ddp_vad.detector",
-    "StreamBroken": "ddp_vad.live",
+    "Detector": "ddp_vad.infer.detector",
+    "FrameScore": "ddp_vad.infer.detector",
+    "StreamBroken": "ddp_vad.infer.live",
     "synth": "ddp_vad.api",
     "build_shards": "ddp_vad.api",
     "pretrain": "ddp_vad.api",
@@ -41,8 +41,8 @@ _EXPORTS = {
     "BaselinesConfig": "ddp_vad.eval.baselines",
     "EvaluateConfig": "ddp_vad.eval.report",
     "PipelineConfig": "ddp_vad.pipeline",
-    "PredictConfig": "ddp_vad.eval.predict",
-    "ExportConfig": "ddp_vad.export",
+    "PredictConfig": "ddp_vad.infer.predict",
+    "ExportConfig": "ddp_vad.infer.export",
     "UserError": "ddp_vad.errors",
 }
 

@@ -15,9 +15,9 @@ if TYPE_CHECKING:
     from ddp_vad.data.plan import ShardConfig
     from ddp_vad.data.synth import SynthConfig
     from ddp_vad.eval.baselines import BaselinesConfig
-    from ddp_vad.eval.predict import PredictConfig
     from ddp_vad.eval.report import EvaluateConfig
-    from ddp_vad.export import ExportConfig
+    from ddp_vad.infer.export import ExportConfig
+    from ddp_vad.infer.predict import PredictConfig
     from ddp_vad.pipeline import PipelineConfig
     from ddp_vad.train.pretrain import PretrainConfig
     from ddp_vad.train.transfer import TransferConfig
@@ -100,13 +100,13 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
 
 def predict(cfg: PredictConfig) -> Path:
     """Score every frame of a clip, video or stream; returns the CSV (a PNG, and optional events, beside it)."""
-    from ddp_vad.eval.predict import run_predict
+    from ddp_vad.infer.predict import run_predict
 
     return run_predict(cfg)
 
 
 def export_model(cfg: ExportConfig) -> Path:
     """Export a transfer run's classifier (ONNX + JSON sidecar); returns the model file."""
-    from ddp_vad.export import run_export
+    from ddp_vad.infer.export import run_export
 
     return run_export(cfg)

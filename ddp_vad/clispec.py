@@ -23,8 +23,8 @@ STAGE_CONFIGS: dict[str, str] = {
     "baselines": "ddp_vad.eval.baselines:BaselinesConfig",
     "evaluate": "ddp_vad.eval.report:EvaluateConfig",
     "pretrain": "ddp_vad.train.pretrain:PretrainConfig",
-    "predict": "ddp_vad.eval.predict:PredictConfig",
-    "export": "ddp_vad.export:ExportConfig",
+    "predict": "ddp_vad.infer.predict:PredictConfig",
+    "export": "ddp_vad.infer.export:ExportConfig",
     "pipeline": "ddp_vad.pipeline:PipelineConfig",
     "transfer": "ddp_vad.train.transfer:TransferConfig",
 }

@@ -21,10 +21,10 @@ import torch
 from click.testing import CliRunner
 
 from ddp_vad.cli import cli
-from ddp_vad.eval.predict import ground_truth
+from ddp_vad.infer.predict import ground_truth
+from ddp_vad.infer.threshold import best_threshold, compute_thresholds, run_threshold
 from ddp_vad.models import ModelConfig, build_lrcn, save_model
 from ddp_vad.presets import PRESETS
-from ddp_vad.threshold import best_threshold, compute_thresholds, run_threshold
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: threads only contend on shared cores

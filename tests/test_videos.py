@@ -23,7 +23,7 @@ from ddp_vad.data.shards import ShardConfig, build_shards, load_manifest
 from ddp_vad.data.sources.ucsd import parse_gt_file
 from ddp_vad.data.sources.video import frame_times, iter_gray, iter_rgb, write_video
 from ddp_vad.data.synth import SynthConfig, run_synth
-from ddp_vad.eval.predict import frame_scores, stream_scores, window_scores
+from ddp_vad.infer.scoring import frame_scores, stream_scores, window_scores
 from ddp_vad.models import ModelConfig, build_lrcn, save_model
 from ddp_vad.presets import PRESETS
 

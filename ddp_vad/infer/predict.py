@@ -29,12 +29,12 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ddp_vad.detector import Detector, FrameScore, model_files
 from ddp_vad.errors import UserError
 from ddp_vad.files import atomic_path, make_folder
-from ddp_vad.live import StreamBroken, check_source, is_live, source_name
+from ddp_vad.infer.detector import Detector, FrameScore, model_files
+from ddp_vad.infer.live import StreamBroken, check_source, is_live, source_name
+from ddp_vad.infer.scoring import frame_scores, stream_scores, window_scores
 from ddp_vad.options import option
-from ddp_vad.scoring import frame_scores, stream_scores, window_scores
 
 __all__ = ["PredictConfig", "annotate", "draw_score", "frame_scores", "model_files", "run_predict",
            "stream_scores", "window_scores"]  # fmt: skip
@@ -164,7 +164,7 @@ def run_predict(cfg: PredictConfig) -> Path:
     ``cfg.annotate``, the events and an annotated copy of the clip; return the CSV path.
 
     Ctrl-C finishes the files for the frames read so far and then raises KeyboardInterrupt; a live stream that
-    breaks (after ``cfg.reconnect`` tries) does the same and then raises :class:`ddp_vad.live.StreamBroken`.
+    breaks (after ``cfg.reconnect`` tries) does the same and then raises :class:`ddp_vad.infer.live.StreamBroken`.
     """
     detector = _detector(cfg)
     live = is_live(cfg.source)

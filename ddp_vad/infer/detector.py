@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from ddp_vad.errors import UserError
-from ddp_vad.live import StreamBroken, iter_frames
-from ddp_vad.scoring import Scorer, frame_scores, stream_scores, window_scores
-from ddp_vad.threshold import DEFAULT, run_threshold
+from ddp_vad.infer.live import StreamBroken, iter_frames
+from ddp_vad.infer.scoring import Scorer, frame_scores, stream_scores, window_scores
+from ddp_vad.infer.threshold import DEFAULT, run_threshold
 
 
 @dataclass(frozen=True)
@@ -91,18 +91,18 @@ class Detector:
         """A detector from a transfer run folder (``folds/fold_XX/model.safetensors``; ``fold`` picks one), a
         ``model.safetensors`` file, or an exported ``.onnx`` file (with its ``.json`` sidecar).
 
-        ``threshold`` overrides the one the run records (see :mod:`ddp_vad.threshold`).
+        ``threshold`` overrides the one the run records (see :mod:`ddp_vad.infer.threshold`).
         """
         path = Path(path)
         if path.suffix == ".onnx":
-            from ddp_vad.export import load_onnx
+            from ddp_vad.infer.export import load_onnx
 
             scorer, meta = load_onnx(path)
             value, note = meta.get("threshold", DEFAULT), meta.get("threshold_rule", "from the export's sidecar")
             det = cls(scorer, meta["window"], meta["height"], meta["width"], value, note, f"{path.name} (ONNX)")
         else:
+            from ddp_vad.infer.scoring import TorchScorer
             from ddp_vad.models import build_lrcn, load_model
-            from ddp_vad.scoring import TorchScorer
 
             files = model_files(path, fold)
             loaded = [load_model(f, build_lrcn) for f in files]
@@ -145,7 +145,7 @@ class Detector:
         (stdin). A frame is final once every window covering it is scored: at most ``window - 2 + batch_size``
         frames after it arrives (``window - 1`` with the default batch of 1). Memory is bounded by
         ``window - 1 + batch_size`` frames. A broken live stream is reopened ``reconnect`` times, then the frames
-        already read are scored and yielded and :class:`ddp_vad.live.StreamBroken` is raised; ``stop()`` returning
+        already read are scored and yielded and :class:`ddp_vad.infer.live.StreamBroken` is raised; ``stop()`` returning
         true (checked per frame) ends the stream the same way, without the error.
         """
         failure: list[BaseException] = []

@@ -77,8 +77,8 @@ def run_export(cfg: ExportConfig) -> Path:
     import torch
 
     from ddp_vad import __version__
-    from ddp_vad.detector import Detector, model_files
     from ddp_vad.files import atomic_path, sha256_file, write_json_atomic
+    from ddp_vad.infer.detector import Detector, model_files
     from ddp_vad.models import build_lrcn, load_model
 
     run = Path(cfg.run)
