@@ -29,9 +29,10 @@ import torch
 import ddp_vad
 from ddp_vad import Detector, ExportConfig
 from ddp_vad.data.sources.frames import frame_files, read_frame, resize_frame
-from ddp_vad.infer.export import OnnxScorer
+from ddp_vad.infer.onnx_scorer import OnnxScorer
 from ddp_vad.models import ModelConfig, build_lrcn, save_model
 from ddp_vad.presets import PRESETS
+from ddp_vad.runfiles import MODEL_FILE, fold_dir
 
 WINDOW, HEIGHT, WIDTH = 10, 120, 182
 
@@ -40,7 +41,7 @@ def make_run(root: Path, preset: str, folds: int) -> Path:
     cfg = ModelConfig(preset=preset, window=WINDOW, height=HEIGHT, width=WIDTH, **PRESETS[preset].model)
     for k in range(folds):
         torch.manual_seed(k)
-        save_model(build_lrcn(cfg), root / "folds" / f"fold_{k:02d}" / "model.safetensors", cfg)
+        save_model(build_lrcn(cfg), fold_dir(root, k) / MODEL_FILE, cfg)
     return root
 
 

@@ -26,13 +26,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from ddp_vad.eval.metrics import (
-    frame_level_auroc,
-    frame_level_scores,
-    read_oof_scores,
-    read_shard_frame_labels,
-    window_level_auroc,
-)
+from ddp_vad.eval.frame_scores import frame_level_auroc, frame_level_scores, read_shard_frame_labels
+from ddp_vad.runfiles import metrics_file, oof_file
+from ddp_vad.train.metrics import read_oof_scores, window_level_auroc
 
 RESULTS = Path(__file__).parent / "results" / "levers.md"
 GAN = "{gan}"  # placeholder for --from: the --gan run
@@ -167,10 +163,10 @@ def main() -> None:
             run_config(name, LEVERS[name], args)
         m = measure(Path(args.work) / name, labels)
         # transfer's own wall time (windows loaded, every fold trained and scored), so re-measuring keeps it
-        seconds = float(json.loads((Path(args.work) / name / "metrics.json").read_text())["seconds"])
+        seconds = float(json.loads(metrics_file(Path(args.work) / name).read_text())["seconds"])
         paired = "-"
         ref = Path(args.work) / args.reference
-        if name != args.reference and (ref / "oof_scores.csv").is_file():
+        if name != args.reference and oof_file(ref).is_file():
             r = measure(ref, labels)["per_clip"]
             common = sorted(set(r) & set(m["per_clip"]))
             diffs = np.array([m["per_clip"][c] - r[c] for c in common])

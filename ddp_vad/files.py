@@ -9,6 +9,7 @@ folder, never a torn one under the real name.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -17,6 +18,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ddp_vad.errors import UserError
 
@@ -57,10 +60,25 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def to_jsonable(obj: Any) -> Any:
+    """Dataclasses, paths, tuples and numpy values -> plain JSON values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj
+
+
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
     """Write ``payload`` (dataclasses, paths and numpy values allowed) as indented JSON, atomically."""
-    from ddp_vad.config import to_jsonable
-
     return write_text_atomic(path, json.dumps(to_jsonable(payload), indent=2, sort_keys=False) + "\n")
 
 

@@ -23,6 +23,7 @@ from ddp_vad.errors import UserError
 from ddp_vad.eval.baselines import METHODS
 from ddp_vad.options import option
 from ddp_vad.presets import PRESET_NAMES, PRESETS
+from ddp_vad.runfiles import metrics_file
 from ddp_vad.train.classifier import TRAIN_SCOPES
 from ddp_vad.train.crossval import PROTOCOL_HELP, PROTOCOLS, check_fraction, check_repeats
 from ddp_vad.train.distributed import patient_barrier, print_main, process_state
@@ -171,7 +172,7 @@ def _transfer(cfg: PipelineConfig, plan: dict, dirs: dict[str, Path], fraction: 
             ("lrcn-random", "random", "head"))  # fmt: skip
     for name, source, train in runs:
         run = dirs[f"{name}@{fraction:g}"]
-        if (run / "metrics.json").is_file():
+        if metrics_file(run).is_file():
             _log(f"transfer --from {source} (labelled fraction {fraction:g}): reusing {run}", main)
         else:
             _log(f"transfer --from {source} --train {train} --labelled-fraction {fraction:g} -> {run}", main)

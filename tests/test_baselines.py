@@ -14,7 +14,7 @@ from ddp_vad.data.reader import load_window_set
 from ddp_vad.errors import UserError
 from ddp_vad.eval.baselines import BaselinesConfig, run_baselines
 from ddp_vad.eval.features import feature_size, motion_features, window_features
-from ddp_vad.eval.metrics import read_oof_scores
+from ddp_vad.train.metrics import read_oof_scores
 
 METHODS = ["logreg", "svm", "rf", "knn", "nb"]
 

@@ -16,7 +16,7 @@ from ddp_vad.data.reader import load_window_set
 from ddp_vad.data.shards import ShardConfig, build_shards, load_manifest
 from ddp_vad.data.synth import SynthConfig, run_synth
 from ddp_vad.errors import UserError
-from ddp_vad.eval.metrics import read_oof_scores
+from ddp_vad.train.metrics import read_oof_scores
 from ddp_vad.train.pretrain import PretrainConfig, run_pretrain
 from ddp_vad.train.transfer import TransferConfig, run_transfer
 

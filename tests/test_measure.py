@@ -17,8 +17,8 @@ from ddp_vad.data.windows import grouped_stratified_folds
 from ddp_vad.errors import UserError
 from ddp_vad.eval.figures import fig_timelines
 from ddp_vad.eval.frame_scores import RepeatFrames, frame_summary, frames_by_repeat, paired_difference
-from ddp_vad.eval.metrics import read_oof_scores
 from ddp_vad.train.crossval import CVWindows, fold_split
+from ddp_vad.train.metrics import read_oof_scores
 from ddp_vad.train.transfer import TransferConfig, run_transfer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

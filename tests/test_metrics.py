@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 
 from ddp_vad.errors import UserError
-from ddp_vad.eval.metrics import (
+from ddp_vad.eval.frame_scores import frame_level_auroc, frame_level_scores
+from ddp_vad.train.metrics import (
     OOF_HEADER,
     binary_metrics,
-    frame_level_auroc,
-    frame_level_scores,
     read_cv_results,
     read_oof_scores,
     summarise_folds,

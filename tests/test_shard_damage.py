@@ -24,7 +24,7 @@ from ddp_vad.data.reader import infinite_batches, iter_windows, load_window_set,
 from ddp_vad.data.shards import ShardConfig, build_shards, load_manifest, verify_shards
 from ddp_vad.errors import UserError
 from ddp_vad.eval.figures import real_windows
-from ddp_vad.eval.metrics import read_shard_frame_labels
+from ddp_vad.eval.frame_scores import read_shard_frame_labels
 from ddp_vad.train.gan_monitor import sample_real_windows
 
 

@@ -22,7 +22,6 @@ import numpy as np
 from tqdm import tqdm
 
 from ddp_vad import __version__
-from ddp_vad.config import to_jsonable
 from ddp_vad.data.format import FORMAT, MANIFEST, Block, encode_block
 from ddp_vad.data.plan import ShardConfig, WindowPlan, plan_blocks, plan_windows
 from ddp_vad.data.sources import Clip, decode_clip, decode_stats, open_dataset
@@ -30,7 +29,7 @@ from ddp_vad.data.sources.base import Dataset
 from ddp_vad.data.tario import TarShardWriter
 from ddp_vad.data.windows import fold_summary
 from ddp_vad.errors import UserError
-from ddp_vad.files import atomic_path, staging_folder, swap_in, write_json_atomic
+from ddp_vad.files import atomic_path, staging_folder, swap_in, to_jsonable, write_json_atomic
 from ddp_vad.warn import warn
 
 # Clips are split, in a seeded order, into groups of CLIPS_PER_GROUP; each group is one job: decode the group's clips

@@ -2,7 +2,7 @@
 (the method's) and motion methods on frame-difference energy (:mod:`ddp_vad.eval.features`).
 
 For each method, ``OUT/<method>/`` gets ``config.json``, ``oof_scores.csv`` and ``metrics.json`` in the
-format of :mod:`ddp_vad.eval.metrics`. A method whose ``metrics.json`` exists is skipped (resume).
+format of :mod:`ddp_vad.train.metrics`. A method whose ``metrics.json`` exists is skipped (resume).
 
 Memory plan for the full Ped1 set (~8k windows x 54,000 features = ~1.7 GB float32): the windows are
 resized chunk by chunk into one preallocated float32 matrix (the uint8 frames are dropped afterwards);
@@ -27,8 +27,8 @@ import numpy as np
 from ddp_vad.config import write_resolved_config
 from ddp_vad.errors import UserError
 from ddp_vad.eval.features import MOTION_GRID, feature_size, mean_std, motion_features, standardise_, window_features
-from ddp_vad.eval.metrics import binary_metrics, read_cv_results
 from ddp_vad.options import option
+from ddp_vad.runfiles import metrics_file
 from ddp_vad.train.crossval import (
     PROTOCOL_HELP,
     PROTOCOLS,
@@ -40,6 +40,7 @@ from ddp_vad.train.crossval import (
     score_fold,
     window_selection,
 )
+from ddp_vad.train.metrics import binary_metrics, read_cv_results
 
 
 @dataclass(frozen=True)
@@ -272,7 +273,7 @@ def run_baselines(cfg: BaselinesConfig) -> dict[str, Path]:
     out = Path(cfg.out)
     manifest = load_manifest(cfg.shards)
     n_folds = fold_count(manifest, cfg.folds, cfg.shards)
-    results = {m: out / m / "metrics.json" for m in cfg.method_list}
+    results = {m: metrics_file(out / m) for m in cfg.method_list}
     todo = _todo(cfg, results)
     if not todo:
         return results

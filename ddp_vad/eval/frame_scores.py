@@ -18,13 +18,14 @@ are unsupervised, trained on normal clips only and scored on the official test c
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ddp_vad.eval.metrics import auroc
+from ddp_vad.train.metrics import auroc
 
 # Unsupervised frame AUROCs on the full UCSD Ped1 test set, for orientation beside our supervised number.
 PUBLISHED_FRAME_AUROC = {"MDT (Mahadevan et al., 2010)": 0.818, "future frame prediction (Liu et al., 2018)": 0.831}
@@ -235,3 +236,46 @@ def timeline_clips(by_repeat: dict[int, RepeatFrames], n: int = 4) -> list[str]:
         return [c for _, c in both]
     picks = np.linspace(0, len(both) - 1, n).round().astype(int)
     return [both[i][1] for i in sorted(set(picks.tolist()))]
+
+
+def read_shard_frame_labels(shard_dir: str | os.PathLike) -> dict[str, list[int]]:
+    """Per-window frame labels ``{key: [0/1 x T]}`` read from the shards' block metadata only.
+
+    Much cheaper than materialising every window (no frames are read). Raises UserError when the
+    folder holds no manifest or a listed shard is damaged (frame-level metrics need every window).
+    """
+    from ddp_vad.data.reader import iter_windows  # the shard reader: imported only when shards are read
+
+    return {w["key"]: w["meta"]["frame_labels"] for w in iter_windows(shard_dir, frames=False)}
+
+
+def frame_level_scores(
+    oof_rows: Iterable[Mapping[str, Any]],
+    frame_labels: Mapping[str, Sequence[int]] | Any,
+    window: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[tuple[str, int]]]:
+    """Per-frame labels and scores of repeat 0 from out-of-fold window scores (the rule of
+    :func:`frames_by_repeat`, which does every repeat).
+
+    ``frame_labels`` maps a window key to its per-frame labels (length ``window``), as stored in each
+    shard sample's json (see :func:`read_shard_frame_labels`); a ``WindowSet`` works too. Frame ``start + t``
+    of a clip gets the *max* score over the scored windows that cover it and the label its windows give it
+    (the max, should they ever disagree). Frames covered by no scored window are left out. ``window`` defaults to
+    the length of the labels.
+
+    Returns ``(labels, scores, index)`` with ``index[i] = (clip, frame)`` in sorted order.
+    """
+    rf = frames_by_repeat([r for r in oof_rows if int(r.get("repeat", 0)) == 0], frame_labels, window).get(0)
+    if rf is None:
+        return np.zeros(0, np.int64), np.zeros(0, np.float64), []
+    return rf.labels, rf.scores, list(zip(rf.clips.tolist(), rf.frames.tolist(), strict=True))
+
+
+def frame_level_auroc(
+    oof_rows: Iterable[Mapping[str, Any]],
+    frame_labels: Mapping[str, Sequence[int]] | Any,
+    window: int | None = None,
+) -> float | None:
+    """Frame-level AUROC of :func:`frame_level_scores`; None with one class."""
+    y, s, _ = frame_level_scores(oof_rows, frame_labels, window)
+    return auroc(y, s)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ddp_vad.eval.findings import PROTOCOL_GUARANTEES, curve_table, pooled_only
-from ddp_vad.eval.metrics import METRICS
+from ddp_vad.train.metrics import METRICS
 
 FRAME_AUROC_SCOPE = (
     "Frame AUROC: a frame's score is the max over the out-of-fold scores of the windows covering it, scored by the "

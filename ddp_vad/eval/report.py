@@ -42,7 +42,6 @@ from ddp_vad.eval.findings import (
 )
 from ddp_vad.eval.frame_scores import PUBLISHED_FRAME_AUROC, clip_timeline, timeline_clips
 from ddp_vad.eval.markdown import markdown_table, report_markdown
-from ddp_vad.eval.metrics import METRICS
 from ddp_vad.eval.runs import (
     discover_runs,
     display_labels,
@@ -53,6 +52,8 @@ from ddp_vad.eval.runs import (
 )
 from ddp_vad.files import read_json_object, staging_folder, swap_in, write_json_atomic, write_text_atomic
 from ddp_vad.options import option
+from ddp_vad.runfiles import config_file
+from ddp_vad.train.metrics import METRICS
 from ddp_vad.warn import warn
 
 
@@ -160,7 +161,7 @@ def _gan_selection(run: Path, shards: Path) -> str:
     from ddp_vad.data.shards import load_manifest
     from ddp_vad.train.pretrain import gan_windows
 
-    protocol = read_json_object(run / "config.json", "pretrain run config").get("config", {}).get("protocol", "window")
+    protocol = read_json_object(config_file(run), "pretrain run config").get("config", {}).get("protocol", "window")
     return gan_windows(str(protocol), load_manifest(shards), str(shards))
 
 

@@ -14,24 +14,24 @@ from pathlib import Path
 from typing import Any
 
 from ddp_vad.errors import UserError
-from ddp_vad.eval.frame_scores import frame_summary, frames_by_repeat
-from ddp_vad.eval.metrics import (
+from ddp_vad.eval.frame_scores import frame_summary, frames_by_repeat, read_shard_frame_labels
+from ddp_vad.files import read_json_object
+from ddp_vad.runfiles import config_file, metrics_file, oof_file
+from ddp_vad.train.metrics import (
     FOLD_METRICS,
     binary_metrics,
     read_cv_results,
     read_oof_scores,
-    read_shard_frame_labels,
     summarise_folds,
     window_level_auroc,
 )
-from ddp_vad.files import read_json_object
 
 MAX_DEPTH = 2  # pipeline/ -> baselines/ -> <method>/
 
 
 def is_cv_run(path: Path) -> bool:
     """A cross-validated run (transfer or one baseline method)."""
-    return (path / "metrics.json").is_file()
+    return metrics_file(path).is_file()
 
 
 def is_pretrain_run(path: Path) -> bool:
@@ -74,7 +74,7 @@ def discover_runs(paths: tuple[str, ...] | list[str]) -> tuple[list[Path], list[
 
 def run_shards(run_dir: Path) -> Path | None:
     """The shard folder recorded in ``RUN/config.json`` (``config.shards``), if it still exists."""
-    cfg_path = run_dir / "config.json"
+    cfg_path = config_file(run_dir)
     try:
         shards = read_json_object(cfg_path, "run config")["config"]["shards"]
     except (OSError, UserError, KeyError, TypeError):
@@ -184,7 +184,7 @@ def summarise_run(
     mean, std = summarise_folds(folds)
     notes = _undefined_notes(folds)
     oof = None
-    if (run_dir / "oof_scores.csv").is_file():
+    if oof_file(run_dir).is_file():
         oof = read_oof_scores(run_dir)
     else:
         notes.append("no oof_scores.csv: AUROC skipped")
@@ -282,7 +282,7 @@ def pretrain_health(run_dir: Path) -> dict:
         return {}
     health = read_json_object(path, "GAN health file")
     try:
-        cfg = read_json_object(run_dir / "config.json", "run config").get("config", {})
+        cfg = read_json_object(config_file(run_dir), "run config").get("config", {})
     except (OSError, UserError):
         cfg = {}
     used = [f"{k.replace('_', ' ')} {cfg[k]:g}" for k in ("label_smoothing", "instance_noise") if cfg.get(k)]

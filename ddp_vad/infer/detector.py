@@ -6,7 +6,6 @@ exported ONNX model (with its JSON sidecar, no PyTorch needed to score). See doc
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +14,10 @@ import numpy as np
 
 from ddp_vad.errors import UserError
 from ddp_vad.infer.live import StreamBroken, iter_frames
+from ddp_vad.infer.onnx_scorer import load_onnx
 from ddp_vad.infer.scoring import Scorer, frame_scores, stream_scores, window_scores
 from ddp_vad.infer.threshold import DEFAULT, run_threshold
+from ddp_vad.runfiles import FOLD_MODEL_PATTERN, fold_models, fold_name, oof_file, run_of_fold_model
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,8 @@ class FrameScore:
 
 
 def model_files(run: str | Path, fold: int | None = None) -> list[Path]:
-    """The per-fold classifier weights of a transfer run (``RUN/folds/fold_XX/model.safetensors``), or the one
-    ``.safetensors`` file given."""
+    """The per-fold classifier weights of a transfer run (``RUN/folds/fold_XX/model.safetensors``, see
+    :mod:`ddp_vad.runfiles`), or the one ``.safetensors`` file given."""
     run = Path(run)
     if run.suffix == ".safetensors":
         if not run.is_file():
@@ -41,14 +42,13 @@ def model_files(run: str | Path, fold: int | None = None) -> list[Path]:
         return [run]
     if not run.is_dir():
         raise UserError(f"model run folder not found: {run}")
-    files = sorted(run.glob("folds/fold_*/model.safetensors"))
+    files = fold_models(run)
     if fold is not None:
-        files = [f for f in files if f.parent.name == f"fold_{fold:02d}"]
+        files = [f for f in files if f.parent.name == fold_name(fold)]
     if not files:
         which = f"fold {fold} " if fold is not None else ""
         raise UserError(
-            f"no {which}classifier weights (folds/fold_XX/model.safetensors) in {run}; "
-            "give a finished `ddp_vad transfer` run"
+            f"no {which}classifier weights ({FOLD_MODEL_PATTERN}) in {run}; give a finished `ddp_vad transfer` run"
         )
     return files
 
@@ -57,10 +57,9 @@ def _threshold_of(path: Path, fold: int | None) -> tuple[float, str]:
     """The run's threshold for a run folder or for a fold model inside one; the default otherwise."""
     if path.is_dir():
         return run_threshold(path, fold)
-    match = re.fullmatch(r"fold_(\d+)", path.parent.name)
-    run = path.parents[2] if match and len(path.parents) > 2 else None
-    if run is not None and (run / "oof_scores.csv").is_file():
-        return run_threshold(run, int(match.group(1)))
+    owner = run_of_fold_model(path)
+    if owner is not None and oof_file(owner[0]).is_file():
+        return run_threshold(*owner)
     return DEFAULT, f"default {DEFAULT}: a lone model file has no out-of-fold scores"
 
 
@@ -95,8 +94,6 @@ class Detector:
         """
         path = Path(path)
         if path.suffix == ".onnx":
-            from ddp_vad.infer.export import load_onnx
-
             scorer, meta = load_onnx(path)
             value, note = meta.get("threshold", DEFAULT), meta.get("threshold_rule", "from the export's sidecar")
             det = cls(scorer, meta["window"], meta["height"], meta["width"], value, note, f"{path.name} (ONNX)")

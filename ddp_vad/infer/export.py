@@ -14,7 +14,6 @@ labels, the model config, the folds, and the largest difference to PyTorch measu
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +21,15 @@ from typing import Any
 
 import numpy as np
 
+from ddp_vad import __version__
 from ddp_vad.errors import UserError
+from ddp_vad.files import atomic_path, sha256_file, write_json_atomic
+from ddp_vad.infer.detector import Detector, model_files
+from ddp_vad.infer.onnx_scorer import FORMAT_TAG, INSTALL_HINT, load_onnx, sidecar_path
 from ddp_vad.options import option
+from ddp_vad.runfiles import run_of_fold_model
 
-FORMAT_TAG = "ddp_vad-onnx-1"
 LABELS = ["normal", "anomalous"]
-INSTALL_HINT = 'pip install "ddp_vad[export]" (onnx + onnxruntime)'
 
 
 @dataclass
@@ -47,11 +49,6 @@ class ExportConfig:
             raise UserError(f"--opset must be >= 17, got {self.opset}")
         if self.out is not None and Path(self.out).suffix != ".onnx":
             raise UserError(f"--out {self.out}: give a .onnx file name")
-
-
-def sidecar_path(model: str | Path) -> Path:
-    """The JSON sidecar of an exported model: the same name with ``.json``."""
-    return Path(model).with_suffix(".json")
 
 
 def _ensemble(models: list) -> Any:
@@ -76,9 +73,6 @@ def run_export(cfg: ExportConfig) -> Path:
     """Export ``cfg.run`` as ONNX + sidecar; returns the model file."""
     import torch
 
-    from ddp_vad import __version__
-    from ddp_vad.files import atomic_path, sha256_file, write_json_atomic
-    from ddp_vad.infer.detector import Detector, model_files
     from ddp_vad.models import build_lrcn, load_model
 
     run = Path(cfg.run)
@@ -121,7 +115,7 @@ def run_export(cfg: ExportConfig) -> Path:
         "threshold": detector.threshold,
         "threshold_rule": detector.threshold_note,
         "frame_rule": "a frame's score is the max over the scores of the stride-1 windows covering it",
-        "folds": [f.parent.name if f.parent.name.startswith("fold_") else f.name for f in files],
+        "folds": [f.parent.name if run_of_fold_model(f) else f.name for f in files],
         "source": {"run": str(run.resolve()), "sha256": {str(f): sha256_file(f) for f in files}},
         "model_config": mcfg.to_dict(),
         "opset": cfg.opset,
@@ -138,38 +132,3 @@ def run_export(cfg: ExportConfig) -> Path:
     print(f"exported {len(files)} fold model(s) of {run} to {out} (+ {sidecar_path(out).name}); "
           f"threshold {detector.threshold:.4f}")  # fmt: skip
     return out
-
-
-class OnnxScorer:
-    """Scores of windows ``[B, T, H, W]`` (uint8 pixels, or floats in [0, 1]) with an exported model."""
-
-    def __init__(self, session: Any):
-        self.session = session
-
-    def __call__(self, windows: np.ndarray) -> np.ndarray:
-        windows = np.asarray(windows)
-        pixels = windows.astype(np.float32) if windows.dtype == np.uint8 else (windows * 255.0).astype(np.float32)
-        (score,) = self.session.run(["score"], {"pixels": pixels})
-        return score.astype(np.float64)
-
-
-def load_onnx(path: str | Path, meta: dict | None = None) -> tuple[OnnxScorer, dict]:
-    """An :class:`OnnxScorer` for an exported model and its sidecar's contents (``meta`` skips reading it)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"ONNX model not found: {path}")
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise UserError(f"scoring an ONNX model needs onnxruntime: {INSTALL_HINT}") from None
-    if meta is None:
-        side = sidecar_path(path)
-        if not side.is_file():
-            raise UserError(f"{path}: its sidecar {side.name} (window, frame size, threshold) is missing")
-        meta = json.loads(side.read_text())
-        if meta.get("format") != FORMAT_TAG:
-            raise UserError(f"{side}: not a ddp_vad export sidecar (format {meta.get('format')!r})")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # warnings about unused initialisers are noise here
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return OnnxScorer(session), meta

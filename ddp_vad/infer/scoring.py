@@ -2,7 +2,7 @@
 
 A *scorer* is any callable mapping a batch of windows (uint8 ``[B, T, H, W]``) to their anomaly probabilities
 ``[B]``: :class:`TorchScorer` (the mean over fold models of the softmax's anomalous class) or
-:class:`ddp_vad.infer.export.OnnxScorer`. Every stride-1 window is scored, and a frame's score is the max over the
+:class:`ddp_vad.infer.onnx_scorer.OnnxScorer`. Every stride-1 window is scored, and a frame's score is the max over the
 windows that cover it (the rule the evaluation uses for frame-level AUROC).
 """
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from ddp_vad.files import read_json_object, sha256_file, write_json_atomic
+from ddp_vad.runfiles import fold_name, oof_file, threshold_file
 
-THRESHOLD_FILE = "threshold.json"
 DEFAULT = 0.5
 RULE = "max balanced accuracy on the training folds' out-of-fold window scores"
 
@@ -59,7 +59,7 @@ def _read_oof(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def compute_thresholds(run: str | Path) -> dict:
     """Thresholds of ``run`` from its ``oof_scores.csv``: {"all": t, "fold_XX": t, ...}, with the rule and notes."""
     run = Path(run)
-    oof = run / "oof_scores.csv"
+    oof = oof_file(run)
     record: dict = {"rule": RULE, "source": oof.name, "thresholds": {}, "notes": []}
     if not oof.is_file():
         record["notes"].append(f"no {oof.name} in the run")
@@ -73,7 +73,7 @@ def compute_thresholds(run: str | Path) -> dict:
         train = folds != fold
         value = best_threshold(scores[train], labels[train])
         if value is not None:
-            record["thresholds"][f"fold_{fold:02d}"] = value
+            record["thresholds"][fold_name(fold)] = value
     if not record["thresholds"]:
         record["notes"].append("the out-of-fold scores lack one class")
     return record
@@ -85,14 +85,14 @@ def run_threshold(run: str | Path, fold: int | None = None) -> tuple[float, str]
     Reads ``RUN/threshold.json``; computes and writes it when absent (a read-only run is computed, not written).
     """
     run = Path(run)
-    path, oof = run / THRESHOLD_FILE, run / "oof_scores.csv"
+    path, oof = threshold_file(run), oof_file(run)
     record = read_json_object(path, "threshold file") if path.is_file() else None
     current = sha256_file(oof) if oof.is_file() else None
     if record is None or record.get("oof_sha256") != current:
         record = compute_thresholds(run)
         with contextlib.suppress(OSError):  # a read-only run: the value is still right, only not cached
             write_json_atomic(path, record)
-    key = "all" if fold is None else f"fold_{fold:02d}"
+    key = "all" if fold is None else fold_name(fold)
     value = record.get("thresholds", {}).get(key)
     if value is None:
         return DEFAULT, f"default {DEFAULT}: {'; '.join(record.get('notes', [])) or 'none chosen for ' + key}"

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from ddp_vad.errors import UserError
-from ddp_vad.eval.metrics import auroc, binary_metrics, write_cv_results
 from ddp_vad.files import read_json_object
+from ddp_vad.train.metrics import auroc, binary_metrics, write_cv_results
 
 PROTOCOLS = ("leakfree", "window", "clip")  # the first is the default
 PROTOCOL_HELP = (

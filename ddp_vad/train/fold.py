@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 from ddp_vad.data.reader import WindowSet, frames_to_float
 from ddp_vad.errors import NonFiniteLossError, UserError
-from ddp_vad.eval.metrics import auroc
 from ddp_vad.files import write_json_atomic
 from ddp_vad.models import LRCN, ModelConfig, save_model
+from ddp_vad.runfiles import MODEL_FILE, RESULT_FILE, fold_checkpoint_dir, fold_dir, fold_tb_dir
 from ddp_vad.train.augment import augment_windows, epoch_generator, parse_augment
 from ddp_vad.train.checkpoint import list_fold_checkpoints, save_fold_checkpoint
 from ddp_vad.train.classifier import (
@@ -40,8 +40,8 @@ from ddp_vad.train.classifier import (
     trainable_forward,
 )
 from ddp_vad.train.crossval import CVWindows, fold_split, score_fold
-from ddp_vad.train.fold_store import MODEL_FILE, RESULT_FILE, fold_name
 from ddp_vad.train.holdout import holdout_part
+from ddp_vad.train.metrics import auroc
 
 TEST_CURVE_TAG = "test_fold_not_for_selection/accuracy"
 
@@ -182,7 +182,7 @@ def _train_epoch(
         total += loss.detach().double() * b.size
     epoch_loss = (total / order.size).item()
     if not math.isfinite(epoch_loss):
-        done = list_fold_checkpoints(run.run_dir / "checkpoints" / fold_name(k))
+        done = list_fold_checkpoints(fold_checkpoint_dir(run.run_dir, k))
         where = f"last good checkpoint: {done[-1][1]}" if done else "no checkpoint was written yet"
         raise NonFiniteLossError(
             f"fold {k}: non-finite training loss in epoch {epoch} ({epoch_loss}); stopped without saving; "
@@ -241,8 +241,7 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
     get_inputs, norm = _input_fn(run, model, fit_idx)
     forward = trainable_forward(model, cfg.train)
 
-    name = fold_name(k)
-    writer = SummaryWriter(str(run.run_dir / "tb" / name), purge_step=start_epoch + 1 if start_epoch else None)
+    writer = SummaryWriter(str(fold_tb_dir(run.run_dir, k)), purge_step=start_epoch + 1 if start_epoch else None)
     last = None
     try:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
@@ -266,7 +265,7 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
             writer.add_scalar("lr", optimizer.param_groups[0]["lr"], epoch)
             history.append({"epoch": epoch, "loss": loss, "test_accuracy": test_acc, **record})
             state = _checkpoint_state(run, k, epoch, model, optimizer, scaler, history, best)
-            save_fold_checkpoint(run.run_dir / "checkpoints" / name, epoch, state)
+            save_fold_checkpoint(fold_checkpoint_dir(run.run_dir, k), epoch, state)
             if pbar is not None:
                 pbar.update(1)
                 pbar.set_postfix(fold=k, loss=f"{loss:.3f}", acc=f"{test_acc:.3f}")
@@ -295,8 +294,7 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
         "seconds": round(time.perf_counter() - t0, 3),
         "rank": int(acc.process_index),
     }
-    fold_dir = run.run_dir / "folds" / name
     export = model if norm is None else fold_standardization_into_head(model, *norm)
-    save_model(export, fold_dir / MODEL_FILE, run.model_cfg, kind="classifier")
-    write_json_atomic(fold_dir / RESULT_FILE, result)  # last: its presence marks the fold finished
+    save_model(export, fold_dir(run.run_dir, k) / MODEL_FILE, run.model_cfg, kind="classifier")
+    write_json_atomic(fold_dir(run.run_dir, k) / RESULT_FILE, result)  # last: its presence marks the fold finished
     return result

@@ -15,20 +15,15 @@ from typing import Any
 from ddp_vad.errors import UserError
 from ddp_vad.files import read_json_object, sha256_file
 from ddp_vad.models import ModelConfig
+from ddp_vad.runfiles import RESULT_FILE, config_file, fold_checkpoint_dir, fold_dir
 from ddp_vad.train.checkpoint import list_fold_checkpoints, load_fold_checkpoint, remove_partial_fold_saves
 from ddp_vad.train.classifier import RANDOM, SCRATCH, discriminator_file
 from ddp_vad.warn import warn
 
-MODEL_FILE, RESULT_FILE = "model.safetensors", "result.json"
 FINGERPRINT_KEYS = ("train", "protocol", "epochs", "batch_size", "lr", "seed", "holdout_type", "labelled_fraction")
 # Training levers: in a fingerprint only where they differ from training before the levers existed (plain CE, no
 # augmentation, ...), so such runs still resume, and runs that differ in them are refused.
 LEVER_DEFAULTS = {"augment": "none", "class_weight": "none", "val_clips": 0, "weight_decay": 0.0}
-
-
-def fold_name(fold: int) -> str:
-    """``fold_XX`` (the per-fold folder name under tb/, checkpoints/ and folds/)."""
-    return f"fold_{fold:02d}"
 
 
 def fingerprint(cfg: Any, manifest: dict, model_cfg: ModelConfig, mixed_precision: str) -> dict:
@@ -55,8 +50,7 @@ def differences(new: dict, old: dict) -> str:
 
 def fold_status(run_dir: Path, k: int, fp: dict) -> tuple[str, Any, str | None]:
     """("done", result) / ("resume", checkpoint state) / ("new", None) for fold ``k``, plus an error message."""
-    name = fold_name(k)
-    result_path = run_dir / "folds" / name / RESULT_FILE
+    result_path = fold_dir(run_dir, k) / RESULT_FILE
     if result_path.is_file():
         try:
             result = read_json_object(result_path, "fold result")
@@ -66,7 +60,7 @@ def fold_status(run_dir: Path, k: int, fp: dict) -> tuple[str, Any, str | None]:
             diff = differences(fp, result.get("fingerprint") or {})
             return "new", None, f"{result_path} was made with other settings ({diff}); use another --out"
         return "done", result, None
-    ckpt_dir = run_dir / "checkpoints" / name
+    ckpt_dir = fold_checkpoint_dir(run_dir, k)
     remove_partial_fold_saves(ckpt_dir)
     ckpts = list_fold_checkpoints(ckpt_dir)
     if not ckpts:
@@ -94,7 +88,7 @@ def run_level_error(resume: str, run_dir: Path, fp: dict) -> str | None:
     """Why ``run_dir`` may not take this run (another stage's or another setting's files), or None."""
     if resume == "none" and run_dir.is_dir() and any(run_dir.iterdir()):
         return f"--out {run_dir} is not empty: use --resume auto to continue that run, or choose another --out"
-    config_path = run_dir / "config.json"
+    config_path = config_file(run_dir)
     if config_path.is_file():
         try:
             old = read_json_object(config_path, "run config")

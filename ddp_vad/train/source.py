@@ -16,6 +16,7 @@ import torch
 from ddp_vad.errors import UserError
 from ddp_vad.files import read_json_object
 from ddp_vad.models import ModelConfig, build_lrcn, model_config_for
+from ddp_vad.runfiles import config_file
 from ddp_vad.train.classifier import RANDOM, SCRATCH, discriminator_file, fold_seed, gan_features
 
 FRESH = (SCRATCH, RANDOM)  # sources without a GAN: freshly initialised weights
@@ -73,7 +74,7 @@ def check_gan_protocol(source: str, protocol: str) -> list[str]:
     leakfree``): a GAN that saw every window has seen each fold's test clips. Returns notes."""
     if protocol != "leakfree":
         return []
-    config = discriminator_file(source).parent / "config.json"
+    config = config_file(discriminator_file(source).parent)
     if not config.is_file():
         return [f"cannot check what the GAN {source} was pretrained on (no {config}): the leak-free guarantee "
                 "assumes it saw the train clips only"]  # fmt: skip

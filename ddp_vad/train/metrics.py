@@ -27,6 +27,7 @@ import numpy as np
 
 from ddp_vad.errors import UserError
 from ddp_vad.files import atomic_path, read_json_object, write_json_atomic
+from ddp_vad.runfiles import metrics_file, oof_file
 
 METRICS = ("recall", "precision", "accuracy", "f1")  # the method's Table 5 (thresholded at the argmax)
 # Metrics that do not move with a fold's anomaly rate: the headline under clip-grouped folds (docs/run-folders.md).
@@ -162,7 +163,7 @@ def write_cv_results(
     folds = sorted((_clean_fold_row(r) for r in fold_rows), key=lambda r: (r["repeat"], r["fold"]))
     oof = sorted((_oof_tuple(r) for r in oof_rows), key=lambda r: (r[6], r[0], r[5]))
 
-    csv_path = run_dir / "oof_scores.csv"
+    csv_path = oof_file(run_dir)
     with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(OOF_HEADER)
@@ -181,7 +182,7 @@ def write_cv_results(
     }
     if extra:
         payload.update(extra)
-    path = run_dir / "metrics.json"
+    path = metrics_file(run_dir)
     write_json_atomic(path, payload)
     return path
 
@@ -190,7 +191,7 @@ def read_cv_results(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Read and check ``RUN/metrics.json`` (``run_dir`` may also be the file itself)."""
     path = Path(run_dir)
     if path.is_dir():
-        path = path / "metrics.json"
+        path = metrics_file(path)
     if not path.is_file():
         raise UserError(f"no metrics.json in {path.parent}")
     data = read_json_object(path, "metrics file")
@@ -208,7 +209,7 @@ def read_oof_scores(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read ``oof_scores.csv`` (``path`` may be the run folder) into typed dict rows."""
     path = Path(path)
     if path.is_dir():
-        path = path / "oof_scores.csv"
+        path = oof_file(path)
     if not path.is_file():
         raise UserError(f"no oof_scores.csv at {path}")
     with open(path, newline="") as fh:
@@ -229,17 +230,6 @@ def read_oof_scores(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def read_shard_frame_labels(shard_dir: str | os.PathLike) -> dict[str, list[int]]:
-    """Per-window frame labels ``{key: [0/1 x T]}`` read from the shards' block metadata only.
-
-    Much cheaper than materialising every window (no frames are read). Raises UserError when the
-    folder holds no manifest or a listed shard is damaged (frame-level metrics need every window).
-    """
-    from ddp_vad.data.reader import iter_windows
-
-    return {w["key"]: w["meta"]["frame_labels"] for w in iter_windows(shard_dir, frames=False)}
-
-
 def auroc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float | None:
     """ROC AUC (sklearn ``roc_auc_score``) of scores against 0/1 labels; ``None`` unless both classes are present.
 
@@ -250,40 +240,6 @@ def auroc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarr
     if y.size == 0 or np.unique(y).size < 2:
         return None
     return float(roc_auc_score(y, np.asarray(scores, dtype=np.float64)))
-
-
-def frame_level_scores(
-    oof_rows: Iterable[Mapping[str, Any]],
-    frame_labels: Mapping[str, Sequence[int]] | Any,
-    window: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, list[tuple[str, int]]]:
-    """Per-frame labels and scores of repeat 0 from out-of-fold window scores (the rule of
-    :func:`ddp_vad.eval.frame_scores.frames_by_repeat`, which does every repeat).
-
-    ``frame_labels`` maps a window key to its per-frame labels (length ``window``), as stored in each
-    shard sample's json (see :func:`read_shard_frame_labels`); a ``WindowSet`` works too. Frame ``start + t``
-    of a clip gets the *max* score over the scored windows that cover it and the label its windows give it
-    (the max, should they ever disagree). Frames covered by no scored window are left out. ``window`` defaults to
-    the length of the labels.
-
-    Returns ``(labels, scores, index)`` with ``index[i] = (clip, frame)`` in sorted order.
-    """
-    from ddp_vad.eval.frame_scores import frames_by_repeat
-
-    rf = frames_by_repeat([r for r in oof_rows if int(r.get("repeat", 0)) == 0], frame_labels, window).get(0)
-    if rf is None:
-        return np.zeros(0, np.int64), np.zeros(0, np.float64), []
-    return rf.labels, rf.scores, list(zip(rf.clips.tolist(), rf.frames.tolist(), strict=True))
-
-
-def frame_level_auroc(
-    oof_rows: Iterable[Mapping[str, Any]],
-    frame_labels: Mapping[str, Sequence[int]] | Any,
-    window: int | None = None,
-) -> float | None:
-    """Frame-level AUROC of :func:`frame_level_scores`; None with one class."""
-    y, s, _ = frame_level_scores(oof_rows, frame_labels, window)
-    return auroc(y, s)
 
 
 def window_level_auroc(oof_rows: Iterable[Mapping[str, Any]]) -> float | None:
