@@ -9,8 +9,9 @@ Names are imported when first used (module ``__getattr__``), so ``import ddp_vad
 
 The package follows the data (docs/architecture.md): ``data/`` reads clips (``sources/``), cuts and labels windows
 and writes/reads shards; ``train/`` pretrains the GAN and fine-tunes the classifier fold-parallel; ``eval/`` runs the
-baselines, metrics, report and predict; ``cli.py`` parses options declared once in the stages' configs
-(``options.py``), ``pipeline.py`` chains the stages, ``models.py`` and ``presets.py`` hold the networks and sizes.
+baselines and the report; ``infer/`` is everything after training (detector, scorers, threshold, export, predict);
+``cli.py`` parses options declared once in the stages' configs (``options.py``), ``pipeline.py`` chains the stages,
+``models.py`` and ``presets.py`` hold the networks and sizes. Packages import downwards only (tests/test_imports.py).
 """
 
 from __future__ import annotations
