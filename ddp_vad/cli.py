@@ -7,14 +7,16 @@ is asked (see :mod:`ddp_vad.clispec`), and its stage module (and torch) is impor
 
 from __future__ import annotations
 
+import json
 import sys
+import traceback
 from collections.abc import Callable
 
 import click
 
 from ddp_vad.clispec import cached_specs, config_class
 from ddp_vad.errors import UserError, error_message
-from ddp_vad.options import param_specs, params_from_specs
+from ddp_vad.options import file_value_problem, param_specs, params_from_specs
 
 
 def _apply_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -25,14 +27,18 @@ def _apply_config_file(ctx: click.Context, _param: click.Parameter, value: str |
 
     values = load_config_file(value)
     # Keys may be written as the flag ("from", "min-anomalous") or as the parameter name ("source").
-    names = {p.name: p.name for p in ctx.command.params}
+    params = {p.name: p for p in ctx.command.params}
     for param in ctx.command.params:
         for opt in param.opts:
-            names[opt.lstrip("-").replace("-", "_")] = param.name
-    unknown = sorted(set(values) - set(names))
+            params[opt.lstrip("-").replace("-", "_")] = param
+    unknown = sorted(set(values) - set(params))
     if unknown:
         raise UserError(f"config file {value}: unknown option(s) {', '.join(unknown)} for '{ctx.info_name}'")
-    ctx.default_map = {**(ctx.default_map or {}), **{names[k]: v for k, v in values.items()}}
+    for key, item in values.items():
+        problem = file_value_problem(params[key], item)
+        if problem:
+            raise UserError(f"config file {value}: {key} = {json.dumps(item, default=str)}: {problem}")
+    ctx.default_map = {**(ctx.default_map or {}), **{params[k].name: v for k, v in values.items()}}
     return value
 
 
@@ -54,13 +60,22 @@ class _Group(click.Group):
     """The one guard around every command: a traceback only with --debug.
 
     UserError (bad input) and OSError (a path: not a folder, disk full, permission denied) print
-    ``error: <message>`` and exit 2; anything else prints one line and a hint, and exits 1.
+    ``error: <message>`` and exit 2, as does a missing required option (``error: missing option --out``); Ctrl-C
+    prints ``interrupted`` and exits 130 (128 + SIGINT, as a shell reports it) from every command; anything else
+    prints one line and a hint, and exits 1.
     """
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+        except click.exceptions.MissingParameter as exc:
+            sys.exit(_missing(exc))
+        except (KeyboardInterrupt, click.exceptions.Abort):  # Abort: click's own Ctrl-C (at a prompt)
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except (click.exceptions.ClickException, click.exceptions.Exit):
             raise  # click's own usage errors already print one line
         except Exception as exc:
             if ctx.obj and ctx.obj.get("debug"):
@@ -70,6 +85,17 @@ class _Group(click.Group):
                 click.echo("rerun with --debug for the traceback", err=True)
                 sys.exit(1)
             sys.exit(2)
+
+
+def _missing(exc: click.exceptions.MissingParameter) -> int:
+    """Print ``error: missing option --out`` (or ``argument OUT``) on one line; returns click's usage status, 2."""
+    param, command = exc.param, exc.ctx.command_path if exc.ctx else "ddp_vad"
+    if isinstance(param, click.Option):
+        what = f"option {param.opts[0]}"
+    else:
+        what = f"argument {param.name.upper() if param else exc.param_hint}"
+    click.echo(f"error: missing {what} (see `{command} --help`)", err=True)
+    return exc.exit_code
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -222,7 +248,7 @@ def predict_cmd(**kwargs) -> None:
     try:
         _stage("predict")(_config("predict", kwargs))
     except KeyboardInterrupt:
-        sys.exit(130)  # predict already printed its one line
+        sys.exit(130)  # predict already printed its one line (the group would print a second)
 
 
 # ----------------------------------------------------------------------------------------- export

@@ -34,10 +34,43 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
-        yield tmp
+        with naming(path):
+            yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an OSError that names no file (a write to an open file failed: disk full, quota, I/O error) as one
+    naming ``path``, so that its one-line message says which file was being written."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append ``text`` (whole lines) to ``path``. A failed write (disk full) cuts the file back to where it ended, so
+    it never ends in a torn line; the error names ``path``."""
+    data = text.encode()
+    with naming(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            except BaseException:  # a full disk, or Ctrl-C between two partial writes
+                with contextlib.suppress(OSError):  # not every file can be cut (/dev/full); keep the first error
+                    os.ftruncate(fd, end)
+                raise
+        finally:
+            os.close(fd)
 
 
 def make_folder(path: str | os.PathLike) -> Path:

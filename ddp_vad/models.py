@@ -29,6 +29,7 @@ from torch import nn
 from ddp_vad.errors import UserError
 from ddp_vad.files import atomic_path
 from ddp_vad.presets import PRESET_NAMES, PRESETS
+from ddp_vad.warn import warn
 
 GENERATOR_FILE = "generator.safetensors"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
@@ -167,13 +168,28 @@ def model_config_for(preset: str, manifest: dict, **overrides) -> ModelConfig:
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r} (expected one of {', '.join(PRESET_NAMES)})")
     fields = {**PRESETS[preset].model, **{k: v for k, v in overrides.items() if v is not None}}
-    return ModelConfig(
+    cfg = ModelConfig(
         preset=preset,
         window=int(manifest["window"]),
         height=int(manifest["height"]),
         width=int(manifest["width"]),
         **fields,
     )
+    check_topk(cfg, overrides.get("topk"))
+    return cfg
+
+
+def check_topk(cfg: ModelConfig, asked: int | None) -> None:
+    """Top-k pooling averages at most the positions of the last conv map: an asked ``--topk`` above them is refused,
+    and one that does nothing (another pooling) or a preset's default above them is noted."""
+    h, w = cfg.feature_map()
+    where = f"the '{cfg.preset}' preset's conv stack leaves {h}x{w} = {h * w} position(s) on {cfg.height}x{cfg.width}"
+    if asked is not None and cfg.pooling != "topk":
+        warn(f"--topk {asked}: has no effect with pooling {cfg.pooling} (only with --pooling topk)")
+    elif cfg.pooling == "topk" and cfg.topk > h * w:
+        if asked is not None:
+            raise UserError(f"--topk {asked}: {where} frames; give --topk {h * w} or less")
+        warn(f"pooling topk: the default topk {cfg.topk} is more than {where} frames: all {h * w} are averaged")
 
 
 # ------------------------------------------------------------------------------------------ generator

@@ -99,11 +99,12 @@ def params_from_specs(specs: list[dict[str, Any]]) -> list[click.Parameter]:
         if kind is bool:
             decls = [f"{flag}/--no-{flag[2:]}" if s["negatable"] else flag, name]
             extra = {} if s["negatable"] else {"is_flag": True}
+        if not required:  # click takes an explicit default=None as a value and would never report it missing
+            extra["default"] = default
         params.append(
             click.Option(
                 decls,
                 type=None if kind is bool else ptype,
-                default=default,
                 required=required,
                 help=s["help"],
                 envvar=s["envvar"],
@@ -117,3 +118,44 @@ def params_from_specs(specs: list[dict[str, Any]]) -> list[click.Parameter]:
 def click_params(config_cls: type) -> list[click.Parameter]:
     """click parameters for every :func:`option` field of ``config_cls``, in field order."""
     return params_from_specs(param_specs(config_cls))
+
+
+def file_value_problem(param: click.Parameter, value: Any) -> str | None:
+    """Why ``value`` read from a config file cannot be ``param``'s value, or None when it can.
+
+    Checked strictly against the type the option declares: click would quietly turn ``1.7`` and ``true`` into the
+    integer 1 and a number into text. ``None`` (YAML ``null``) only stands for an option whose default is unset.
+    """
+    if value is None:
+        return None if param.default is None and not param.required else "expected a value, got nothing"
+    if param.nargs == -1:  # a repeated argument: a list, or one value
+        problems = (file_value_problem(_single(param), v) for v in (value if isinstance(value, list) else [value]))
+        return next((p for p in problems if p), None)
+    ptype = param.type
+    if isinstance(param, click.Option) and param.is_flag or isinstance(ptype, click.types.BoolParamType):
+        return None if isinstance(value, bool) else "expected true or false"
+    if isinstance(ptype, click.Choice):
+        choices = [str(c) for c in ptype.choices]
+        return None if isinstance(value, str) and value in choices else f"expected one of {', '.join(choices)}"
+    if isinstance(ptype, click.types.IntParamType):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "expected an integer"
+    if isinstance(ptype, click.types.FloatParamType):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return None
+        if isinstance(value, str) and _is_number(value):  # YAML 1.1 reads 1e-3 (no dot) as text
+            return f"expected a number, got text (in YAML write {float(value)!r})"
+        return "expected a number"
+    return None if isinstance(value, str) else 'expected text (put it in quotes: "...")'
+
+
+def _single(param: click.Parameter) -> click.Parameter:
+    """A one-value copy of a repeated argument, to check its items one by one."""
+    return click.Argument([param.name], type=param.type, required=param.required)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

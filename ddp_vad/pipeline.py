@@ -14,8 +14,10 @@ the others wait; pretraining and fine-tuning use every process.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ddp_vad.config import write_resolved_config
 from ddp_vad.data.sources import FORMATS
@@ -90,6 +92,8 @@ class PipelineConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= {2 if name == 'folds' else 1}, got {value}")
         if self.data is None and self.format not in (None, "ucsd", "videos"):
             raise UserError(f"--format {self.format} needs --data (synthetic data is written as ucsd or videos)")
+        for check_options in stage_configs(self).values():  # every stage's options, before the first stage runs
+            check_options(False)
 
     def plan(self) -> dict:
         """The preset's run sizes with explicit options on top."""
@@ -120,106 +124,134 @@ def layout(out: Path, fractions: list[float]) -> dict[str, Path]:
     return dirs
 
 
-def _prepare_data(cfg: PipelineConfig, plan: dict, dirs: dict[str, Path]) -> None:
-    """Main process: synthetic data (without --data) and the shards, each reused when already complete."""
-    from ddp_vad.data.shards import MANIFEST, ShardConfig, build_shards
-    from ddp_vad.data.synth import SynthConfig, run_synth
+def stage_configs(cfg: PipelineConfig) -> dict[str, Callable[[bool], Any]]:
+    """A builder of every stage's config, keyed ``synth`` (only without --data), ``shard build``, ``pretrain``,
+    ``<run>@<fraction>`` (the learned runs and ``baselines``, as in :func:`layout`) and ``evaluate``. Building a
+    config runs its checks; ``builder(False)`` leaves out those of the inputs an earlier stage makes (the shards,
+    the GAN run, the runs to evaluate), so that every stage's options can be checked before the first one runs."""
+    from ddp_vad.data.shards import ShardConfig
+    from ddp_vad.data.synth import SynthConfig
+    from ddp_vad.eval.baselines import BaselinesConfig
+    from ddp_vad.eval.report import EvaluateConfig
+    from ddp_vad.train.pretrain import PretrainConfig
+    from ddp_vad.train.transfer import TransferConfig
 
-    data = cfg.data
-    if data is None:
+    plan, dirs = cfg.plan(), layout(Path(cfg.out), cfg.fractions)
+    shards, seed, protocol = str(dirs["shards"]), cfg.seed, cfg.protocol
+    builders: dict[str, Callable[[bool], Any]] = {}
+    if cfg.data is None:
+        builders["synth"] = lambda _: SynthConfig(
+            out=str(dirs["data"]), train_clips=plan["train_clips"], test_clips=plan["test_clips"],
+            frames=plan["frames"], height=plan["synth_height"], width=plan["synth_width"], seed=seed, overwrite=True,
+            format=cfg.format or "ucsd",
+        )  # fmt: skip
+    builders["shard build"] = lambda _: ShardConfig(
+        data=str(cfg.data or dirs["data"]), out=shards, dataset=cfg.dataset, format=cfg.format, height=plan["height"],
+        width=plan["width"], folds=plan["folds"], shard_size=plan["shard_size"], seed=seed, workers=cfg.workers,
+    )  # fmt: skip
+    builders["pretrain"] = lambda _: PretrainConfig(
+        shards=shards, out=str(dirs["gan"]), preset=cfg.preset, steps=plan["steps"], batch_size=plan["batch_size"],
+        seed=seed, resume="auto", similarity_every=plan["similarity_every"], checkpoint_every=plan["checkpoint_every"],
+        image_every=plan["checkpoint_every"], protocol=protocol,
+    )  # fmt: skip
+    for f in cfg.fractions:
+        for name, source, train in learned_runs(cfg, dirs):
+            builders[f"{name}@{f:g}"] = lambda check, out=str(dirs[f"{name}@{f:g}"]), s=source, t=train, f=f: (
+                TransferConfig(
+                    shards=shards, out=out, source=s, train=t, folds=plan["folds"], protocol=protocol,
+                    epochs=plan["epochs"], preset=cfg.preset, seed=seed, resume="auto", labelled_fraction=f,
+                    repeats=plan["repeats"], check_paths=check,
+                )
+            )  # fmt: skip
+        builders[f"baselines@{f:g}"] = lambda check, out=str(dirs[f"baselines@{f:g}"]), f=f: BaselinesConfig(
+            shards=shards, out=out, methods=cfg.methods, protocol=protocol, folds=plan["folds"], seed=seed,
+            labelled_fraction=f, repeats=plan["repeats"], check_paths=check,
+        )  # fmt: skip
+    runs = [dirs["gan"]] + [dirs[f"{n}@{f:g}"] for f in cfg.fractions for n in LEARNED_RUNS]
+    runs += [dirs[f"baselines@{f:g}"] for f in cfg.fractions]
+    builders["evaluate"] = lambda check: EvaluateConfig(
+        runs=tuple(str(r) for r in runs), out=str(dirs["report"]), check_paths=check
+    )
+    return builders
+
+
+def learned_runs(cfg: PipelineConfig, dirs: dict[str, Path]) -> tuple[tuple[str, str, str], ...]:
+    """(run, --from, --train) of the learned runs: GAN+LRCN fine-tunes what --train says, LRCN from scratch trains
+    everything and the random-init control the head on a frozen random LRCN, all with the same epochs and batch
+    size (a fair budget)."""
+    return (("lrcn-gan", str(dirs["gan"]), cfg.train), ("lrcn-scratch", "scratch", "all"),
+            ("lrcn-random", "random", "head"))  # fmt: skip
+
+
+def _prepare_data(cfg: PipelineConfig, dirs: dict[str, Path], build: dict[str, Callable]) -> None:
+    """Main process: synthetic data (without --data) and the shards, each reused when already complete."""
+    from ddp_vad.data.shards import MANIFEST, build_shards
+    from ddp_vad.data.synth import run_synth
+
+    if cfg.data is None:
         data = dirs["data"]
         written = "*/labels.csv" if cfg.format == "videos" else "*/Test/*.m"  # what a finished synth leaves
         if not any(data.glob(written)):
             _log(f"synth -> {data}")
-            run_synth(SynthConfig(
-                out=str(data), train_clips=plan["train_clips"], test_clips=plan["test_clips"], frames=plan["frames"],
-                height=plan["synth_height"], width=plan["synth_width"], seed=cfg.seed, overwrite=True,
-                format=cfg.format or "ucsd",
-            ))  # fmt: skip
+            run_synth(build["synth"](True))
         else:
             _log(f"synth: reusing {data}")
     if (dirs["shards"] / MANIFEST).is_file():
         _log(f"shard build: reusing {dirs['shards']}")
         return
     _log(f"shard build -> {dirs['shards']}")
-    build_shards(ShardConfig(
-        data=str(data), out=str(dirs["shards"]), dataset=cfg.dataset, format=cfg.format, height=plan["height"],
-        width=plan["width"], folds=plan["folds"], shard_size=plan["shard_size"], seed=cfg.seed, workers=cfg.workers,
-    ))  # fmt: skip
+    build_shards(build["shard build"](True))
 
 
-def _pretrain(cfg: PipelineConfig, plan: dict, dirs: dict[str, Path], main: bool) -> None:
-    from ddp_vad.train.pretrain import PretrainConfig, run_pretrain
+def _pretrain(cfg: PipelineConfig, plan: dict, dirs: dict[str, Path], build: dict[str, Callable], main: bool) -> None:
+    from ddp_vad.train.pretrain import run_pretrain
 
     if (dirs["gan"] / "generator.safetensors").is_file():
         _log(f"pretrain: reusing {dirs['gan']}", main)
         return
     _log(f"pretrain ({cfg.preset}, {plan['steps']} steps) -> {dirs['gan']}", main)
-    run_pretrain(PretrainConfig(
-        shards=str(dirs["shards"]), out=str(dirs["gan"]), preset=cfg.preset, steps=plan["steps"],
-        batch_size=plan["batch_size"], seed=cfg.seed, resume="auto", similarity_every=plan["similarity_every"],
-        checkpoint_every=plan["checkpoint_every"], image_every=plan["checkpoint_every"], protocol=cfg.protocol,
-    ))  # fmt: skip
+    run_pretrain(build["pretrain"](True))
 
 
-def _transfer(cfg: PipelineConfig, plan: dict, dirs: dict[str, Path], fraction: float, main: bool) -> None:
-    """GAN+LRCN (fine-tunes what --train says), LRCN from scratch (trains everything) and the random-init control
-    (the head on a frozen random LRCN) at one labelled fraction, with the same epochs and batch size: a fair
-    budget."""
-    from ddp_vad.train.transfer import TransferConfig, run_transfer
+def _transfer(cfg: PipelineConfig, dirs: dict[str, Path], build: dict[str, Callable], f: float, main: bool) -> None:
+    """The learned runs (:func:`learned_runs`) at one labelled fraction ``f``."""
+    from ddp_vad.train.transfer import run_transfer
 
-    runs = (("lrcn-gan", str(dirs["gan"]), cfg.train), ("lrcn-scratch", "scratch", "all"),
-            ("lrcn-random", "random", "head"))  # fmt: skip
-    for name, source, train in runs:
-        run = dirs[f"{name}@{fraction:g}"]
+    for name, source, train in learned_runs(cfg, dirs):
+        run = dirs[f"{name}@{f:g}"]
         if metrics_file(run).is_file():
-            _log(f"transfer --from {source} (labelled fraction {fraction:g}): reusing {run}", main)
+            _log(f"transfer --from {source} (labelled fraction {f:g}): reusing {run}", main)
         else:
-            _log(f"transfer --from {source} --train {train} --labelled-fraction {fraction:g} -> {run}", main)
-            run_transfer(TransferConfig(
-                shards=str(dirs["shards"]), out=str(run), source=source, train=train, folds=plan["folds"],
-                protocol=cfg.protocol, epochs=plan["epochs"], preset=cfg.preset, seed=cfg.seed, resume="auto",
-                labelled_fraction=fraction, repeats=plan["repeats"],
-            ))  # fmt: skip
+            _log(f"transfer --from {source} --train {train} --labelled-fraction {f:g} -> {run}", main)
+            run_transfer(build[f"{name}@{f:g}"](True))
         patient_barrier()
-
-
-def _baselines(cfg: PipelineConfig, plan: dict, dirs: dict[str, Path], fraction: float) -> None:
-    from ddp_vad.eval.baselines import BaselinesConfig, run_baselines
-
-    out = dirs[f"baselines@{fraction:g}"]
-    _log(f"baselines ({cfg.methods}, labelled fraction {fraction:g}) -> {out}")
-    run_baselines(BaselinesConfig(
-        shards=str(dirs["shards"]), out=str(out), methods=cfg.methods, protocol=cfg.protocol, folds=plan["folds"],
-        seed=cfg.seed, labelled_fraction=fraction, repeats=plan["repeats"],
-    ))  # fmt: skip
 
 
 def run_pipeline(cfg: PipelineConfig) -> Path:
     """Run (or resume) every stage; returns the report folder."""
-    from ddp_vad.eval.report import EvaluateConfig, run_evaluate
+    from ddp_vad.eval.baselines import run_baselines
+    from ddp_vad.eval.report import run_evaluate
 
     state = process_state()
     main = state.is_main_process
     out, plan = Path(cfg.out), cfg.plan()
-    dirs = layout(out, cfg.fractions)
+    dirs, build = layout(out, cfg.fractions), stage_configs(cfg)  # their options were checked by PipelineConfig
     if main:
         out.mkdir(parents=True, exist_ok=True)
         write_resolved_config(out, cfg, extra={"plan": plan, "layout": {k: str(v) for k, v in dirs.items()}})
-        _prepare_data(cfg, plan, dirs)
+        _prepare_data(cfg, dirs, build)
     patient_barrier()
-    _pretrain(cfg, plan, dirs, main)
+    _pretrain(cfg, plan, dirs, build, main)
     patient_barrier()
     for fraction in reversed(cfg.fractions):  # all labels first: the contract runs are there soonest
-        _transfer(cfg, plan, dirs, fraction, main)
+        _transfer(cfg, dirs, build, fraction, main)
         if main:
-            _baselines(cfg, plan, dirs, fraction)
+            _log(f"baselines ({cfg.methods}, labelled fraction {fraction:g}) -> {dirs[f'baselines@{fraction:g}']}")
+            run_baselines(build[f"baselines@{fraction:g}"](True))
         patient_barrier()
     if main:
-        runs = [dirs["gan"]] + [dirs[f"{n}@{f:g}"] for f in cfg.fractions for n in LEARNED_RUNS]
-        runs += [dirs[f"baselines@{f:g}"] for f in cfg.fractions]
         _log(f"evaluate -> {dirs['report']}")
-        run_evaluate(EvaluateConfig(runs=tuple(str(r) for r in runs), out=str(dirs["report"])))
+        run_evaluate(build["evaluate"](True))
         _log(f"done: {dirs['report'] / 'report.md'}")
     patient_barrier()
     return dirs["report"]

@@ -18,7 +18,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,10 +109,11 @@ class BaselinesConfig:
     labelled_fraction: float = option(
         1.0, "Train each fold on this stratified, seeded share of its labelled windows (nested across fractions)."
     )
+    check_paths: InitVar[bool] = True  # False: values only, --shards is made later (the pipeline's up-front check)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, check_paths: bool) -> None:
         shard_dir = Path(self.shards)
-        if not (shard_dir / "manifest.json").is_file():
+        if check_paths and not (shard_dir / "manifest.json").is_file():
             raise UserError(f"--shards {self.shards}: no manifest.json there (build shards with `ddp_vad shard build`)")
         if isinstance(self.methods, list | tuple):
             self.methods = ",".join(self.methods)

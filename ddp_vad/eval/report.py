@@ -14,7 +14,7 @@ report):
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,14 +66,15 @@ class EvaluateConfig:
     allow_mixed_data: bool = option(
         False, "Compare runs made from different shard sets (refused by default: their folds are not comparable)."
     )
+    check_paths: InitVar[bool] = True  # False: values only, the runs are made later (the pipeline's up-front check)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, check_paths: bool) -> None:
         if isinstance(self.runs, str):
             self.runs = (self.runs,)
         self.runs = tuple(str(r) for r in self.runs)
         if not self.runs:
             raise UserError("evaluate: give at least one run folder")
-        for run in self.runs:
+        for run in self.runs if check_paths else ():
             if not Path(run).is_dir():
                 raise UserError(f"run folder not found: {run}")
         if Path(self.out).exists() and not Path(self.out).is_dir():

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from ddp_vad.config import hparams_values
 from ddp_vad.data.reader import frames_to_float, load_window_set
-from ddp_vad.files import write_json_atomic, write_text_atomic
+from ddp_vad.files import append_text, write_json_atomic, write_text_atomic
 from ddp_vad.train.gan import STAT_NAMES, generate_windows
 from ddp_vad.train.gan_health import HEALTH_FILE, GanHealth
 
@@ -111,8 +111,7 @@ class GanMonitor:
         cos, l2 = window_similarity(fake, real)
         self.writer.add_scalar("similarity/cosine", cos, step)
         self.writer.add_scalar("similarity/l2", l2, step)
-        with self.sim_path.open("a") as f:
-            f.write(f"{step},{cos:.6f},{l2:.6f}\n")
+        append_text(self.sim_path, f"{step},{cos:.6f},{l2:.6f}\n")  # a full disk leaves no torn last row
         self._report(self.health.observe_similarity(step, cos), step)
 
     def image(self, generator: torch.nn.Module, step: int) -> None:

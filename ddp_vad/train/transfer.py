@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -63,6 +64,7 @@ from ddp_vad.train.crossval import (
     check_repeats,
     finish_cv,
     fmt_metric,
+    fold_split,
     window_selection,
 )
 from ddp_vad.train.distributed import (
@@ -162,14 +164,17 @@ class TransferConfig:
         "(0 = train on every training clip, keep the last epoch). Never the test fold.",
     )
     weight_decay: float = option(0.0, "Decoupled weight decay (AdamW); 0 = the method's plain Adam.")
+    # False: check the values only, not that --shards and a GAN --from exist (the pipeline checks every stage's
+    # options before an earlier stage has made them).
+    check_paths: InitVar[bool] = True
 
-    def __post_init__(self) -> None:
-        if not (Path(self.shards) / "manifest.json").is_file():
+    def __post_init__(self, check_paths: bool) -> None:
+        if check_paths and not (Path(self.shards) / "manifest.json").is_file():
             raise UserError(f"--shards {self.shards}: no manifest.json there (build shards with `ddp_vad shard build`)")
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise UserError(f"--out {self.out}: exists and is not a folder")
         self.source = str(self.source)
-        if self.source not in FRESH:
+        if check_paths and self.source not in FRESH:
             discriminator_file(self.source)  # raises with the path when it is not a finished pretrain run
         if self.train is None:
             self.train = "all" if self.source == SCRATCH else "head"
@@ -323,6 +328,16 @@ def run_transfer(cfg: TransferConfig) -> Path:
         return _cross_validate(cfg, acc, manifest, n_folds, (model_cfg, features_state, notes), t_start)
 
 
+def _check_val_clips(cfg: TransferConfig, cv: CVWindows, held_out) -> None:
+    """``--val-clips`` must leave every fold a clip to fit on (else the fold would quietly validate on nothing)."""
+    for k in range(cv.n_units if cfg.val_clips > 0 else 0):
+        train_idx = fold_split(cv, k, held_out, cfg.labelled_fraction, cfg.seed)[0]
+        n = len(set(np.asarray(cv.clips, dtype=object)[train_idx].tolist()))
+        if cfg.val_clips >= n:
+            raise UserError(f"--val-clips {cfg.val_clips}: fold {k} trains on {n} clip(s) and needs one left to fit "
+                            f"on; give --val-clips {max(n - 1, 0)} or less (0 = no validation)")  # fmt: skip
+
+
 def _cross_validate(cfg: TransferConfig, acc, manifest: dict, n_folds: int, model: tuple, t_start: float) -> Path:
     """The folds of one run, under the run folder's lock (``model``: config, GAN feature weights, notes)."""
     run_dir = Path(cfg.out)
@@ -335,6 +350,8 @@ def _cross_validate(cfg: TransferConfig, acc, manifest: dict, n_folds: int, mode
     ws = load_window_set(cfg.shards, show_progress=is_main and cfg.progress, select=window_selection(cfg.protocol))
     if len(ws) == 0:
         raise UserError(f"--shards {cfg.shards}: no windows")
+    cv, held_out = CVWindows.from_window_set(ws, cfg.protocol, n_folds, cfg.repeats), holdout_mask(ws, cfg.holdout_type)
+    _check_val_clips(cfg, cv, held_out)
     fp = fingerprint(cfg, manifest, model_cfg, str(acc.mixed_precision))
     pre = _preflight(cfg, run_dir, n_folds, fp, acc, group)
     counts = parameter_counts(set_trainable(build_lrcn(model_cfg), cfg.train))
@@ -352,8 +369,7 @@ def _cross_validate(cfg: TransferConfig, acc, manifest: dict, n_folds: int, mode
     if pre["todo_anywhere"]:
         cache, cache_seconds = _shared_cache(cfg, model_cfg, features_state, ws, acc, group)
     run = FoldRun(
-        cfg=cfg, run_dir=run_dir, ws=ws, cv=CVWindows.from_window_set(ws, cfg.protocol, n_folds, cfg.repeats),
-        held_out=holdout_mask(ws, cfg.holdout_type), model_cfg=model_cfg, features_state=features_state,
+        cfg=cfg, run_dir=run_dir, ws=ws, cv=cv, held_out=held_out, model_cfg=model_cfg, features_state=features_state,
         shared_cache=cache, fingerprint=fp, accelerator=acc, scaler_needed=str(acc.mixed_precision) == "fp16",
     )  # fmt: skip
     pbar = tqdm(

@@ -43,7 +43,7 @@ from ddp_vad.data.sources.video import write_video
 from ddp_vad.data.synth.render import anomaly_type_order, synth_clip
 from ddp_vad.data.synth.scene import ANOMALY_TYPES, build_scene
 from ddp_vad.errors import UserError
-from ddp_vad.files import staging_folder, swap_in, write_json_atomic
+from ddp_vad.files import naming, staging_folder, swap_in, write_json_atomic
 from ddp_vad.options import option
 
 DATASET_NAME = "SynthPed"
@@ -110,7 +110,9 @@ def _write_images(folder: Path, images: np.ndarray, fmt: str, suffix: str) -> No
     for i, image in enumerate(images, start=1):
         buffer = io.BytesIO()  # encoding in memory then one write is ~2x faster than saving to a path
         Image.fromarray(image).save(buffer, format=fmt)
-        (folder / f"{i:03d}{suffix}").write_bytes(buffer.getvalue())
+        path = folder / f"{i:03d}{suffix}"
+        with naming(path):  # a full disk names the frame
+            path.write_bytes(buffer.getvalue())
 
 
 def run_synth(cfg: SynthConfig, show_progress: bool = True) -> Path:
