@@ -46,7 +46,9 @@ class ShardConfig:
     workers: int | None = option(None, "Decoding processes (default: cores).")
     shard_size: int = option(200, "Windows per tar shard (whole blocks, at most this).")
     block_windows: int = option(
-        BLOCK_WINDOWS, "Windows per block: a block stores its frames once; consecutive blocks share window-1 frames."
+        BLOCK_WINDOWS,
+        "Windows per block (at most --shard-size): a block stores its frames once; consecutive blocks share window-1 "
+        "frames.",
     )
     anomaly_types: str | None = option(
         None, "JSON {clip: [types]} for real data (synthetic data brings anomaly_types.json)."

@@ -107,7 +107,9 @@ class BaselinesConfig:
     # Bounded trees keep fit time and memory predictable on 54k features.
     rf_max_depth: int = option(20, "Random-forest depth limit.")
     labelled_fraction: float = option(
-        1.0, "Train each fold on this stratified, seeded share of its labelled windows (nested across fractions)."
+        1.0,
+        "Train each fold on this stratified, seeded share of its labelled windows (nested across fractions; at least "
+        "one window per class).",
     )
     check_paths: InitVar[bool] = True  # False: values only, --shards is made later (the pipeline's up-front check)
 

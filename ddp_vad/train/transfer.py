@@ -130,7 +130,9 @@ class TransferConfig:
         True, "--train head: standardise the frozen features per fold (folded into the saved head).", negatable=True
     )
     labelled_fraction: float = option(
-        1.0, "Train each fold on this stratified, seeded share of its labelled windows (nested across fractions)."
+        1.0,
+        "Train each fold on this stratified, seeded share of its labelled windows (nested across fractions; at least "
+        "one window per class).",
     )
     progress: bool = option(True, "Progress bar on the main process.", negatable=True)
     # Levers (docs/models.md): model options override the preset's for --from scratch (a GAN run brings its own
