@@ -138,6 +138,24 @@ def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def file_record(path: str | os.PathLike) -> dict:
+    """``{"bytes": size, "sha256": hex}`` of a file: what a writer records so that a reader can tell the file it
+    wrote from a changed, truncated or swapped one (:func:`record_problem`)."""
+    return {"bytes": Path(path).stat().st_size, "sha256": sha256_file(path)}
+
+
+def record_problem(path: str | os.PathLike, record: Any) -> str | None:
+    """Why ``path`` is not the file ``record`` (from :func:`file_record`) describes, or None when it is."""
+    if not isinstance(record, dict) or not isinstance(record.get("bytes"), int) or "sha256" not in record:
+        return "its size/sha256 record is malformed"
+    size = Path(path).stat().st_size
+    if size != record["bytes"]:
+        return f"{size} bytes, {record['bytes']} recorded"
+    if sha256_file(path) != record["sha256"]:
+        return "its sha256 differs from the one recorded"
+    return None
+
+
 def staging_folder(out: str | os.PathLike) -> Path:
     """A fresh, empty hidden folder beside ``out`` to build it in (one left by a killed build is removed first)."""
     out = Path(out)

@@ -378,9 +378,14 @@ def load_model(path: str | Path, build) -> tuple[nn.Module, ModelConfig]:
     cfg = load_model_config(path)
     module = build(cfg)
     try:
-        module.load_state_dict(load_file(str(path)), strict=True)
+        tensors = load_file(str(path))
+        module.load_state_dict(tensors, strict=True)
     except Exception as exc:  # noqa: BLE001 - a mismatch (RuntimeError) or damaged tensors (SafetensorError)
         raise UserError(f"{path}: weights do not match the stored model config: {str(exc).splitlines()[0]}") from None
+    # A NaN or inf weight (damaged bytes, a diverged run) would score every input NaN: never "not anomalous".
+    bad = next((name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise UserError(f"{path}: weight {bad} holds NaN or inf values (a damaged or diverged model)")
     return module.eval(), cfg
 
 

@@ -3,7 +3,9 @@
 A cross-validated run (``transfer``, ``baselines/<method>``) holds ``config.json`` (the resolved config),
 ``oof_scores.csv`` (every window's out-of-fold score), ``metrics.json`` (written last: its presence marks the run
 complete) and, for ``transfer``, per fold ``folds/fold_XX/model.safetensors`` + ``result.json`` (resumable epochs
-in ``checkpoints/fold_XX/``, curves in ``tb/fold_XX/``) and the decision threshold ``threshold.json``.
+in ``checkpoints/fold_XX/``, curves in ``tb/fold_XX/``) and the decision threshold ``threshold.json``. A fold's
+``result.json`` records its model's size and sha256 under :data:`MODEL_RECORD` (written by the process that wrote
+the model, so a run resumed fold by fold keeps every record); loading checks them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ RESULT_FILE = "result.json"
 FOLDS_DIR = "folds"
 CHECKPOINTS_DIR = "checkpoints"
 TB_DIR = "tb"
+MODEL_RECORD = "model_file"  # result.json key: {"bytes", "sha256"} of the fold's model.safetensors
 FOLD_MODEL_PATTERN = f"{FOLDS_DIR}/fold_XX/{MODEL_FILE}"  # how messages name a fold model
 _FOLD_NAME = re.compile(r"fold_(\d+)")
 
@@ -59,6 +62,16 @@ def threshold_file(run: str | os.PathLike) -> Path:
 def fold_dir(run: str | os.PathLike, fold: int) -> Path:
     """``RUN/folds/fold_XX/``: a finished fold's model and result."""
     return Path(run) / FOLDS_DIR / fold_name(fold)
+
+
+def fold_model_file(run: str | os.PathLike, fold: int) -> Path:
+    """``RUN/folds/fold_XX/model.safetensors``: a finished fold's classifier."""
+    return fold_dir(run, fold) / MODEL_FILE
+
+
+def fold_result_file(run: str | os.PathLike, fold: int) -> Path:
+    """``RUN/folds/fold_XX/result.json``: a finished fold's metrics, scores and model record (written last)."""
+    return fold_dir(run, fold) / RESULT_FILE
 
 
 def fold_checkpoint_dir(run: str | os.PathLike, fold: int) -> Path:

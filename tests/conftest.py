@@ -106,6 +106,21 @@ def tiny_shards(tmp_path_factory) -> Path:
     )
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tiny_shards, tmp_path_factory) -> Path:
+    """A finished 4-fold transfer run from scratch on :func:`tiny_shards` (tiny preset, 1 epoch; read-only for
+    tests: copy it before damaging it)."""
+    from ddp_vad.train.transfer import TransferConfig, run_transfer
+
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    cfg = TransferConfig(
+        shards=str(tiny_shards), out=str(out), source="scratch", preset="tiny", epochs=1, batch_size=8,
+        protocol="window", progress=False,
+    )  # fmt: skip
+    with torch_threads(1):
+        return run_transfer(cfg)
+
+
 def _absent(message: str) -> None:
     """Real data that is not here: skip the test, or fail it where the data is required (CI)."""
     if os.environ.get("DDP_VAD_REQUIRE_SAMPLE", "") not in ("", "0"):

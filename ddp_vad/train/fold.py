@@ -23,9 +23,8 @@ import torch.nn.functional as F
 
 from ddp_vad.data.reader import WindowSet, frames_to_float
 from ddp_vad.errors import NonFiniteLossError, UserError
-from ddp_vad.files import write_json_atomic
-from ddp_vad.models import LRCN, ModelConfig, save_model
-from ddp_vad.runfiles import MODEL_FILE, RESULT_FILE, fold_checkpoint_dir, fold_dir, fold_tb_dir
+from ddp_vad.models import LRCN, ModelConfig
+from ddp_vad.runfiles import fold_checkpoint_dir, fold_tb_dir
 from ddp_vad.train.augment import augment_windows, epoch_generator, parse_augment
 from ddp_vad.train.checkpoint import list_fold_checkpoints, save_fold_checkpoint
 from ddp_vad.train.classifier import (
@@ -40,6 +39,7 @@ from ddp_vad.train.classifier import (
     trainable_forward,
 )
 from ddp_vad.train.crossval import CVWindows, fold_split, score_fold
+from ddp_vad.train.fold_store import save_finished_fold
 from ddp_vad.train.holdout import holdout_part
 from ddp_vad.train.metrics import auroc
 
@@ -295,6 +295,4 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
         "rank": int(acc.process_index),
     }
     export = model if norm is None else fold_standardization_into_head(model, *norm)
-    save_model(export, fold_dir(run.run_dir, k) / MODEL_FILE, run.model_cfg, kind="classifier")
-    write_json_atomic(fold_dir(run.run_dir, k) / RESULT_FILE, result)  # last: its presence marks the fold finished
-    return result
+    return save_finished_fold(run.run_dir, k, export, run.model_cfg, result)

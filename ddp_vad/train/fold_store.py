@@ -13,9 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from ddp_vad.errors import UserError
-from ddp_vad.files import read_json_object, sha256_file
-from ddp_vad.models import ModelConfig
-from ddp_vad.runfiles import RESULT_FILE, config_file, fold_checkpoint_dir, fold_dir
+from ddp_vad.files import file_record, read_json_object, sha256_file, write_json_atomic
+from ddp_vad.models import ModelConfig, save_model
+from ddp_vad.runfiles import (
+    MODEL_RECORD,
+    RESULT_FILE,
+    config_file,
+    fold_checkpoint_dir,
+    fold_dir,
+    fold_model_file,
+    fold_result_file,
+)
 from ddp_vad.train.checkpoint import list_fold_checkpoints, load_fold_checkpoint, remove_partial_fold_saves
 from ddp_vad.train.classifier import RANDOM, SCRATCH, discriminator_file
 from ddp_vad.warn import warn
@@ -82,6 +90,16 @@ def fold_status(run_dir: Path, k: int, fp: dict) -> tuple[str, Any, str | None]:
         diff = differences(fp, old)
         return "new", None, f"{ckpts[-1][1]} was made with other settings ({diff}); use another --out"
     return "resume", state, None
+
+
+def save_finished_fold(run_dir: Path, k: int, module: Any, model_cfg: ModelConfig, result: dict) -> dict:
+    """Write fold ``k``'s model, then its ``result.json`` with the model's size and sha256 (what loading checks,
+    :mod:`ddp_vad.infer.model_files`); the result file goes last: its presence marks the fold finished. Returns the
+    result as written."""
+    model = save_model(module, fold_model_file(run_dir, k), model_cfg, kind="classifier")
+    result = {**result, MODEL_RECORD: file_record(model)}
+    write_json_atomic(fold_result_file(run_dir, k), result)
+    return result
 
 
 def run_level_error(resume: str, run_dir: Path, fp: dict) -> str | None:
