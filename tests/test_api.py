@@ -91,3 +91,55 @@ def test_one_fold_and_a_given_threshold(example):
         ddp_vad.Detector.load(run, fold=7)
     with pytest.raises(ddp_vad.UserError, match="at least 10"):
         whole.score_frames(frames[:5])
+
+
+# ------------------------------------------------------------------ score_frames: one contract for dtype and range
+def test_integer_frames_of_any_type_score_as_uint8(example):
+    detector = example["detector"]
+    frames = np.random.default_rng(1).integers(0, 256, (14, 48, 72), dtype=np.uint8)
+    want = detector.score_frames(frames)
+    for other in (frames.astype(np.int64), frames.astype(np.uint16), frames.astype(np.int32).tolist()):
+        np.testing.assert_array_equal(detector.score_frames(other), want)
+    small = frames[:, ::2, ::2]  # at the model's size: no resizing, so floats in [0, 1] match uint8 / 255
+    np.testing.assert_allclose(detector.score_frames(small / 255.0), detector.score_frames(small), atol=1e-6)
+    np.testing.assert_allclose(detector.score_frames((small / 255.0).tolist()), detector.score_frames(small),
+                               atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("frames", "match"),
+    [
+        (np.full((14, 24, 36), 200.0, np.float32), r"float frames must lie in \[0, 1\].*got 200..200"),
+        (np.full((14, 24, 36), 0.5), None),  # fine: the model's scale
+        (np.full((14, 24, 36), -1, np.int64), "integer frames must hold pixel values 0..255, got -1..-1"),
+        (np.full((14, 24, 36), 256, np.int64), "0..255, got 256..256"),
+        (np.full((14, 24, 36), True), "dtype bool"),
+        (np.zeros((14, 0, 36), np.uint8), "frames of size 0x36"),
+        (np.zeros((14, 24), np.uint8), r"\[N, H, W\]"),
+        ([[[1, 2], [3]]], "array"),
+    ],
+)
+def test_frames_outside_the_contract_are_refused(example, frames, match):
+    detector = example["detector"]
+    if match is None:
+        assert detector.score_frames(frames).shape == (14,)
+        return
+    with pytest.raises(ddp_vad.UserError, match=match):
+        detector.score_frames(frames)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_pixels_are_refused(example, bad):
+    frames = np.full((14, 24, 36), 0.5, np.float32)
+    frames[3, 5, 7] = bad
+    with pytest.raises(ddp_vad.UserError, match="NaN or inf pixel values"):
+        example["detector"].score_frames(frames)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
+def test_a_batch_size_below_one_is_refused(example, batch_size):
+    frames = np.zeros((14, 24, 36), np.uint8)
+    with pytest.raises(ddp_vad.UserError, match="batch_size must be an integer >= 1"):
+        example["detector"].score_frames(frames, batch_size=batch_size)
+    with pytest.raises(ddp_vad.UserError, match="batch_size must be an integer >= 1"):
+        list(example["detector"].stream(example["folder"] / example["clip"], batch_size=batch_size))

@@ -14,10 +14,11 @@ import numpy as np
 
 from ddp_vad.errors import UserError
 from ddp_vad.infer.live import StreamBroken, iter_frames
+from ddp_vad.infer.model_files import model_files
 from ddp_vad.infer.onnx_scorer import load_onnx
-from ddp_vad.infer.scoring import Scorer, frame_scores, stream_scores, window_scores
+from ddp_vad.infer.scoring import Scorer, as_pixels, check_batch_size, frame_scores, stream_scores, window_scores
 from ddp_vad.infer.threshold import DEFAULT, run_threshold
-from ddp_vad.runfiles import FOLD_MODEL_PATTERN, fold_models, fold_name, oof_file, run_of_fold_model
+from ddp_vad.runfiles import oof_file, run_of_fold_model
 
 
 @dataclass(frozen=True)
@@ -30,27 +31,6 @@ class FrameScore:
     name: str | None
     score: float
     anomalous: bool
-
-
-def model_files(run: str | Path, fold: int | None = None) -> list[Path]:
-    """The per-fold classifier weights of a transfer run (``RUN/folds/fold_XX/model.safetensors``, see
-    :mod:`ddp_vad.runfiles`), or the one ``.safetensors`` file given."""
-    run = Path(run)
-    if run.suffix == ".safetensors":
-        if not run.is_file():
-            raise UserError(f"model file not found: {run}")
-        return [run]
-    if not run.is_dir():
-        raise UserError(f"model run folder not found: {run}")
-    files = fold_models(run)
-    if fold is not None:
-        files = [f for f in files if f.parent.name == fold_name(fold)]
-    if not files:
-        which = f"fold {fold} " if fold is not None else ""
-        raise UserError(
-            f"no {which}classifier weights ({FOLD_MODEL_PATTERN}) in {run}; give a finished `ddp_vad transfer` run"
-        )
-    return files
 
 
 def _threshold_of(path: Path, fold: int | None) -> tuple[float, str]:
@@ -84,6 +64,7 @@ class Detector:
         self.window, self.height, self.width = window, height, width
         self.threshold, self.threshold_note = threshold, threshold_note
         self.description = description
+        self.files: list[Path] = []  # the model files it was loaded from, each checked (see Detector.load)
 
     @classmethod
     def load(cls, path: str | Path, fold: int | None = None, threshold: float | None = None) -> Detector:
@@ -94,9 +75,13 @@ class Detector:
         """
         path = Path(path)
         if path.suffix == ".onnx":
+            if fold is not None:  # the graph is the ensemble it was exported as: a fold cannot be picked from it
+                raise UserError(f"fold={fold} (--fold): {path} is an exported model, one graph for the folds it "
+                                "was exported with; export one fold with `ddp_vad export RUN --fold K`")  # fmt: skip
             scorer, meta = load_onnx(path)
             value, note = meta.get("threshold", DEFAULT), meta.get("threshold_rule", "from the export's sidecar")
             det = cls(scorer, meta["window"], meta["height"], meta["width"], value, note, f"{path.name} (ONNX)")
+            det.files = [path]
         else:
             from ddp_vad.infer.scoring import TorchScorer
             from ddp_vad.models import build_lrcn, load_model
@@ -110,16 +95,21 @@ class Detector:
             value, note = _threshold_of(path, fold)
             det = cls(TorchScorer([m for m, _ in loaded]), cfg.window, cfg.height, cfg.width, value, note,
                       f"{len(files)} fold model(s)")  # fmt: skip
+            det.files = files
         if threshold is not None:
             det.threshold, det.threshold_note = float(threshold), "given"
         return det
 
     def score_frames(self, frames: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """Per-frame scores ``[N]`` of gray frames ``[N, H, W]``: uint8 pixel values, or floats in [0, 1] (the
-        model's input scale). Frames of another size are resized (bilinear) to the model's."""
-        frames = np.asarray(frames)
-        if frames.ndim != 3:
-            raise UserError(f"frames must be [N, H, W] gray, got shape {frames.shape}")
+        """Per-frame scores ``[N]`` of gray frames ``[N, H, W]`` (an array or nested lists), ``N >= window``.
+
+        Pixel values: uint8 as they are (0..255); any other integer type (int64 arrays, lists of ints) must hold
+        0..255 and scores exactly as uint8; floats must lie in [0, 1] (the model's input scale: uint8 / 255).
+        Anything else (floats above 1 such as 0..255 held as float32, NaN or inf, negative values, bools, zero-size
+        frames, ``batch_size < 1``) is a :class:`UserError`. Frames of another size are resized (bilinear) to the
+        model's. The PyTorch and ONNX detectors score the same frames the same (within float rounding)."""
+        check_batch_size(batch_size)
+        frames = as_pixels(frames)
         if len(frames) < self.window:
             raise UserError(f"{len(frames)} frames; the model needs at least {self.window}")
         frames = self._resize(frames)

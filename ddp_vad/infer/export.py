@@ -9,11 +9,25 @@ deployment to one session call per batch; ``--fold k`` exports fold k's model al
 The graph comes from ``torch.onnx.export`` of the modules as loaded from their safetensors configs (TorchScript
 exporter, ``dynamo=False``: the dynamo exporter needs onnxscript), so any architecture option stored in the config
 exports. The sidecar ``<name>.json`` records window, frame size, the run's threshold and how it was chosen, the
-labels, the model config, the folds, and the largest difference to PyTorch measured at export time.
+labels, the model config, the folds, the graph's size and sha256 (checked on load) and the parity check.
+
+**Parity.** Before anything is written under the real names, onnxruntime scores a few windows (random pixels and
+flat black / white ones) with the graph and PyTorch scores them with the run's models as ``predict`` does
+(:class:`ddp_vad.infer.scoring.TorchScorer`, never the module that was exported); every ``score`` and
+``fold_scores`` value must agree within :data:`PARITY_TOLERANCE`, and NaN fails. Float32 rounding leaves about
+3e-8; a graph scaling pixels by 1/256 instead of 1/255 moves untrained test models' scores by 2e-5 or more (the
+sidecar records this ``scale_sensitivity``, the size of slip the check would see).
+
+**The pair.** Graph and sidecar are written to hidden temp names, checked, then the old sidecar is removed, the
+graph renamed into place and the sidecar last: an interrupted or failed export leaves the previous pair whole, or
+(interrupted between the renames) a graph without a sidecar, never a graph beside another export's sidecar; and
+the sidecar's sha256 of the graph makes any mixed pair fail to load.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +37,30 @@ import numpy as np
 
 from ddp_vad import __version__
 from ddp_vad.errors import UserError
-from ddp_vad.files import atomic_path, sha256_file, write_json_atomic
-from ddp_vad.infer.detector import Detector, model_files
+from ddp_vad.files import file_record, naming, sha256_file, write_json_atomic
+from ddp_vad.infer.detector import Detector
 from ddp_vad.infer.onnx_scorer import FORMAT_TAG, INSTALL_HINT, load_onnx, sidecar_path
+from ddp_vad.infer.scoring import TorchScorer
 from ddp_vad.options import option
 from ddp_vad.runfiles import run_of_fold_model
 
 LABELS = ["normal", "anomalous"]
+
+
+MIN_OPSET = 17
+PARITY_TOLERANCE = 1e-6  # largest |onnxruntime - PyTorch| accepted per score; float32 rounding leaves ~3e-8
+
+
+def max_opset() -> int:
+    """The highest opset this installation exports: the TorchScript exporter's and onnx's, whichever is lower."""
+    import torch.onnx
+
+    top = getattr(getattr(torch.onnx, "_constants", None), "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)
+    try:
+        import onnx
+    except ImportError:
+        return top
+    return min(top, onnx.defs.onnx_opset_version())
 
 
 @dataclass
@@ -40,18 +71,24 @@ class ExportConfig:
     format: str = option("onnx", "Export format.", choices=("onnx",))
     out: str | None = option(None, "Model file (default: RUN/export/model.onnx); the sidecar .json goes beside it.")
     fold: int | None = option(None, "Export only this fold's model (default: the mean of every fold's).")
-    opset: int = option(17, "ONNX opset version (>= 17).")
+    opset: int = option(MIN_OPSET, "ONNX opset version (17 up to what the installed torch and onnx export, 20).")
 
     def __post_init__(self) -> None:
         if not Path(self.run).exists():
             raise UserError(f"run folder or model file not found: {self.run}")
-        if self.opset < 17:
-            raise UserError(f"--opset must be >= 17, got {self.opset}")
+        if Path(self.run).is_file() and Path(self.run).suffix != ".safetensors":
+            raise UserError(f"{self.run}: give a transfer run folder or a model.safetensors file")
+        if self.fold is not None and self.fold < 0:
+            raise UserError(f"--fold must be >= 0, got {self.fold}")
+        if self.opset < MIN_OPSET:
+            raise UserError(f"--opset must be >= {MIN_OPSET}, got {self.opset}")
+        if self.opset > MIN_OPSET and self.opset > (top := max_opset()):
+            raise UserError(f"--opset {self.opset}: this installation exports opsets {MIN_OPSET}..{top}")
         if self.out is not None and Path(self.out).suffix != ".onnx":
             raise UserError(f"--out {self.out}: give a .onnx file name")
 
 
-def _ensemble(models: list) -> Any:
+def _ensemble(models: list, scale: float = 255.0) -> Any:
     import torch
 
     class Ensemble(torch.nn.Module):
@@ -62,7 +99,7 @@ def _ensemble(models: list) -> Any:
             self.models = torch.nn.ModuleList(models)
 
         def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            x = pixels.unsqueeze(2) / 255.0
+            x = pixels.unsqueeze(2) / scale
             probs = torch.stack([torch.softmax(m(x), dim=1)[:, 1] for m in self.models], dim=1)
             return probs.mean(dim=1), probs
 
@@ -70,37 +107,58 @@ def _ensemble(models: list) -> Any:
 
 
 def run_export(cfg: ExportConfig) -> Path:
-    """Export ``cfg.run`` as ONNX + sidecar; returns the model file."""
+    """Export ``cfg.run`` as ONNX + sidecar; returns the model file. Every fold model is checked first
+    (:mod:`ddp_vad.infer.model_files`), and the graph must score like PyTorch (see the module docstring)."""
+    run = Path(cfg.run)
+    detector = Detector.load(run, fold=cfg.fold)  # the checked fold models and the run's threshold
+    files, models = detector.files, detector.scorer.models
+    out = Path(cfg.out) if cfg.out else (run if run.is_dir() else run.parent) / "export" / "model.onnx"
+    side = sidecar_path(out)
+    graph_tmp, side_tmp = out.with_name(f".{out.stem}.tmp.onnx"), side.with_name(f".{side.stem}.tmp.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with naming(out):
+            _write_graph(_ensemble(models), models[0].cfg, graph_tmp, cfg.opset)
+        meta = _sidecar(cfg, run, files, models[0].cfg, detector)
+        meta["graph"] = {"file": out.name, **file_record(graph_tmp)}
+        meta["check"] = _parity(graph_tmp, meta, detector, out)
+        write_json_atomic(side_tmp, meta)
+        side.unlink(missing_ok=True)  # from here the old graph has no sidecar: never one beside another's sidecar
+        os.replace(graph_tmp, out)
+        os.replace(side_tmp, side)  # last: the pair is complete
+    finally:
+        graph_tmp.unlink(missing_ok=True)
+        side_tmp.unlink(missing_ok=True)
+    print(f"exported {len(files)} fold model(s) of {run} to {out} (+ {side.name}); "
+          f"threshold {detector.threshold:.4f}")  # fmt: skip
+    return out
+
+
+def _write_graph(module: Any, mcfg: Any, path: Path, opset: int) -> None:
     import torch
 
-    from ddp_vad.models import build_lrcn, load_model
-
-    run = Path(cfg.run)
-    files = model_files(run, cfg.fold)
-    loaded = [load_model(f, build_lrcn) for f in files]
-    mcfg = loaded[0][1]
-    detector = Detector.load(run, fold=cfg.fold)  # for its threshold
-    out = Path(cfg.out) if cfg.out else (run if run.is_dir() else run.parent) / "export" / "model.onnx"
-    module = _ensemble([m for m, _ in loaded])
     example = torch.randint(0, 256, (2, mcfg.window, mcfg.height, mcfg.width)).float()
-    with atomic_path(out) as tmp, warnings.catch_warnings():
+    with warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of dynamo (which needs onnxscript), warns that it traces
         # the LSTM's size checks as constants (they are, for a fixed model) and that an LSTM exported at batch 2
-        # may fail at other batch sizes (it does not here: the check below scores 4 windows).
+        # may fail at other batch sizes (it does not here: the parity check scores 6 windows).
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size other than 1")
         torch.onnx.export(
             module,
             (example,),
-            str(tmp),
+            str(path),
             input_names=["pixels"],
             output_names=["score", "fold_scores"],
             dynamic_axes={"pixels": {0: "batch"}, "score": {0: "batch"}, "fold_scores": {0: "batch"}},
-            opset_version=cfg.opset,
+            opset_version=opset,
             dynamo=False,
         )
-    meta = {
+
+
+def _sidecar(cfg: ExportConfig, run: Path, files: list[Path], mcfg: Any, detector: Detector) -> dict:
+    return {
         "format": FORMAT_TAG,
         "ddp_vad_version": __version__,
         "input": {"name": "pixels", "dtype": "float32", "shape": ["batch", mcfg.window, mcfg.height, mcfg.width],
@@ -120,15 +178,32 @@ def run_export(cfg: ExportConfig) -> Path:
         "model_config": mcfg.to_dict(),
         "opset": cfg.opset,
     }  # fmt: skip
-    try:
-        scorer, _ = load_onnx(out, meta)
-    except UserError:
-        meta["check"] = f"not checked: onnxruntime is not installed ({INSTALL_HINT})"
-    else:
-        windows = np.random.default_rng(0).integers(0, 256, (4, mcfg.window, mcfg.height, mcfg.width), np.uint8)
-        diff = np.abs(scorer(windows) - detector.scorer(windows)).max()
-        meta["check"] = {"max_abs_diff_vs_pytorch": float(diff), "windows": len(windows)}
-    write_json_atomic(sidecar_path(out), meta)
-    print(f"exported {len(files)} fold model(s) of {run} to {out} (+ {sidecar_path(out).name}); "
-          f"threshold {detector.threshold:.4f}")  # fmt: skip
-    return out
+
+
+def _check_windows(window: int, height: int, width: int) -> np.ndarray:
+    """Random pixels (4 windows) and flat black and white ones: uint8 [6, window, height, width]."""
+    rng = np.random.default_rng(0)
+    flat = np.stack([np.zeros((window, height, width), np.uint8), np.full((window, height, width), 255, np.uint8)])
+    return np.concatenate([rng.integers(0, 256, (4, window, height, width), np.uint8), flat])
+
+
+def _parity(graph: Path, meta: dict, detector: Detector, out: Path) -> dict | str:
+    """onnxruntime's ``score`` and ``fold_scores`` of the graph against PyTorch's (the run's models as predict
+    scores them); a difference above :data:`PARITY_TOLERANCE`, or NaN, is a UserError (nothing is written)."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return f"not checked: onnxruntime is not installed ({INSTALL_HINT})"
+    scorer, _ = load_onnx(graph, meta)
+    windows = _check_windows(meta["window"], meta["height"], meta["width"])
+    score, per_fold = scorer.session.run(["score", "fold_scores"], {scorer.input_name: windows.astype(np.float32)})
+    models = detector.scorer.models
+    want_per_fold = np.stack([TorchScorer([m])(windows) for m in models], axis=1)
+    want = detector.scorer(windows)
+    diff = max(np.abs(score - want).max(), np.abs(per_fold - want_per_fold).max())
+    if not np.isfinite(diff) or diff > PARITY_TOLERANCE:
+        raise UserError(f"{out}: the exported graph does not score like PyTorch (largest difference {diff:.3g} > "
+                        f"{PARITY_TOLERANCE:g} on {len(windows)} windows); nothing was written")  # fmt: skip
+    # How far a 1/256-for-1/255 slip would move the scores: the smallest kind of error this check can see.
+    slipped = np.stack([TorchScorer([m])(windows.astype(np.float32) / 256.0) for m in models], axis=1)
+    sensitivity = max(np.abs(slipped.mean(1) - want).max(), np.abs(slipped - want_per_fold).max())
+    return {"max_abs_diff_vs_pytorch": float(diff), "tolerance": PARITY_TOLERANCE, "windows": len(windows),
+            "scale_sensitivity": float(sensitivity)}  # fmt: skip
