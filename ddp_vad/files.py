@@ -42,6 +42,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def atomic_pair(main: str | os.PathLike, companion: str | os.PathLike) -> Iterator[tuple[Path, Path]]:
+    """Yield hidden temp paths for a file and the companion that describes it (an ONNX graph and its sidecar); when
+    the block succeeds, remove the old companion, rename the main file into place, then the companion, last.
+
+    An interruption or failure therefore leaves the old pair whole, or (between the renames) the main file without a
+    companion, never a main file beside a companion written for another one; the temp files are removed.
+    """
+    main, companion = Path(main), Path(companion)
+    main.parent.mkdir(parents=True, exist_ok=True)
+    companion.parent.mkdir(parents=True, exist_ok=True)
+    tmp_main = main.with_name(f".{main.stem}.tmp{main.suffix}")
+    tmp_companion = companion.with_name(f".{companion.stem}.tmp{companion.suffix}")
+    try:
+        with naming(main):
+            yield tmp_main, tmp_companion
+        companion.unlink(missing_ok=True)  # from here the old main file has no companion rather than a stale one
+        os.replace(tmp_main, main)
+        os.replace(tmp_companion, companion)  # last: the pair is complete
+    finally:
+        tmp_main.unlink(missing_ok=True)
+        tmp_companion.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
 def naming(path: str | os.PathLike) -> Iterator[None]:
     """Re-raise an OSError that names no file (a write to an open file failed: disk full, quota, I/O error) as one
     naming ``path``, so that its one-line message says which file was being written."""

@@ -121,6 +121,24 @@ def tiny_run(tiny_shards, tmp_path_factory) -> Path:
         return run_transfer(cfg)
 
 
+def fake_transfer_run(root: Path, cfg, folds: int, seed: int = 0) -> Path:
+    """A transfer-run folder as ``transfer`` leaves it for loading, with random weights: ``config.json`` (stage,
+    ``n_folds``, ``repeats``, a fingerprint) and per fold ``model.safetensors`` + ``result.json`` holding the model's
+    size and sha256 (fold k's weights seeded ``seed + k``). Out-of-fold scores are the test's to write."""
+    from ddp_vad.files import write_json_atomic
+    from ddp_vad.models import build_lrcn
+    from ddp_vad.runfiles import config_file
+    from ddp_vad.train.fold_store import save_finished_fold
+
+    fingerprint = {"made_by": "tests/conftest.fake_transfer_run"}
+    write_json_atomic(config_file(root), {"stage": "transfer", "n_folds": folds, "repeats": 1,
+                                          "fingerprint": fingerprint})  # fmt: skip
+    for k in range(folds):
+        torch.manual_seed(seed + k)
+        save_finished_fold(root, k, build_lrcn(cfg), cfg, {"fold": k, "fingerprint": fingerprint})
+    return root
+
+
 def _absent(message: str) -> None:
     """Real data that is not here: skip the test, or fail it where the data is required (CI)."""
     if os.environ.get("DDP_VAD_REQUIRE_SAMPLE", "") not in ("", "0"):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import fake_transfer_run
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -22,7 +23,7 @@ from PIL import Image  # noqa: E402
 from ddp_vad import Detector, UserError  # noqa: E402
 from ddp_vad.cli import cli  # noqa: E402
 from ddp_vad.data.sources.frames import frame_files, read_frame, resize_frame  # noqa: E402
-from ddp_vad.models import ModelConfig, build_lrcn, load_model, save_model  # noqa: E402
+from ddp_vad.models import ModelConfig, build_lrcn, load_model  # noqa: E402
 from ddp_vad.presets import PRESETS  # noqa: E402
 
 WINDOW, HEIGHT, WIDTH = 10, 120, 182  # the demo preset at the shards' default frame size
@@ -34,9 +35,7 @@ def run(tmp_path_factory) -> Path:
     """A transfer-run folder with two demo-preset fold models (random weights) and out-of-fold scores."""
     root = tmp_path_factory.mktemp("run")
     cfg = ModelConfig(preset="demo", window=WINDOW, height=HEIGHT, width=WIDTH, **PRESETS["demo"].model)
-    for fold in range(2):
-        torch.manual_seed(10 + fold)
-        save_model(build_lrcn(cfg), root / "folds" / f"fold_{fold:02d}" / "model.safetensors", cfg)
+    fake_transfer_run(root, cfg, folds=2, seed=10)
     rng = np.random.default_rng(0)
     rows = [f"k{i},c,{i},{i % 2},{rng.random() * 0.8 + 0.2 * (i % 2):.5f},{i % 2}" for i in range(40)]
     (root / "oof_scores.csv").write_text("key,clip,start,label,score,fold\n" + "\n".join(rows) + "\n")
@@ -302,13 +301,14 @@ def test_a_failed_export_keeps_the_earlier_pair(tiny_run, tiny_export, tmp_path,
 def test_an_interrupted_reexport_never_leaves_a_graph_beside_another_exports_sidecar(
     tiny_run, tiny_export, tmp_path, monkeypatch, stop_at
 ):
+    from ddp_vad import files
     from ddp_vad.infer import export
 
     out = tmp_path / "model.onnx"
     shutil.copy(tiny_export, out)
     shutil.copy(tiny_export.with_suffix(".json"), out.with_suffix(".json"))
     side = out.with_suffix(".json")
-    real_replace, calls = export.os.replace, []
+    real_replace, calls = files.os.replace, []
 
     def replace(src, dst):  # os.replace is the module's: count only the pair's two renames
         if Path(dst) in (out, side):
@@ -317,7 +317,7 @@ def test_an_interrupted_reexport_never_leaves_a_graph_beside_another_exports_sid
                 raise KeyboardInterrupt
         real_replace(src, dst)
 
-    monkeypatch.setattr(export.os, "replace", replace)
+    monkeypatch.setattr(files.os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
         export.run_export(export.ExportConfig(run=str(tiny_run), out=str(out), fold=0))  # another graph
     monkeypatch.undo()

@@ -17,13 +17,13 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
+from conftest import fake_transfer_run
 
 from ddp_vad.cli import cli
 from ddp_vad.infer.predict import ground_truth
 from ddp_vad.infer.threshold import best_threshold, compute_thresholds, run_threshold
-from ddp_vad.models import ModelConfig, build_lrcn, save_model
+from ddp_vad.models import ModelConfig
 from ddp_vad.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,9 +51,7 @@ def run(tmp_path_factory) -> Path:
     """A transfer-run folder: two tiny fold models (random weights) and out-of-fold scores with both classes."""
     root = tmp_path_factory.mktemp("run")
     cfg = ModelConfig(preset="tiny", window=WINDOW, height=24, width=36, **PRESETS["tiny"].model)
-    for fold in range(2):
-        torch.manual_seed(fold)
-        save_model(build_lrcn(cfg), root / "folds" / f"fold_{fold:02d}" / "model.safetensors", cfg)
+    fake_transfer_run(root, cfg, folds=2, seed=0)
     rows = ["key,clip,start,label,score,fold"] + [
         f"k{i},c,{i},{i % 2},{0.3 + 0.2 * (i % 2) + 0.01 * (i % 7):.4f},{i % 3 // 2}" for i in range(30)
     ]

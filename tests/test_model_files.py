@@ -138,6 +138,16 @@ def test_a_run_without_records_loads_with_one_warning(run, tiny_run, capsys):
     assert len(err) == 1 and err[0].startswith(f"warning: {run}: fold model(s) 0, 1, 2, 3 have no size/sha256")
 
 
+def test_a_folder_without_config_loads_with_one_warning(run, capsys):
+    (run / "config.json").unlink()  # fold models put together by hand: nothing to check them against
+    capsys.readouterr()
+    assert len(Detector.load(run).files) == FOLDS
+    err = capsys.readouterr().err.splitlines()
+    assert (
+        len(err) == 1 and err[0].startswith(f"warning: {run}: no config.json") and "4 fold model(s) unchecked" in err[0]
+    )
+
+
 def _poison(model: Path) -> None:
     """16 bytes of 0xFF over the first weights of a safetensors file (NaN in float32)."""
     data = bytearray(model.read_bytes())

@@ -27,7 +27,7 @@ the sidecar's sha256 of the graph makes any mixed pair fail to load.
 from __future__ import annotations
 
 import importlib.util
-import os
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +37,7 @@ import numpy as np
 
 from ddp_vad import __version__
 from ddp_vad.errors import UserError
-from ddp_vad.files import file_record, naming, sha256_file, write_json_atomic
+from ddp_vad.files import atomic_pair, file_record, naming, sha256_file, to_jsonable
 from ddp_vad.infer.detector import Detector
 from ddp_vad.infer.onnx_scorer import FORMAT_TAG, INSTALL_HINT, load_onnx, sidecar_path
 from ddp_vad.infer.scoring import TorchScorer
@@ -114,21 +114,13 @@ def run_export(cfg: ExportConfig) -> Path:
     files, models = detector.files, detector.scorer.models
     out = Path(cfg.out) if cfg.out else (run if run.is_dir() else run.parent) / "export" / "model.onnx"
     side = sidecar_path(out)
-    graph_tmp, side_tmp = out.with_name(f".{out.stem}.tmp.onnx"), side.with_name(f".{side.stem}.tmp.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with naming(out):
-            _write_graph(_ensemble(models), models[0].cfg, graph_tmp, cfg.opset)
+    with atomic_pair(out, side) as (graph_tmp, side_tmp):  # the sidecar goes in last, the old one out first
+        _write_graph(_ensemble(models), models[0].cfg, graph_tmp, cfg.opset)
         meta = _sidecar(cfg, run, files, models[0].cfg, detector)
         meta["graph"] = {"file": out.name, **file_record(graph_tmp)}
         meta["check"] = _parity(graph_tmp, meta, detector, out)
-        write_json_atomic(side_tmp, meta)
-        side.unlink(missing_ok=True)  # from here the old graph has no sidecar: never one beside another's sidecar
-        os.replace(graph_tmp, out)
-        os.replace(side_tmp, side)  # last: the pair is complete
-    finally:
-        graph_tmp.unlink(missing_ok=True)
-        side_tmp.unlink(missing_ok=True)
+        with naming(side):
+            side_tmp.write_text(json.dumps(to_jsonable(meta), indent=2) + "\n")
     print(f"exported {len(files)} fold model(s) of {run} to {out} (+ {side.name}); "
           f"threshold {detector.threshold:.4f}")  # fmt: skip
     return out
