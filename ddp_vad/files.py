@@ -50,8 +50,8 @@ def atomic_pair(main: str | os.PathLike, companion: str | os.PathLike) -> Iterat
     companion, never a main file beside a companion written for another one; the temp files are removed.
     """
     main, companion = Path(main), Path(companion)
-    main.parent.mkdir(parents=True, exist_ok=True)
-    companion.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(main.parent)
+    make_folder(companion.parent)
     tmp_main = main.with_name(f".{main.stem}.tmp{main.suffix}")
     tmp_companion = companion.with_name(f".{companion.stem}.tmp{companion.suffix}")
     try:

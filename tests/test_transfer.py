@@ -22,6 +22,7 @@ from ddp_vad.cli import cli
 from ddp_vad.data.reader import load_window_set
 from ddp_vad.data.shards import load_manifest
 from ddp_vad.errors import UserError
+from ddp_vad.files import file_record
 from ddp_vad.models import build_lrcn, load_model, model_config_for, save_model
 from ddp_vad.train import fold as fold_module
 from ddp_vad.train import transfer
@@ -230,8 +231,10 @@ def test_one_and_two_processes_give_identical_folds(typed_shards, gan_run, tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     double = tmp_path / "p2"
     assert json.loads((double / "config.json").read_text())["world_size"] == 2
-    for k in range(4):  # fold k really ran on process k % 2
-        assert json.loads((double / "folds" / f"fold_{k:02d}" / "result.json").read_text())["rank"] == k % 2
+    for k in range(4):  # fold k really ran on process k % 2, which recorded the size and sha256 of its model
+        result = json.loads((double / "folds" / f"fold_{k:02d}" / "result.json").read_text())
+        assert result["rank"] == k % 2
+        assert result["model_file"] == file_record(double / "folds" / f"fold_{k:02d}" / "model.safetensors")
     _same_results(single, double)
 
     oof = list(_oof(single).values())
