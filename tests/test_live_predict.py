@@ -1,13 +1,12 @@
 """predict on live footage: an MPEG-TS stream piped into `predict -` is scored row by row (latency), gives the same
 scores as the same stream read from a file, writes events, ends cleanly on Ctrl-C, and stops with one line on a
-stream that cannot be opened. Also the run's threshold (chosen on training folds only) and ground-truth shading."""
+stream that cannot be opened. Also ground-truth shading."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from click.testing import CliRunner
 
 from ddp_vad.cli import cli
 from ddp_vad.infer.predict import ground_truth
-from ddp_vad.infer.threshold import best_threshold, compute_thresholds, run_threshold
+from ddp_vad.infer.threshold import compute_thresholds
 from ddp_vad.models import ModelConfig, build_lrcn, save_model
 from ddp_vad.presets import PRESETS
 
@@ -182,40 +181,6 @@ def test_a_stream_that_cannot_be_opened_is_retried_then_one_line(run, tmp_path):
     assert "reconnecting (1/1)" in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: tcp://127.0.0.1:9: cannot open") and "after 1 reconnect tries" in last
-
-
-def test_the_threshold_is_chosen_on_training_folds_only(run, tmp_path):
-    scores = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.9])
-    labels = np.array([0, 0, 1, 0, 1, 1])
-    assert best_threshold(scores, labels) == 0.3  # a tie with 0.7 (balanced accuracy 0.833 both): the lowest
-    assert best_threshold(np.array([0.1, 0.4, 0.35, 0.8, 0.9]), np.array([0, 0, 1, 1, 1])) == 0.8
-    assert best_threshold(scores, np.zeros(6)) is None
-    # fold k's threshold ignores fold k's own rows: changing them changes the others' thresholds, not fold k's
-    rng = np.random.default_rng(1)
-    labels = np.arange(60) % 2
-    folds = np.arange(60) % 3
-    scores = rng.random(60) * 0.7 + 0.3 * labels
-    changed = np.where(folds == 1, rng.random(60), scores)
-    found = []
-    for values in (np.round(scores, 6), np.round(changed, 6)):
-        folder = tmp_path / f"run{len(found)}"
-        folder.mkdir()
-        rows = [f"k{i},c,{i},{labels[i]},{values[i]:.6f},{folds[i]}" for i in range(60)]
-        (folder / "oof_scores.csv").write_text("key,clip,start,label,score,fold\n" + "\n".join(rows) + "\n")
-        found.append(thresholds := compute_thresholds(folder)["thresholds"])
-        assert thresholds["all"] == best_threshold(values, labels)
-        for k in range(3):
-            assert thresholds[f"fold_{k:02d}"] == best_threshold(values[folds != k], labels[folds != k])
-    assert found[0]["fold_01"] == found[1]["fold_01"] and found[0]["all"] != found[1]["all"]
-    # recorded in the run, and redone when the out-of-fold scores change (a re-run transfer)
-    folder = tmp_path / "run0"
-    value, how = run_threshold(folder)
-    assert value == found[0]["all"] and "balanced accuracy" in how
-    assert (folder / "threshold.json").is_file()
-    shutil.copy(tmp_path / "run1" / "oof_scores.csv", folder / "oof_scores.csv")
-    assert run_threshold(folder, fold=0)[0] == found[1]["fold_00"]
-    assert run_threshold(tmp_path, None)[0] == 0.5  # no out-of-fold scores: the default, said so
-    assert "default 0.5" in run_threshold(tmp_path, None)[1]
 
 
 def test_ground_truth_comes_from_labels_or_the_ucsd_gt_file(tiny_data, tmp_path):

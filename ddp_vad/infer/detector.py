@@ -16,7 +16,7 @@ from ddp_vad.errors import UserError
 from ddp_vad.infer.live import StreamBroken, iter_frames
 from ddp_vad.infer.onnx_scorer import load_onnx
 from ddp_vad.infer.scoring import Scorer, frame_scores, stream_scores, window_scores
-from ddp_vad.infer.threshold import DEFAULT, run_threshold
+from ddp_vad.infer.threshold import DEFAULT, check_threshold, run_threshold
 from ddp_vad.runfiles import FOLD_MODEL_PATTERN, fold_models, fold_name, oof_file, run_of_fold_model
 
 
@@ -90,8 +90,11 @@ class Detector:
         """A detector from a transfer run folder (``folds/fold_XX/model.safetensors``; ``fold`` picks one), a
         ``model.safetensors`` file, or an exported ``.onnx`` file (with its ``.json`` sidecar).
 
-        ``threshold`` overrides the one the run records (see :mod:`ddp_vad.infer.threshold`).
+        ``threshold`` overrides the one the run records (see :mod:`ddp_vad.infer.threshold`): a finite number in
+        [0, 1], else a UserError. ``fold=k`` (unit k with ``--repeats``) gets fold k's own threshold, chosen without
+        its test clips.
         """
+        given = None if threshold is None else check_threshold(threshold, "threshold")
         path = Path(path)
         if path.suffix == ".onnx":
             scorer, meta = load_onnx(path)
@@ -110,8 +113,8 @@ class Detector:
             value, note = _threshold_of(path, fold)
             det = cls(TorchScorer([m for m, _ in loaded]), cfg.window, cfg.height, cfg.width, value, note,
                       f"{len(files)} fold model(s)")  # fmt: skip
-        if threshold is not None:
-            det.threshold, det.threshold_note = float(threshold), "given"
+        if given is not None:
+            det.threshold, det.threshold_note = given, "given"
         return det
 
     def score_frames(self, frames: np.ndarray, batch_size: int = 64) -> np.ndarray:

@@ -34,6 +34,7 @@ from ddp_vad.files import atomic_path, make_folder
 from ddp_vad.infer.detector import Detector, FrameScore, model_files
 from ddp_vad.infer.live import StreamBroken, check_source, is_live, source_name
 from ddp_vad.infer.scoring import frame_scores, stream_scores, window_scores
+from ddp_vad.infer.threshold import check_threshold
 from ddp_vad.options import option
 
 __all__ = ["PredictConfig", "annotate", "draw_score", "frame_scores", "model_files", "run_predict",
@@ -82,8 +83,8 @@ class PredictConfig:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.fold is not None and self.fold < 0:
             raise UserError(f"--fold must be >= 0, got {self.fold}")
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise UserError(f"--threshold must be in [0, 1], got {self.threshold}")
+        if self.threshold is not None:
+            check_threshold(self.threshold, "--threshold")
         if self.reconnect < 0:
             raise UserError(f"--reconnect must be >= 0, got {self.reconnect}")
         if self.annotate is not None and Path(self.annotate).suffix.lower() not in (".mp4", ".avi", ".mkv", ".mov"):
