@@ -260,3 +260,85 @@ def test_a_broken_stream_without_reconnects_keeps_its_rows_and_stops_with_one_li
     ]
     rows = _rows(out)
     assert WINDOW <= len(rows) < N_FRAMES and (tmp_path / "s.png").is_file()  # the frames read were all scored
+
+
+# ------------------------------------------------------------------------------------ timeouts, full disk
+@pytest.fixture
+def stalling_server(ts_clip):
+    """An HTTP server that sends the first half of the clip and then nothing more, the connection left open."""
+    import http.server
+    import threading
+
+    data, release = ts_clip.read_bytes(), threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            release.wait(60)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/clip.ts"
+    release.set()
+    server.shutdown()
+
+
+def test_a_stream_that_stops_sending_says_it_timed_out(run, stalling_server, tmp_path, monkeypatch):
+    from ddp_vad.infer import live
+
+    monkeypatch.setattr(live, "TIMEOUT", 1.0)
+    out = tmp_path / "s.csv"
+    result = CliRunner().invoke(cli, ["predict", stalling_server, "--model", str(run), "--out", str(out)])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {stalling_server}: stream broke (timed out: no data for 1 s) (after 0 reconnect tries)"
+    ]
+    assert WINDOW <= len(_rows(out)) < N_FRAMES  # the frames before the silence were scored
+    # a server that takes the connection and never answers: the open times out, and says so
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        url = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+        result = CliRunner().invoke(cli, ["predict", url, "--model", str(run), "--out", str(out)])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {url}: cannot open (timed out: no answer for 1 s) (after 0 reconnect tries)"
+    )
+
+
+def _file_size_limit(limit: int):
+    """A ``preexec_fn`` that caps the size of any file the process writes (a disk that fills up at ``limit``
+    bytes: the write that crosses it is cut short, the next fails with EFBIG)."""
+    import resource
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write (EFBIG) instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    return apply
+
+
+def test_a_live_csv_that_fills_the_disk_ends_in_a_whole_row(run, ts_clip, tmp_path):
+    out, limit = tmp_path / "live.csv", 250  # the header and about 10 rows
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddp_vad", "predict", "-", "--model", str(run), "--out", str(out)],
+        input=ts_clip.read_bytes(), capture_output=True, env=env, timeout=120, preexec_fn=_file_size_limit(limit),
+    )  # fmt: skip
+    text = out.read_bytes()
+    assert 100 < len(text) <= limit and text.endswith(b"\r\n"), text  # cut back to the last whole row
+    lines = text.decode().splitlines()
+    assert lines[0] == "frame,time,score,anomalous" and all(len(line.split(",")) == 4 for line in lines)
+    assert [int(line.split(",")[0]) for line in lines[1:]] == list(range(1, len(lines)))
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and err.strip().splitlines()[-1] == f"error: {out}: File too large", err
