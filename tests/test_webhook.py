@@ -180,7 +180,7 @@ def test_a_dead_endpoint_warns_once_and_scoring_completes_with_the_same_csv(run,
 
 def test_a_slow_endpoint_never_holds_up_the_sender(capsys):
     with endpoint(delay=1.0) as (url, state):
-        hook = Webhook(url, queue_size=2)
+        hook = Webhook(url, queue_size=4)
         t0 = time.perf_counter()
         for n in range(20):
             hook.send({"n": n})
@@ -189,8 +189,8 @@ def test_a_slow_endpoint_never_holds_up_the_sender(capsys):
         delivery = hook.close(wait=0.2)
         closing = time.perf_counter() - t0
     assert sending < 0.1  # 20 payloads to a server that takes 1 s each: the sender never waited
-    assert closing < 2.0  # the wait (0.2 s), then the POST in flight (1 s); not the 3 s the queue would take
-    assert delivery.dropped >= 20 - 3 and delivery.sent == 20
+    assert closing < 2.5  # the wait (0.2 s), then the POST in flight (1 s); not the 5 s the queue would take
+    assert delivery.dropped >= 20 - 5 and delivery.unsent >= 3 and delivery.sent == 20
     assert delivery.delivered + delivery.dropped + delivery.failed + delivery.unsent == 20
     assert [b["n"] for b in state.bodies] == list(range(delivery.delivered))  # in order, the first ones
     warnings = capsys.readouterr().err.splitlines()
