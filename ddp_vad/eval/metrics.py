@@ -229,15 +229,16 @@ def read_oof_scores(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def read_shard_frame_labels(shard_dir: str | os.PathLike) -> dict[str, list[int]]:
-    """Per-window frame labels ``{key: [0/1 x T]}`` read from the shards' block metadata only.
+def read_shard_frame_labels(shard_dir: str | os.PathLike, select: str = "kept") -> dict[str, list[int]]:
+    """Per-window frame labels ``{key: [0/1 x T]}`` of the ``select`` windows (``kept``: the balanced set of the
+    window and clip protocols; ``leakfree``: every window of the labelled clips), from the block metadata only.
 
     Much cheaper than materialising every window (no frames are read). Raises UserError when the
     folder holds no manifest or a listed shard is damaged (frame-level metrics need every window).
     """
     from ddp_vad.data.reader import iter_windows
 
-    return {w["key"]: w["meta"]["frame_labels"] for w in iter_windows(shard_dir, frames=False)}
+    return {w["key"]: w["meta"]["frame_labels"] for w in iter_windows(shard_dir, select, frames=False)}
 
 
 def auroc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float | None:
