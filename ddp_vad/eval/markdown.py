@@ -112,9 +112,10 @@ def coverage(report: dict[str, Any]) -> str:
         return ""
     if len(set(counts.values())) == 1:
         n, total, clips, anomalous = next(iter(counts.values()))
-        every = "every one of " if n == total else ""
-        return (f"Frame AUROC counts {every}{n:,} of the {total:,} frames of the {clips} labelled clips "
-                f"({anomalous:,} anomalous), for every method.")  # fmt: skip
+        share = f"every one of the {total:,}" if n == total else f"{n:,} of the {total:,}"
+        return (
+            f"Frame AUROC counts {share} frames of the {clips} labelled clips ({anomalous:,} anomalous), every method."
+        )
     parts = [f"{label} {n:,} of {total:,}" for label, (n, total, _, _) in counts.items()]
     return "Frames of the labelled clips that frame AUROC counts: " + "; ".join(parts) + "."
 
@@ -283,7 +284,7 @@ def report_markdown(report: dict[str, Any]) -> str:
                 else []
             ),  # fmt: skip
             FRAME_AUROC_SCOPE,
-            coverage(report),
+            *([coverage(report)] if report.get("headline") != "frame_auroc" else []),  # else said in the headline
             "",
         ]
         out += _details(report)
