@@ -113,9 +113,8 @@ def coverage(report: dict[str, Any]) -> str:
     if len(set(counts.values())) == 1:
         n, total, clips, anomalous = next(iter(counts.values()))
         share = f"every one of the {total:,}" if n == total else f"{n:,} of the {total:,}"
-        return (
-            f"Frame AUROC counts {share} frames of the {clips} labelled clips ({anomalous:,} anomalous), every method."
-        )
+        return (f"Frame AUROC counts {share} frames of the {clips} labelled clips ({anomalous:,} anomalous), for "
+                "every method.")  # fmt: skip
     parts = [f"{label} {n:,} of {total:,}" for label, (n, total, _, _) in counts.items()]
     return "Frames of the labelled clips that frame AUROC counts: " + "; ".join(parts) + "."
 
