@@ -30,6 +30,7 @@ from tqdm import tqdm
 from ddp_vad.config import write_resolved_config
 from ddp_vad.data.reader import frames_to_float, infinite_batches
 from ddp_vad.data.shards import load_manifest
+from ddp_vad.data.stream import shards_holding
 from ddp_vad.errors import NonFiniteLossError, UserError, error_message
 from ddp_vad.models import (
     DISCRIMINATOR_FILE,
@@ -314,7 +315,8 @@ def _train(cfg: PretrainConfig, accelerator, manifest: dict) -> Path:
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     group = object_group(world)
     model_cfg = model_config_for(cfg.preset, manifest, input_mode=cfg.input_mode, pooling=cfg.pooling, topk=cfg.topk)
-    check_shard_count(len(manifest["shards"]), world, cfg.workers, is_main)
+    select = gan_windows(cfg.protocol, manifest, cfg.shards)
+    check_shard_count(len(shards_holding(cfg.shards, manifest, select)), world, cfg.workers, is_main)
     # Decided by the main process for all: nodes without a shared filesystem would each see their own checkpoints.
     resume_from = decide_on_main(lambda: resolve_resume(cfg.resume, ckpt_dir), is_main, group, world)
     debug_keys = [] if cfg.debug_keys or os.environ.get(DEBUG_ENV, "") not in ("", "0") else None
@@ -335,7 +337,7 @@ def _train(cfg: PretrainConfig, accelerator, manifest: dict) -> Path:
         cfg.shards, cfg.batch_size, seed=cfg.seed, start_epoch=epoch, skip_samples=skip, rank=rank, world_size=world,
         workers=cfg.workers, cache=cfg.cache, shuffle_buffer=cfg.shuffle_buffer,
         pin_memory=accelerator.device.type == "cuda",  # the batches are copied with non_blocking=True
-        select=gan_windows(cfg.protocol, manifest, cfg.shards),
+        select=select,
     )  # fmt: skip
     monitor = None
     if is_main:
