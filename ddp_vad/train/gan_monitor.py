@@ -32,10 +32,11 @@ def window_similarity(fake: torch.Tensor, real: torch.Tensor) -> tuple[float, fl
     return F.cosine_similarity(f, r, dim=1).mean().item(), (f - r).norm(dim=1).mean().item()
 
 
-def sample_real_windows(shard_dir: str | Path, manifest: dict, n: int, seed: int) -> np.ndarray:
-    """``n`` real windows (uint8 [n, T, H, W]) drawn uniformly (seeded) from the whole shard set; reads only the
+def sample_real_windows(shard_dir: str | Path, manifest: dict, n: int, seed: int, select: str = "kept") -> np.ndarray:
+    """``n`` real windows (uint8 [n, T, H, W]) drawn uniformly (seeded) from the ``select`` windows of the shard set
+    (the ones the GAN trains on: under the leak-free protocol the train clips', never a test clip's); reads only the
     shards that hold them (a damaged shard is reported and skipped, like in the training stream)."""
-    return load_window_set(shard_dir, n=n, seed=[seed, 7], on_damage="skip").frames
+    return load_window_set(shard_dir, n=n, seed=[seed, 7], on_damage="skip", select=select).frames
 
 
 def seeded_cpu_generator(*parts: int) -> torch.Generator:
@@ -74,7 +75,8 @@ def _write_similarity_rows(path: Path, rows: list[list]) -> None:
 class GanMonitor:
     """Main-process TensorBoard writer + similarity CSV + sample images of one pretrain run.
 
-    ``start_step`` > 0 (a resume) drops events and CSV rows that a crashed run logged after that step.
+    ``start_step`` > 0 (a resume) drops events and CSV rows that a crashed run logged after that step. ``select``:
+    the windows the GAN streams (its real-window pool is drawn from those).
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class GanMonitor:
         device: torch.device,
         start_step: int,
         health: dict | None = None,
+        select: str = "kept",
     ):
         from torch.utils.tensorboard import SummaryWriter
 
@@ -94,7 +97,7 @@ class GanMonitor:
         self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else 0)
         self.real_pool = self.fixed_z = None
         if cfg.similarity_every or cfg.image_every:
-            self.real_pool = sample_real_windows(cfg.shards, manifest, REAL_POOL, cfg.seed)
+            self.real_pool = sample_real_windows(cfg.shards, manifest, REAL_POOL, cfg.seed, select)
             self.fixed_z = torch.randn(IMAGE_ROWS, z_dim, generator=seeded_cpu_generator(cfg.seed, 11))
         self.sim_path = run_dir / SIMILARITY_CSV
         kept = _read_similarity_rows(self.sim_path, start_step) if start_step else []

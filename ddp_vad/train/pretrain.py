@@ -149,7 +149,7 @@ def _train(cfg: PretrainConfig, accelerator, manifest: dict) -> Path:
     )  # fmt: skip
     monitor = None
     if is_main:
-        monitor = GanMonitor(run_dir, cfg, manifest, model_cfg.z_dim, accelerator.device, start_step, health)
+        monitor = GanMonitor(run_dir, cfg, manifest, model_cfg.z_dim, accelerator.device, start_step, health, select)
     try:
         step = _loop(cfg, accelerator, gan, batches, monitor, model_cfg, start_step, resume_from, debug_keys)
     finally:
