@@ -251,3 +251,26 @@ def _window_set(frames: np.ndarray, rows: list[tuple], manifest: dict, shard_dir
         splits=list(splits),
         manifest=manifest,
     )
+
+
+def load_train_clips(shard_dir: str | Path, on_damage: str = "skip") -> list[np.ndarray]:
+    """The frames of every train clip (normal footage), uint8 [F, H, W] each, in clip-name order, rebuilt from the
+    blocks of the shards that hold train windows (blocks overlap by window - 1 frames). The source of pseudo-anomalies
+    (:mod:`ddp_vad.train.pseudo`); a damaged shard is reported and skipped (its clips come back shorter or not at
+    all)."""
+    from ddp_vad.data.stream import shards_holding
+
+    manifest = load_manifest(shard_dir)
+    names = [e["name"] for e in shards_holding(shard_dir, manifest, "train")]
+    parts: dict[str, list[Block]] = {}
+    for block in iter_blocks(shard_dir, shards=names, on_damage=on_damage, manifest=manifest) if names else ():
+        if block.split == "train":
+            parts.setdefault(block.clip, []).append(block)
+    clips = []
+    for name in sorted(parts):
+        blocks = parts[name]
+        frames = np.zeros((max(b.first + len(b.frames) for b in blocks), *blocks[0].frames.shape[1:]), np.uint8)
+        for b in blocks:
+            frames[b.first : b.first + len(b.frames)] = b.frames
+        clips.append(frames)
+    return clips

@@ -124,19 +124,25 @@ class GanMonitor:
         real = frames_to_float(torch.from_numpy(self.real_pool[:IMAGE_ROWS]))
         self.writer.add_image("samples/real_top_generated_bottom", windows_image(real, fake), step)
 
-    def losses(self, rows: np.ndarray, first_step: int) -> None:
-        """Per-step ``STAT_NAMES`` rows (losses, D(real), D(fake), gradient norms) starting at ``first_step``."""
+    def losses(self, rows: np.ndarray, first_step: int, gan_until: int | None = None) -> None:
+        """Per-step ``STAT_NAMES`` rows (losses, D(real), D(fake), gradient norms) starting at ``first_step``; GAN
+        health watches the steps up to ``gan_until`` (all when None: the D-only steps of the variants are not a
+        game)."""
         tags = {"loss_d": "loss/d", "loss_g": "loss/g", "d_real": "d/real", "d_fake": "d/fake",
                 "grad_norm_d": "grad_norm/d", "grad_norm_g": "grad_norm/g"}  # fmt: skip
         for i, row in enumerate(rows):
             for name, value in zip(STAT_NAMES, row, strict=True):
                 self.writer.add_scalar(tags[name], value, first_step + i)
-        self._report(self.health.observe_steps(rows, first_step, STAT_NAMES), first_step + len(rows) - 1)
+        game = rows if gan_until is None else rows[: max(0, gan_until - first_step + 1)]
+        if len(game):
+            self._report(self.health.observe_steps(game, first_step, STAT_NAMES), first_step + len(game) - 1)
 
-    def progress(self, rows: np.ndarray, first: int, step: int, rate: float, opts, amp_skipped: dict | None) -> None:
-        """The per-step stats since the last log, the optimizers' learning rates, throughput and, with fp16, the
-        optimizer steps the GradScaler skipped."""
-        self.losses(rows, first)
+    def progress(
+        self, rows: np.ndarray, first: int, step: int, rate: float, opts, amp_skipped: dict | None, gan_until=None
+    ) -> None:
+        """The per-step stats since the last log (see :meth:`losses`), the optimizers' learning rates, throughput
+        and, with fp16, the optimizer steps the GradScaler skipped."""
+        self.losses(rows, first, gan_until)
         opt_g, opt_d = opts
         self.scalars(step, lr__g=opt_g.param_groups[0]["lr"], lr__d=opt_d.param_groups[0]["lr"],
                      throughput__samples_per_s=rate)  # fmt: skip

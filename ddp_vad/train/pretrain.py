@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from ddp_vad.data.stream import shards_holding
 from ddp_vad.errors import NonFiniteLossError, UserError
 from ddp_vad.models import ModelConfig, build_generator, build_lrcn, model_config_for
 from ddp_vad.train.checkpoint import remove_partial, resolve_resume, save_checkpoint
+from ddp_vad.train.disc_phase import PseudoSource, disc_step, early_step, keep_early, load_early, phase2_windows
 from ddp_vad.train.distributed import (
     check_process_group,
     check_shard_count,
@@ -46,7 +47,7 @@ from ddp_vad.train.distributed import (
 )
 from ddp_vad.train.gan import gan_step
 from ddp_vad.train.gan_monitor import GanMonitor
-from ddp_vad.train.pretrain_config import PretrainConfig, gan_windows, hparams_of
+from ddp_vad.train.pretrain_config import PretrainConfig, gan_windows, hparams_of, pretraining_of
 from ddp_vad.train.pretrain_state import export_weights, resume_state, train_state, write_config
 
 __all__ = ["PretrainConfig", "gan_windows", "hparams_of", "run_pretrain"]  # the config's names, re-exported
@@ -108,6 +109,27 @@ class _Gan:
     opt_d: torch.optim.Optimizer
 
 
+@dataclass
+class _Variants:
+    """What the pretraining variants add to a run: its pseudo-anomaly source, the unwrapped generator and, for
+    phase 2, the early generator snapshot (None until taken)."""
+
+    source: PseudoSource | None
+    gen: torch.nn.Module
+    early: torch.nn.Module | None = None
+
+
+def _variants(cfg: PretrainConfig, accelerator, gen, model_cfg: ModelConfig, start_step: int) -> _Variants:
+    source = None
+    if cfg.pseudo_anomalies > 0:
+        source = PseudoSource(cfg.shards, cfg.pseudo_anomalies, cfg.pseudo_kinds, model_cfg.window, cfg.seed,
+                              accelerator.process_index)  # fmt: skip
+    variants = _Variants(source, gen)
+    if cfg.phase2_steps and cfg.objective == "gan" and start_step >= early_step(cfg.steps):  # a resumed run
+        variants.early = load_early(Path(cfg.out), accelerator.device)
+    return variants
+
+
 def _build(cfg: PretrainConfig, accelerator, model_cfg: ModelConfig) -> _Gan:
     seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     gen, disc = build_generator(model_cfg), build_lrcn(model_cfg)
@@ -155,7 +177,7 @@ def _train(cfg: PretrainConfig, accelerator, manifest: dict) -> Path:
     finally:
         if monitor is not None:
             monitor.close()
-    export_weights(accelerator, gan.gen, gan.disc, run_dir, model_cfg, debug_keys)
+    export_weights(accelerator, gan.gen, gan.disc, run_dir, model_cfg, debug_keys, pretraining_of(asdict(cfg)))
     if is_main:
         write_config(run_dir, cfg, model_cfg, manifest, accelerator, step=step)
     accelerator.wait_for_everyone()
@@ -163,34 +185,62 @@ def _train(cfg: PretrainConfig, accelerator, manifest: dict) -> Path:
     return run_dir
 
 
+def _is_gan_step(cfg: PretrainConfig, step: int) -> bool:
+    """Whether step ``step`` (from 0) is a GAN step (not phase 2, not the pseudo objective's D-only step)."""
+    return cfg.objective == "gan" and step < cfg.steps
+
+
+def _gan_until(cfg: PretrainConfig) -> int:
+    """The last GAN step (from 1): GAN health watches those only (D is meant to win its D-only steps)."""
+    return cfg.steps if cfg.objective == "gan" else 0
+
+
+def _step(cfg: PretrainConfig, accelerator, gan: _Gan, variants: _Variants, real, step: int, model_cfg) -> torch.Tensor:
+    """Optimizer step ``step`` (from 0) on ``real`` windows: the GAN step (pseudo-anomalies join D's negatives at
+    --pseudo-anomalies), D alone against pseudo-anomalies (--objective pseudo), or phase 2 after the GAN steps.
+    Returns the ``STAT_NAMES`` row."""
+    pseudo = None if variants.source is None else variants.source.windows(step, len(real), real.device)
+    if cfg.objective == "pseudo":
+        return disc_step(accelerator, gan.disc, gan.opt_d, real, pseudo)
+    if step >= cfg.steps:
+        good, bad = phase2_windows(variants.gen, variants.early, real, model_cfg.z_dim, pseudo)
+        return disc_step(accelerator, gan.disc, gan.opt_d, good, bad)
+    noise = cfg.instance_noise * (1.0 - step / cfg.steps)  # annealed linearly to 0
+    return gan_step(accelerator, gan.gen, gan.disc, gan.opt_g, gan.opt_d, real, model_cfg.z_dim,
+                    cfg.label_smoothing, noise, cfg.feature_matching, pseudo)  # fmt: skip
+
+
 def _loop(cfg, accelerator, gan: _Gan, batches, monitor, model_cfg, start_step, last_ckpt, debug_keys) -> int:
-    """Steps ``start_step + 1 .. cfg.steps``: GAN step, then every ``log_every`` steps one reduce of the stats (the
-    NaN check, logging), similarity and images on the main process, checkpoints. Returns the last step."""
+    """Steps ``start_step + 1 .. cfg.total_steps``: one step (:func:`_step`), then every ``log_every`` steps one
+    reduce of the stats (the NaN check, logging), similarity and images on the main process, checkpoints. Returns
+    the last step."""
     is_main, world = accelerator.is_main_process, accelerator.num_processes
     ckpt_dir, group = Path(cfg.out) / "checkpoints", object_group(world)
     unwrapped_gen = accelerator.unwrap_model(gan.gen)
+    variants = _variants(cfg, accelerator, unwrapped_gen, model_cfg, start_step)
     skipped, stats, step = {"d": 0, "g": 0}, [], start_step
     data_error: str | None = None  # this rank's stream gave no batch: agreed by all ranks at the next log step
     batch = None
-    pbar = tqdm(total=cfg.steps, initial=min(start_step, cfg.steps), desc="pretrain", unit="step",
+    total = cfg.total_steps
+    pbar = tqdm(total=total, initial=min(start_step, total), desc="pretrain", unit="step",
                 disable=not (is_main and cfg.progress), dynamic_ncols=True)  # fmt: skip
-    if is_main and start_step == 0 and cfg.similarity_every:
+    if is_main and start_step == 0 and cfg.similarity_every and _gan_until(cfg):
         monitor.similarity(unwrapped_gen, 0)
     t_last, steps_last = time.perf_counter(), step
-    while step < cfg.steps:
+    while step < total:
         batch, data_error = _next_batch(batches, batch, data_error, cfg.batch_size, model_cfg)
         if debug_keys is not None:
             debug_keys.extend(f"{e} {k}" for e, k in zip(batch.get("epoch", []), batch["key"], strict=False))
         real = frames_to_float(batch["frames"].to(accelerator.device, non_blocking=True))
-        noise = cfg.instance_noise * (1.0 - step / cfg.steps)  # annealed linearly to 0
-        stats.append(gan_step(accelerator, gan.gen, gan.disc, gan.opt_g, gan.opt_d, real, model_cfg.z_dim,
-                              cfg.label_smoothing, noise, cfg.feature_matching))  # fmt: skip
+        stats.append(_step(cfg, accelerator, gan, variants, real, step, model_cfg))
         if accelerator.scaler is not None:
             skipped["d"] += int(gan.opt_d.step_was_skipped)
-            skipped["g"] += int(gan.opt_g.step_was_skipped)
+            skipped["g"] += int(gan.opt_g.step_was_skipped) if _is_gan_step(cfg, step) else 0
         step += 1
         pbar.update(1)
-        do_ckpt = step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        if cfg.phase2_steps and _is_gan_step(cfg, step - 1) and step == early_step(cfg.steps):
+            variants.early = keep_early(unwrapped_gen, Path(cfg.out), model_cfg, is_main)
+        do_ckpt = step == total or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
         if do_ckpt or step % cfg.log_every == 0:
             # One small all-reduce every log_every steps: no per-step host sync.
             _agree_on_data(accelerator, data_error, group)
@@ -201,12 +251,12 @@ def _loop(cfg, accelerator, gan: _Gan, batches, monitor, model_cfg, start_step, 
             if is_main:
                 rate = (step - steps_last) * cfg.batch_size * world / max(now - t_last, 1e-9)
                 amp = skipped if accelerator.scaler is not None else None  # fp16 only
-                monitor.progress(rows, first, step, rate, (gan.opt_g, gan.opt_d), amp)
+                monitor.progress(rows, first, step, rate, (gan.opt_g, gan.opt_d), amp, _gan_until(cfg))
                 pbar.set_postfix(loss_d=f"{rows[-1, 0]:.3f}", loss_g=f"{rows[-1, 1]:.3f}", sps=f"{rate:.1f}")
             t_last, steps_last = now, step
-        if is_main and cfg.similarity_every and step % cfg.similarity_every == 0:
+        if is_main and cfg.similarity_every and step % cfg.similarity_every == 0 and step <= _gan_until(cfg):
             monitor.similarity(unwrapped_gen, step)
-        if is_main and cfg.image_every and (step % cfg.image_every == 0 or step == cfg.steps):
+        if is_main and cfg.image_every and (step % cfg.image_every == 0 or step == total):
             monitor.image(unwrapped_gen, step)
         if do_ckpt:
             state = train_state(accelerator, batches, model_cfg, cfg, monitor)

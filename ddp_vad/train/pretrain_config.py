@@ -3,6 +3,7 @@ which windows the GAN streams under each protocol."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ddp_vad.errors import UserError
@@ -11,6 +12,9 @@ from ddp_vad.options import option
 from ddp_vad.presets import PRESET_NAMES
 from ddp_vad.train.crossval import PROTOCOLS
 from ddp_vad.train.distributed import PRECISIONS
+from ddp_vad.train.pseudo import DEFAULT_KINDS, KINDS, parse_kinds
+
+OBJECTIVES = ("gan", "pseudo")
 
 
 @dataclass
@@ -76,6 +80,26 @@ class PretrainConfig:
         "0 = the method's GAN.",
     )
 
+    # Pretraining variants (docs/models.md, "Pretraining variants"); the defaults are the method's plain GAN.
+    objective: str = option(
+        "gan",
+        "gan: the method's GAN (with the variants below); pseudo: no generator, D learns the train clips' normal "
+        "windows against pseudo-anomalies made from them (needs --pseudo-anomalies).",
+        choices=OBJECTIVES,
+    )
+    pseudo_anomalies: float = option(
+        0.0,
+        "Pseudo-anomalous windows (made from the train clips) per real window on D's negative side; 0 = none.",
+    )
+    pseudo_kinds: str = option(
+        DEFAULT_KINDS, f"Comma list of pseudo-anomaly kinds: {', '.join(KINDS)} (docs/models.md)."
+    )
+    phase2_steps: int = option(
+        0,
+        "After the GAN steps, train D alone this many steps: real + current generator windows as good, an early "
+        "generator snapshot + pseudo-anomalies as bad (OGNet's second phase); 0 = off.",
+    )
+
     def __post_init__(self) -> None:
         if self.preset not in PRESET_NAMES:
             raise UserError(f"--preset must be one of {', '.join(PRESET_NAMES)}, got {self.preset!r}")
@@ -103,14 +127,55 @@ class PretrainConfig:
             raise UserError(f"--feature-matching must be >= 0, got {self.feature_matching}")
         if not self.instance_noise >= 0.0:
             raise UserError(f"--instance-noise must be >= 0, got {self.instance_noise}")
+        self._check_variants()
+
+    def _check_variants(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if not (math.isfinite(self.pseudo_anomalies) and self.pseudo_anomalies >= 0.0):
+            raise UserError(f"--pseudo-anomalies must be a rate >= 0, got {self.pseudo_anomalies}")
+        self.pseudo_kinds = ",".join(parse_kinds(self.pseudo_kinds))
+        if self.phase2_steps < 0:
+            raise UserError(f"--phase2-steps must be >= 0 (0 = off), got {self.phase2_steps}")
+        if self.objective == "pseudo" and not self.pseudo_anomalies > 0:
+            raise UserError("--objective pseudo trains D against pseudo-anomalies: give --pseudo-anomalies > 0")
+        if self.objective == "pseudo" and self.phase2_steps:
+            raise UserError("--phase2-steps needs a generator: use it with --objective gan")
+
+    @property
+    def total_steps(self) -> int:
+        """Every optimizer step of the run: the GAN (or pseudo-objective) steps, then phase 2's."""
+        return self.steps + self.phase2_steps
 
 
 def hparams_of(cfg: PretrainConfig) -> dict:
     """The hyperparameters a pretrain run is compared by in TensorBoard's HParams dashboard."""
     keys = ("preset", "steps", "batch_size", "lr", "lr_d", "beta1", "seed", "label_smoothing", "instance_noise",
-            "feature_matching", "input_mode", "pooling", "topk",
-            "mixed_precision", "shards")  # fmt: skip
+            "feature_matching", "input_mode", "pooling", "topk", "objective", "pseudo_anomalies", "pseudo_kinds",
+            "phase2_steps", "mixed_precision", "shards")  # fmt: skip
     return {k: getattr(cfg, k) for k in keys}
+
+
+def pretraining_of(cfg: dict) -> dict:
+    """The variant a pretrain run's resolved config (``config.json``'s ``config``) describes: what the
+    discriminator file records and the report shows. Runs that predate the variants were the plain GAN."""
+    return {
+        "objective": cfg.get("objective", "gan"),
+        "pseudo_anomalies": float(cfg.get("pseudo_anomalies") or 0.0),
+        "pseudo_kinds": cfg.get("pseudo_kinds") or DEFAULT_KINDS,
+        "phase2_steps": int(cfg.get("phase2_steps") or 0),
+    }
+
+
+def describe_pretraining(cfg: dict) -> str:
+    """One line for the report: "the method's plain GAN", or the variant's parts."""
+    v = pretraining_of(cfg)
+    pseudo = f"pseudo-anomalies {v['pseudo_anomalies']:g} per real window ({v['pseudo_kinds']})"
+    if v["objective"] == "pseudo":
+        return f"no generator: D learns normal windows vs {pseudo}"
+    parts = [pseudo] if v["pseudo_anomalies"] > 0 else []
+    parts += [f"phase 2: {v['phase2_steps']} D-only steps (OGNet)"] if v["phase2_steps"] else []
+    return "GAN + " + " + ".join(parts) if parts else "the method's plain GAN"
 
 
 def gan_windows(protocol: str, manifest: dict, shards: str) -> str:

@@ -65,12 +65,17 @@ def train_state(accelerator, batches, model_cfg: ModelConfig, cfg: PretrainConfi
     }
 
 
-def export_weights(accelerator, gen, disc, run_dir: Path, model_cfg: ModelConfig, debug_keys: list[str] | None) -> None:
+def export_weights(
+    accelerator, gen, disc, run_dir: Path, model_cfg: ModelConfig, debug_keys: list[str] | None, pretraining: dict
+) -> None:
+    """The generator and the discriminator (with ``pretraining``, the variant that made it, in its metadata) from
+    the main process; with ``debug_keys``, every rank's keys and weight hashes."""
     g_mod, d_mod = accelerator.unwrap_model(gen), accelerator.unwrap_model(disc)
     broadcast_buffers(g_mod)  # every replica now holds exactly the exported weights (rank 0's BN statistics)
     if accelerator.is_main_process:
         save_model(g_mod, run_dir / GENERATOR_FILE, model_cfg, kind="generator")
-        save_model(d_mod, run_dir / DISCRIMINATOR_FILE, model_cfg, kind="discriminator")
+        extra = {"pretraining": pretraining}
+        save_model(d_mod, run_dir / DISCRIMINATOR_FILE, model_cfg, kind="discriminator", extra=extra)
     if debug_keys is not None:  # test/debug aid: what this rank read ("epoch key" lines) and its weights' hash
         dbg, rank = run_dir / "debug", accelerator.process_index
         dbg.mkdir(parents=True, exist_ok=True)
