@@ -213,14 +213,15 @@ def _gan_health(report: dict[str, Any]) -> list[str]:
     rows = [p for p in report["pretrain"] if p.get("health")]
     if not rows:
         return []
-    out = ["## GAN health", "", "| Run | Stabilisers | Last D(real) | Last D(fake) | Steps D won outright | Warnings |",
-           "|---|---|---|---|---|---|"]  # fmt: skip
+    out = ["## GAN health", "", "| Run | Pretraining | Stabilisers | Last D(real) | Last D(fake) "
+           "| Steps D won outright | Warnings |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for p in rows:
         h = p["health"]
         last = h.get("last") or {}
         warn = "; ".join(h.get("warnings") or []) or "none"
-        out.append(f"| {p['run']} | {p.get('stabilisers', 'none')} | {_num(last.get('d_real'))} | "
-                   f"{_num(last.get('d_fake'))} | {h.get('win_steps', 0)} | {warn} |")  # fmt: skip
+        variant = p.get("pretraining", "the method's plain GAN")
+        out.append(f"| {p['run']} | {variant} | {p.get('stabilisers', 'none')} | {_num(last.get('d_real'))} "
+                   f"| {_num(last.get('d_fake'))} | {h.get('win_steps', 0)} | {warn} |")  # fmt: skip
     return [*out, ""]
 
 

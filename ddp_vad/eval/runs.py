@@ -305,7 +305,11 @@ def read_similarity(run_dir: Path) -> dict[str, list[float]]:
 
 
 def pretrain_health(run_dir: Path) -> dict:
-    """``{"health": gan_health.json, "stabilisers": "..."}`` of a pretrain run (empty when it has no health file)."""
+    """``{"health": gan_health.json, "stabilisers": "...", "pretraining": "..."}`` of a pretrain run (the
+    pretraining variant: :func:`ddp_vad.train.pretrain_config.describe_pretraining`); empty when it has no health
+    file."""
+    from ddp_vad.train.pretrain_config import describe_pretraining
+
     path = run_dir / "gan_health.json"
     if not path.is_file():
         return {}
@@ -315,4 +319,5 @@ def pretrain_health(run_dir: Path) -> dict:
     except (OSError, UserError):
         cfg = {}
     used = [f"{k.replace('_', ' ')} {cfg[k]:g}" for k in ("label_smoothing", "instance_noise") if cfg.get(k)]
-    return {"health": health, "stabilisers": ", ".join(used) or "none (the method's plain GAN)"}
+    stabilisers = ", ".join(used) or "none (the method's plain GAN)"
+    return {"health": health, "stabilisers": stabilisers, "pretraining": describe_pretraining(cfg)}
