@@ -148,7 +148,8 @@ def main() -> None:
     ap.add_argument("--measure-only", action="store_true", help="Only (re)measure existing runs.")
     ap.add_argument("extra", nargs="*", help="More transfer flags for every config (after --).")
     args = ap.parse_args()
-    labels = read_shard_frame_labels(args.shards)
+    # Every window any protocol scores: the balanced set (window, clip) and every window of the labelled clips.
+    labels = {**read_shard_frame_labels(args.shards), **read_shard_frame_labels(args.shards, "leakfree")}
     results = Path(args.results)
     if not results.exists():
         results.write_text(

@@ -26,6 +26,8 @@ _EXPORTS = {
     "Detector": "ddp_vad.infer.detector",
     "FrameScore": "ddp_vad.infer.detector",
     "StreamBroken": "ddp_vad.infer.live",
+    "Events": "ddp_vad.infer.events",
+    "Webhook": "ddp_vad.infer.webhook",
     "synth": "ddp_vad.api",
     "build_shards": "ddp_vad.api",
     "pretrain": "ddp_vad.api",

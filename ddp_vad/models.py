@@ -335,8 +335,11 @@ def count_parameters(module: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------------ safetensors I/O
-def save_model(module: nn.Module, path: str | Path, cfg: ModelConfig, kind: str | None = None) -> Path:
-    """Write ``module``'s state dict to ``path`` (safetensors) with ``cfg`` as JSON in the file's metadata.
+def save_model(
+    module: nn.Module, path: str | Path, cfg: ModelConfig, kind: str | None = None, extra: dict | None = None
+) -> Path:
+    """Write ``module``'s state dict to ``path`` (safetensors) with ``cfg`` as JSON in the file's metadata (and
+    ``extra``, e.g. how a discriminator was pretrained, as JSON under ``extra``: loaders ignore it).
 
     Written to a temp name and renamed, so a reader never sees half a file.
     """
@@ -344,6 +347,8 @@ def save_model(module: nn.Module, path: str | Path, cfg: ModelConfig, kind: str 
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     meta = {_META_KEY: json.dumps(cfg.to_dict()), "kind": kind or type(module).__name__.lower()}
+    if extra:
+        meta["extra"] = json.dumps(extra, sort_keys=True)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path

@@ -139,6 +139,22 @@ def fake_transfer_run(root: Path, cfg, folds: int, seed: int = 0) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def small_train_shards(tmp_path_factory) -> Path:
+    """Issue 21's small-train shape: ``synth --train-clips 2 --test-clips 4 --frames 40`` at 24x36 (62 train
+    windows), ``shard build --folds 2 --shard-size 20``: the train clips' windows sit in few of the 5 shards."""
+    from ddp_vad.data.shards import ShardConfig, build_shards
+    from ddp_vad.data.synth import SynthConfig, run_synth
+
+    root = tmp_path_factory.mktemp("small_train")
+    data = run_synth(SynthConfig(out=str(root / "data"), train_clips=2, test_clips=4, frames=40, height=24, width=36),
+                     show_progress=False)  # fmt: skip
+    return build_shards(
+        ShardConfig(data=str(data), out=str(root / "shards"), height=24, width=36, folds=2, workers=1, shard_size=20),
+        show_progress=False,
+    )
+
+
 def _absent(message: str) -> None:
     """Real data that is not here: skip the test, or fail it where the data is required (CI)."""
     if os.environ.get("DDP_VAD_REQUIRE_SAMPLE", "") not in ("", "0"):

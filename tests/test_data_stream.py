@@ -97,6 +97,43 @@ def test_endless_stream_wraps_around_epochs_smaller_than_a_batch(tiny_shards):
         assert [next(resumed)["key"] for _ in range(3)] == [b["key"] for b in batches[1:]]
 
 
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_every_rank_gets_train_windows_every_epoch_however_shards_fall(small_train_shards, workers):
+    # Issue 21: the train clips' 62 windows sit in a few of the 5 shards; dealing every shard left a rank epochs
+    # with none. Only shards holding train windows are dealt (by sample when they are fewer than P x W).
+    from ddp_vad.data.stream import stream_windows
+
+    train = set(load_window_set(small_train_shards, select="train").keys)
+    assert len(train) == 62
+    for epoch in range(30 if workers == 0 else 4):  # loader workers cost a process start per epoch and rank
+        seen = [
+            [
+                w["key"]
+                for w in stream_windows(
+                    small_train_shards, epoch=epoch, rank=r, world_size=2, workers=workers, select="train"
+                )
+            ]  # fmt: skip
+            for r in (0, 1)
+        ]
+        assert seen[0] and seen[1], f"epoch {epoch}: a rank got no train window ({[len(s) for s in seen]})"
+        assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == sorted(train), f"epoch {epoch}"
+
+
+def test_only_shards_holding_the_selection_are_dealt(tiny_shards):
+    from ddp_vad.data.manifest import load_manifest
+    from ddp_vad.data.reader import iter_windows
+    from ddp_vad.data.stream import epoch_shards, shards_holding
+
+    manifest = load_manifest(tiny_shards)
+    holding = {e["name"] for e in shards_holding(tiny_shards, manifest, "train")}
+    have = {Path(p).name for p in epoch_shards(tiny_shards, 0, seed=0)
+            if any(True for _ in iter_windows(tiny_shards, select="train", shards=[p], frames=False))}  # fmt: skip
+    assert holding == have and 0 < len(holding) < len(manifest["shards"])
+    dealt = epoch_shards(tiny_shards, 3, seed=0, select="train")
+    assert {Path(p).name for p in dealt} == holding
+    assert [p for p in epoch_shards(tiny_shards, 3, seed=0) if Path(p).name in holding] == dealt  # same order
+
+
 @pytest.mark.slow
 def test_two_real_processes_see_every_sample_exactly_once(tiny_shards, tmp_path):
     script = Path(__file__).with_name("_dist_stream.py")

@@ -131,7 +131,7 @@ def test_report_numbers(runs, tmp_path):
     assert a["mean"]["accuracy"] == pytest.approx(0.75) and a["std"]["accuracy"] == pytest.approx(0.0)
     assert a["mean"]["f1"] == pytest.approx(11 / 15) and a["std"]["f1"] == pytest.approx(1 / 15)
     assert a["confusion"] == {"tp": 3, "fp": 1, "tn": 3, "fn": 1}
-    assert a["window_auroc"] == pytest.approx(14 / 16)
+    assert a["window_auroc_pooled"] == pytest.approx(14 / 16)
     # Frame scores (max over covering windows): pos .9 .9 .8 .7 .7 .3 .3, neg .6 .6 .1 .1 .2 .2 .4 .4
     # -> 5 * 8 + 2 * 4 = 48 of 56 pairs ranked right.
     assert a["frame_auroc"] == pytest.approx(48 / 56)
@@ -141,7 +141,7 @@ def test_report_numbers(runs, tmp_path):
     assert b["mean"]["recall"] == 0.0 and b["n_defined"]["recall"] == 1
     assert b["mean"]["precision"] == 0.0 and b["n_defined"]["precision"] == 1
     assert b["confusion"] == {"tp": 0, "fp": 1, "tn": 5, "fn": 2}  # rebuilt from the oof scores
-    assert b["window_auroc"] == pytest.approx(9.5 / 12)
+    assert b["window_auroc_pooled"] == pytest.approx(9.5 / 12)
     assert b["frame_auroc"] is None
     assert any("frame-level AUROC skipped" in n for n in b["notes"])
 

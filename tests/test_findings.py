@@ -7,7 +7,14 @@ import json
 
 import pytest
 
-from ddp_vad.eval.findings import curve, curve_table, published_rows, verdict
+from ddp_vad.eval.findings import (
+    curve,
+    curve_table,
+    published_dataset,
+    published_frame_auroc,
+    published_rows,
+    verdict,
+)
 from ddp_vad.eval.report import EvaluateConfig, run_evaluate
 
 
@@ -40,10 +47,23 @@ def test_verdict_compares_gan_and_lrcn_at_each_fraction_against_the_fold_spread(
     assert table[0] == "| Method | 0.1 | 1 |" and "| GAN+LRCN | 0.800 ± 0.020 | 0.840 ± 0.050 |" in table
 
 
-def test_published_rows_only_beside_window_protocol_runs():
-    assert published_rows([_entry("LRCN", 1.0, 0.8, 0.0, "leakfree")]) == []
-    rows = published_rows([_entry("LRCN", 1.0, 0.8, 0.0, "window")])
+def test_published_rows_only_beside_window_protocol_runs_on_ped1():
+    assert published_rows([_entry("LRCN", 1.0, 0.8, 0.0, "leakfree")], "UCSDped1") == []
+    rows = published_rows([_entry("LRCN", 1.0, 0.8, 0.0, "window")], "UCSDped1")
     assert {r["method"]: r["accuracy"] for r in rows} == {"LRCN (published)": 0.846, "GAN+LRCN (published)": 0.855}
+    for other in ("UCSDped2", "SynthPed", None):  # the method's Table 5 is a Ped1 table
+        assert published_rows([_entry("LRCN", 1.0, 0.8, 0.0, "window")], other) == []
+
+
+def test_published_frame_aurocs_are_those_of_the_dataset_at_hand():
+    ped1 = {"MDT (Mahadevan et al., 2010)": 0.818, "future frame prediction (Liu et al., 2018)": 0.831}
+    ped2 = {"future frame prediction (Liu et al., 2018)": 0.954, "MNAD (Park et al., 2020)": 0.970}
+    for name in ("UCSDped1", "ucsd-ped1"):  # the UCSD layout's folder name, or a videos folder named after it
+        assert published_dataset(name) == "UCSD Ped1" and published_frame_auroc(name) == ped1
+    for name in ("UCSDped2", "ucsd-ped2-videos"):
+        assert published_dataset(name) == "UCSD Ped2" and published_frame_auroc(name) == ped2
+    for name in ("SynthPed", "my-videos", "", None):  # the synthetic data, a user's videos: no figures
+        assert published_dataset(name) is None and published_frame_auroc(name) == {}
 
 
 def _write_run(run, method, fraction, accs):

@@ -70,6 +70,34 @@ def test_the_gan_only_ever_saw_train_clips(shards, gan):
     assert json.loads((gan / "config.json").read_text())["config"]["protocol"] == "leakfree"
 
 
+def test_the_gans_monitoring_pool_holds_train_clip_windows_only(shards, tmp_path, monkeypatch):
+    # Issue 22: the similarity curve, stall warning and real-vs-generated images compared against every clip's
+    # balanced windows (test clips included); they must use the windows the GAN trains on.
+    from ddp_vad.train.gan_monitor import GanMonitor
+
+    pools = []
+    real_close = GanMonitor.close
+    monkeypatch.setattr(GanMonitor, "close", lambda self: (pools.append(self.real_pool), real_close(self))[1])
+    cfg = PretrainConfig(shards=str(shards), out=str(tmp_path / "g"), preset="tiny", steps=2, batch_size=4,
+                         similarity_every=1, image_every=0, checkpoint_every=0, workers=0, progress=False)  # fmt: skip
+    run_pretrain(cfg)
+    train = load_window_set(shards, select="train")
+    as_bytes = lambda frames: {w.tobytes() for w in frames}  # noqa: E731
+    assert pools and len(pools[0]) == len(train)  # 62 train windows < the pool's 256: all of them
+    assert as_bytes(pools[0]) == as_bytes(train.frames)
+    assert not as_bytes(pools[0]) & as_bytes(load_window_set(shards, select="leakfree").frames)
+
+
+def test_a_seeded_draw_among_train_windows(shards):
+    train = load_window_set(shards, select="train")
+    draw = load_window_set(shards, select="train", n=10, seed=[1, 7])
+    assert len(draw) == 10 == len(set(draw.keys)) and set(draw.keys) <= set(train.keys)
+    assert draw.keys == load_window_set(shards, select="train", n=10, seed=[1, 7]).keys
+    assert draw.keys != load_window_set(shards, select="train", n=10, seed=[2, 7]).keys
+    for key, frames in zip(draw.keys, draw.frames, strict=True):
+        assert np.array_equal(frames, train.frames[train.keys.index(key)])
+
+
 @pytest.fixture(scope="module")
 def transfer_run(shards, gan, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("transfer") / "t"

@@ -191,3 +191,35 @@ def test_feature_matching_adds_a_positive_term_to_the_generator_loss():
         losses.append(stats)
     assert torch.equal(losses[0][0], losses[1][0])  # the D step is the same
     assert losses[1][1] > losses[0][1]  # G's loss gains the (positive) feature-matching term
+
+
+def test_balanced_class_weights_are_in_the_loss_training_uses(tiny_shards, tmp_path, monkeypatch):
+    """Not only the config's default: the cross-entropy each fold trains with gets the balanced weights of that
+    fold's training labels (and none with --class-weight none)."""
+    real_loss, real_epoch = fold_module.F.cross_entropy, fold_module._train_epoch
+    seen: dict[str, dict[int, list]] = {}
+    current: list = [None, None]  # (mode, fold) of the epoch being trained
+
+    def epoch(run, k, *args, **kwargs):
+        current[1] = k
+        return real_epoch(run, k, *args, **kwargs)
+
+    def loss(logits, target, weight=None, **kwargs):
+        seen[current[0]].setdefault(current[1], []).append((weight, target.cpu()))
+        return real_loss(logits, target, weight=weight, **kwargs)
+
+    monkeypatch.setattr(fold_module, "_train_epoch", epoch)
+    monkeypatch.setattr(fold_module.F, "cross_entropy", loss)
+    for mode in ("balanced", "none"):
+        current[0], seen[mode] = mode, {}
+        run_transfer(_cfg(tiny_shards, tmp_path / mode, epochs=1, class_weight=mode, protocol="clip"))
+    assert sorted(seen["balanced"]) == [0, 1, 2, 3]
+    unequal = 0
+    for k, calls in seen["balanced"].items():
+        labels = torch.cat([t for _, t in calls]).numpy()  # one epoch: every training window of the fold once
+        unequal += not torch.equal(class_weights(labels), torch.ones(2))
+        for weight, _ in calls:
+            assert weight is not None, f"fold {k}: trained without the class weights"
+            torch.testing.assert_close(weight.cpu(), class_weights(labels))
+    assert unequal  # some fold's classes are unequal: its weights are not plain cross-entropy's
+    assert all(w is None for calls in seen["none"].values() for w, _ in calls)

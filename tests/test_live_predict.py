@@ -1,13 +1,12 @@
 """predict on live footage: an MPEG-TS stream piped into `predict -` is scored row by row (latency), gives the same
 scores as the same stream read from a file, writes events, ends cleanly on Ctrl-C, and stops with one line on a
-stream that cannot be opened. Also the run's threshold (chosen on training folds only) and ground-truth shading."""
+stream that cannot be opened. Also ground-truth shading."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from conftest import fake_transfer_run
 
 from ddp_vad.cli import cli
 from ddp_vad.infer.predict import ground_truth
-from ddp_vad.infer.threshold import best_threshold, compute_thresholds, run_threshold
+from ddp_vad.infer.threshold import compute_thresholds
 from ddp_vad.models import ModelConfig
 from ddp_vad.presets import PRESETS
 
@@ -182,40 +181,6 @@ def test_a_stream_that_cannot_be_opened_is_retried_then_one_line(run, tmp_path):
     assert last.startswith("error: tcp://127.0.0.1:9: cannot open") and "after 1 reconnect tries" in last
 
 
-def test_the_threshold_is_chosen_on_training_folds_only(run, tmp_path):
-    scores = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.9])
-    labels = np.array([0, 0, 1, 0, 1, 1])
-    assert best_threshold(scores, labels) == 0.3  # a tie with 0.7 (balanced accuracy 0.833 both): the lowest
-    assert best_threshold(np.array([0.1, 0.4, 0.35, 0.8, 0.9]), np.array([0, 0, 1, 1, 1])) == 0.8
-    assert best_threshold(scores, np.zeros(6)) is None
-    # fold k's threshold ignores fold k's own rows: changing them changes the others' thresholds, not fold k's
-    rng = np.random.default_rng(1)
-    labels = np.arange(60) % 2
-    folds = np.arange(60) % 3
-    scores = rng.random(60) * 0.7 + 0.3 * labels
-    changed = np.where(folds == 1, rng.random(60), scores)
-    found = []
-    for values in (np.round(scores, 6), np.round(changed, 6)):
-        folder = tmp_path / f"run{len(found)}"
-        folder.mkdir()
-        rows = [f"k{i},c,{i},{labels[i]},{values[i]:.6f},{folds[i]}" for i in range(60)]
-        (folder / "oof_scores.csv").write_text("key,clip,start,label,score,fold\n" + "\n".join(rows) + "\n")
-        found.append(thresholds := compute_thresholds(folder)["thresholds"])
-        assert thresholds["all"] == best_threshold(values, labels)
-        for k in range(3):
-            assert thresholds[f"fold_{k:02d}"] == best_threshold(values[folds != k], labels[folds != k])
-    assert found[0]["fold_01"] == found[1]["fold_01"] and found[0]["all"] != found[1]["all"]
-    # recorded in the run, and redone when the out-of-fold scores change (a re-run transfer)
-    folder = tmp_path / "run0"
-    value, how = run_threshold(folder)
-    assert value == found[0]["all"] and "balanced accuracy" in how
-    assert (folder / "threshold.json").is_file()
-    shutil.copy(tmp_path / "run1" / "oof_scores.csv", folder / "oof_scores.csv")
-    assert run_threshold(folder, fold=0)[0] == found[1]["fold_00"]
-    assert run_threshold(tmp_path, None)[0] == 0.5  # no out-of-fold scores: the default, said so
-    assert "default 0.5" in run_threshold(tmp_path, None)[1]
-
-
 def test_ground_truth_comes_from_labels_or_the_ucsd_gt_file(tiny_data, tmp_path):
     clip = tiny_data / "Test" / "Test002"
     assert ground_truth(str(clip), None) == [(1, 6), (15, 22)]
@@ -293,3 +258,85 @@ def test_a_broken_stream_without_reconnects_keeps_its_rows_and_stops_with_one_li
     ]
     rows = _rows(out)
     assert WINDOW <= len(rows) < N_FRAMES and (tmp_path / "s.png").is_file()  # the frames read were all scored
+
+
+# ------------------------------------------------------------------------------------ timeouts, full disk
+@pytest.fixture
+def stalling_server(ts_clip):
+    """An HTTP server that sends the first half of the clip and then nothing more, the connection left open."""
+    import http.server
+    import threading
+
+    data, release = ts_clip.read_bytes(), threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            release.wait(60)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/clip.ts"
+    release.set()
+    server.shutdown()
+
+
+def test_a_stream_that_stops_sending_says_it_timed_out(run, stalling_server, tmp_path, monkeypatch):
+    from ddp_vad.infer import live
+
+    monkeypatch.setattr(live, "TIMEOUT", 1.0)
+    out = tmp_path / "s.csv"
+    result = CliRunner().invoke(cli, ["predict", stalling_server, "--model", str(run), "--out", str(out)])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {stalling_server}: stream broke (timed out: no data for 1 s) (after 0 reconnect tries)"
+    ]
+    assert WINDOW <= len(_rows(out)) < N_FRAMES  # the frames before the silence were scored
+    # a server that takes the connection and never answers: the open times out, and says so
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        url = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+        result = CliRunner().invoke(cli, ["predict", url, "--model", str(run), "--out", str(out)])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {url}: cannot open (timed out: no answer for 1 s) (after 0 reconnect tries)"
+    )
+
+
+def _file_size_limit(limit: int):
+    """A ``preexec_fn`` that caps the size of any file the process writes (a disk that fills up at ``limit``
+    bytes: the write that crosses it is cut short, the next fails with EFBIG)."""
+    import resource
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write (EFBIG) instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    return apply
+
+
+def test_a_live_csv_that_fills_the_disk_ends_in_a_whole_row(run, ts_clip, tmp_path):
+    out, limit = tmp_path / "live.csv", 245  # the header and about 10 rows; not at a row's end
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddp_vad", "predict", "-", "--model", str(run), "--out", str(out)],
+        input=ts_clip.read_bytes(), capture_output=True, env=env, timeout=120, preexec_fn=_file_size_limit(limit),
+    )  # fmt: skip
+    text = out.read_bytes()
+    assert 100 < len(text) <= limit and text.endswith(b"\r\n"), text  # cut back to the last whole row
+    lines = text.decode().splitlines()
+    assert lines[0] == "frame,time,score,anomalous" and all(len(line.split(",")) == 4 for line in lines)
+    assert [int(line.split(",")[0]) for line in lines[1:]] == list(range(1, len(lines)))
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and err.strip().splitlines()[-1] == f"error: {out}: File too large", err

@@ -147,7 +147,7 @@ def test_timeline_figure_shades_the_truth_and_draws_each_method():
 @pytest.fixture(scope="module")
 def leakfree_shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("measure")
-    data = run_synth(SynthConfig(out=str(root / "data"), train_clips=1, test_clips=6, frames=30, height=48, width=72,
+    data = run_synth(SynthConfig(out=str(root / "data"), train_clips=4, test_clips=6, frames=30, height=48, width=72,
                                  seed=5), show_progress=False)  # fmt: skip
     cfg = ShardConfig(data=str(data), out=str(root / "shards"), height=24, width=36, folds=3, workers=1, shard_size=32)
     return build_shards(cfg, show_progress=False)
@@ -184,9 +184,12 @@ def test_transfer_repeats_and_the_random_init_control(leakfree_shards, tmp_path)
         TransferConfig(shards=str(leakfree_shards), out=str(tmp_path / "x"), source="scratch", repeats=0)
 
 
-def test_bootstrap_auroc_of_weighted_clips_equals_sklearn_on_the_resampled_frames():
+@pytest.mark.parametrize("cells", [1 << 22, 700])  # 700: the clip-by-clip matrix is built a clip at a time
+def test_bootstrap_auroc_of_weighted_clips_equals_sklearn_on_the_resampled_frames(cells, monkeypatch):
+    from ddp_vad.eval import frame_scores
     from ddp_vad.eval.frame_scores import _RankedScores
 
+    monkeypatch.setattr(frame_scores, "_CELLS", cells)
     rng = np.random.default_rng(0)
     labels = (rng.random(500) < 0.4).astype(int)
     scores = np.round(labels + rng.normal(0, 1, 500), 1)  # rounded: many ties
@@ -196,6 +199,12 @@ def test_bootstrap_auroc_of_weighted_clips_equals_sklearn_on_the_resampled_frame
     ranked = _RankedScores(labels, scores, clip)
     assert ranked.auroc(weight) == pytest.approx(roc_auc_score(labels[idx], scores[idx]))
     assert ranked.auroc(np.ones(5)) == pytest.approx(roc_auc_score(labels, scores))
+    many = rng.integers(0, 3, (50, 5)).astype(float)  # a batch of resamples at once, as the bootstrap draws them
+    for w, value in zip(many, ranked.aurocs(many), strict=True):
+        idx = np.concatenate([np.flatnonzero(clip == c) for c in range(5) for _ in range(int(w[c]))] + [[]]).astype(int)
+        one_class = np.unique(labels[idx]).size < 2
+        assert np.isnan(value) if one_class else value == pytest.approx(roc_auc_score(labels[idx], scores[idx]))
+    assert _RankedScores(labels, scores, clip, n_clips=7).auroc(np.r_[weight, 5.0, 5.0]) == ranked.auroc(weight)
 
 
 def test_a_pooled_gap_the_folds_do_not_show_is_named_in_the_verdict():
@@ -209,3 +218,117 @@ def test_a_pooled_gap_the_folds_do_not_show_is_named_in_the_verdict():
     text = paired_verdict([calibrated], "leakfree")
     assert "+0.190 [+0.030, +0.330], but -0.003 ± 0.029 fold by fold" in text
     assert "fold by fold" not in paired_verdict([ranked], "leakfree")
+
+
+def _fake_leakfree_run(shards: Path, run: Path, seed: int = 0) -> list[dict]:
+    """A cross-validated run over every window of the labelled clips (as transfer writes one under leakfree), with
+    seeded scores whose scale differs by fold (so pooled and per-fold window AUROCs differ)."""
+    from ddp_vad.data.reader import iter_windows
+    from ddp_vad.train.metrics import auroc, binary_metrics, write_cv_results
+
+    rng = np.random.default_rng(seed)
+    oof = [{"key": w["key"], "clip": w["meta"]["clip"], "start": w["meta"]["start"], "label": w["label"],
+            "fold": w["meta"]["fold_leakfree"], "repeat": 0}
+           for w in iter_windows(shards, "leakfree", frames=False)]  # fmt: skip
+    for r in oof:
+        r["score"] = float(np.clip(0.2 * r["label"] + rng.random() * 0.8 - 0.1 * r["fold"], 0.0, 1.0))
+    folds = []
+    for k in sorted({r["fold"] for r in oof}):
+        y = [r["label"] for r in oof if r["fold"] == k]
+        s = [r["score"] for r in oof if r["fold"] == k]
+        folds.append({"fold": k, **binary_metrics(y, [int(v > 0.5) for v in s]), "window_auroc": auroc(y, s)})
+    write_cv_results(run, "LRCN", "leakfree", folds, oof)
+    (run / "config.json").write_text(json.dumps({"config": {"shards": str(shards)}}))
+    return oof
+
+
+def test_the_headline_counts_every_frame_of_the_labelled_clips(leakfree_shards, tmp_path):
+    from ddp_vad.data.reader import iter_windows
+    from ddp_vad.data.sources import open_dataset
+    from ddp_vad.eval.report import EvaluateConfig, run_evaluate
+
+    oof = _fake_leakfree_run(leakfree_shards, tmp_path / "run")
+    manifest = json.loads((leakfree_shards / "manifest.json").read_text())
+    truth = {c.name: c.frame_labels for c in open_dataset(manifest["source"]).clips if c.split == "test"}
+    total = sum(len(v) for v in truth.values())
+    window = manifest["window"]
+    kept = {(w["meta"]["clip"], w["meta"]["start"] + t) for w in iter_windows(leakfree_shards, frames=False)
+            for t in range(window) if w["meta"]["split"] == "test"}  # fmt: skip
+    assert len(kept) < total  # the balanced set misses frames of the labelled clips: the test can tell them apart
+
+    # Direct recomputation: a frame's score is the max over every window covering it, its label the dataset's.
+    best: dict[tuple[str, int], float] = {}
+    for r in oof:
+        for t in range(window):
+            best[(r["clip"], r["start"] + t)] = max(best.get((r["clip"], r["start"] + t), 0.0), r["score"])
+    assert len(best) == total
+    cells = sorted(best)
+    expected = roc_auc_score([int(truth[c][f]) for c, f in cells], [best[c, f] for c, f in cells])
+
+    out = tmp_path / "report"
+    run_evaluate(EvaluateConfig(runs=(str(tmp_path / "run"),), out=str(out)))
+    report = json.loads((out / "report.json").read_text())
+    e = report["methods"]["LRCN"]
+    assert e["frames"]["n_frames"] == e["frames"]["n_frames_labelled"] == total
+    assert e["frames"]["n_clips_labelled"] == len(truth)
+    assert e["frame_auroc"] == pytest.approx(expected)
+    md = (out / "report.md").read_text()
+    assert f"counts every one of the {total:,} frames of the {len(truth)} labelled clips" in md
+
+    # One "window AUROC": the mean ± std over folds, in the headline and in Table 5 alike (not the pooled value).
+    per_fold = [f["window_auroc"] for f in e["folds"]]
+    cell = f"{np.mean(per_fold):.3f} ± {np.std(per_fold):.3f}"
+    assert f"{e['window_auroc_pooled']:.3f}" != f"{np.mean(per_fold):.3f}"  # the two would show apart
+    assert md.count(f"| {cell} |") == 2  # headline row and Table 5 row
+    # Synthetic data: no published figures (those of UCSD Ped1 were printed on every dataset).
+    assert report["published_frame_auroc"] == {} and "0.818" not in md and "No published figures" in md
+
+
+def _two_models(seed: int = 0) -> tuple[dict[int, RepeatFrames], dict[int, RepeatFrames]]:
+    """Two models on 12 clips of 200 frames (an anomaly from a random frame on, a per-clip offset both share),
+    sized like the Ped1 sample; the first is somewhat better."""
+    rng = np.random.default_rng(seed)
+    clips = np.repeat([f"c{c:02d}" for c in range(12)], 200)
+    frames = np.tile(np.arange(200), 12)
+    labels = np.concatenate([(np.arange(200) >= rng.integers(20, 180)).astype(np.int64) for _ in range(12)])
+    shared = np.repeat(rng.normal(0, 0.5, 12), 200)
+    a = labels * 1.5 + shared + rng.normal(0, 1, labels.size)
+    b = labels * 1.2 + shared + rng.normal(0, 1, labels.size)
+    return ({0: RepeatFrames(clips, frames, labels, a, frames % 5)},
+            {0: RepeatFrames(clips, frames, labels, b, frames % 5)})  # fmt: skip
+
+
+def test_the_paired_interval_ends_do_not_move_with_the_bootstrap_seed():
+    from ddp_vad.eval.frame_scores import N_BOOTSTRAP
+
+    a, b = _two_models()
+    runs = [paired_difference(a, b, seed=s) for s in range(4)]
+    assert runs[0]["n_boot"] == N_BOOTSTRAP and len({r["diff"] for r in runs}) == 1
+    for end in ("low", "high"):
+        values = [r[end] for r in runs]
+        assert max(values) - min(values) < 0.001, (end, values)  # 1,000 resamples: 0.002-0.005
+        lo, hi = runs[0][f"{end}_range"]
+        assert hi - lo < 0.002 and all(lo <= v <= hi for v in values), (end, values, lo, hi)  # where other seeds land
+    assert not runs[0]["borderline"] and runs[0]["low"] > 0
+
+
+def test_an_interval_end_within_bootstrap_noise_of_zero_is_called_borderline():
+    from ddp_vad.eval.findings import paired_verdict
+    from ddp_vad.eval.frame_scores import interval_ends
+    from ddp_vad.eval.markdown import _comparisons
+
+    rng = np.random.default_rng(0)
+    near = interval_ends(rng.normal(1.96 * 0.01, 0.01, 2000))  # the 2.5% quantile sits at zero
+    assert near["low_range"][0] < 0 < near["low_range"][1]
+    clear = interval_ends(rng.normal(0.05, 0.01, 2000))
+    assert 0 < clear["low_range"][0] < clear["low"] < clear["low_range"][1] < clear["high"]
+
+    row = {"a": "LRCN", "b": "motion-logreg", "fraction": 1.0, "diff": 0.05, "low": 0.0013, "high": 0.1,
+           "low_range": [-0.0007, 0.003], "high_range": [0.09, 0.11], "borderline": True, "per_fold_mean": 0.05,
+           "per_fold_std": 0.02, "n_clips": 12, "repeats": 1, "a_value": 0.8, "b_value": 0.75}  # fmt: skip
+    gan = {**row, "a": "GAN+LRCN", "b": "LRCN"}
+    text = paired_verdict([gan, row], "leakfree")
+    assert "better at 0, worse at 0, borderline at 1, no detectable difference at 0 of 1" in text
+    assert "+0.050 [+0.001, +0.100] (borderline" in text and "(better)" not in text
+    (line,) = [x for x in _comparisons({"comparisons": [row]}) if x.startswith("| LRCN | motion-logreg")]
+    assert line.endswith("| borderline (an interval end within bootstrap noise of zero) |")

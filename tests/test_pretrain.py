@@ -326,6 +326,27 @@ def test_two_process_gloo_run_splits_data_and_keeps_replicas_identical(tiny_shar
     assert "loss/d" in events(run).Tags()["scalars"]
 
 
+@pytest.mark.slow
+def test_two_processes_on_a_small_train_set_train_to_the_last_step(small_train_shards, tmp_path):
+    # Issue 21: 62 train windows in shards of 20, `torchrun --nproc_per_node 2 ... pretrain --preset tiny --steps 40`
+    # stopped mid-run with "gives this process no windows" (a rank dealt only shards without train windows).
+    run = tmp_path / "gan"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "ddp_vad", "pretrain", "--shards", str(small_train_shards), "--out", str(run),
+           "--preset", "tiny", "--steps", "40", "--debug-keys", "--no-progress",
+           "--checkpoint-every", "0", "--similarity-every", "0", "--image-every", "0"]  # fmt: skip
+    res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "pretrain done: 40 steps" in res.stdout
+    train = set(load_window_set(small_train_shards, select="train").keys)
+    per_rank = []
+    for r in (0, 1):
+        rows = [line.split() for line in (run / f"debug/keys_rank{r}.txt").read_text().splitlines() if line]
+        assert len(rows) == 40 * 32 and {k for _, k in rows} <= train  # every step a full batch of train windows
+        per_rank.append({int(e) for e, _ in rows})
+    assert len(per_rank[0]) > 20 and len(per_rank[1]) > 20  # many epochs each (31 windows a rank and epoch)
+
+
 # ---------------------------------------------------------------------------- precision and NaN
 def test_bf16_autocast_on_cpu_runs_with_the_lstm_in_fp32(tiny_shards, tmp_path, monkeypatch):
     seen: dict[str, set] = {"conv": set(), "lstm": set()}

@@ -134,9 +134,8 @@ class WindowSet:
         )
 
 
-def _picks(manifest: dict, n: int | None, seed: int | Sequence[int] | None) -> np.ndarray | None:
-    """Global indices (manifest order) of the windows to load; None for all."""
-    total = int(manifest["counts"]["kept"])
+def _picks(total: int, n: int | None, seed: int | Sequence[int] | None) -> np.ndarray | None:
+    """Global indices (manifest order, among the ``total`` selected windows) of the windows to load; None for all."""
     if n is None or n >= total and seed is None:
         return None
     if seed is None:
@@ -158,8 +157,9 @@ def load_window_set(
 
     ``on_damage`` as in the module docstring: the default refuses a damaged shard (cross-validation needs every
     window); with "skip" the set holds the readable windows only. ``select`` picks the windows (see
-    :meth:`ddp_vad.data.format.Block.positions`): ``kept`` (the default, the method's balanced set) or ``leakfree``
-    (the leak-free protocol's labelled set; ``n``/``seed`` apply to ``kept`` only).
+    :meth:`ddp_vad.data.format.Block.positions`): ``kept`` (the default, the method's balanced set), ``leakfree``
+    (the leak-free protocol's labelled set) or ``train`` (every window of the train clips); ``n``/``seed`` pick
+    among the selected windows (for other selections than ``kept`` a metadata pass counts them per shard first).
     """
     manifest = load_manifest(shard_dir)
     leakfree = manifest.get("protocols", {}).get("leakfree", {})
@@ -169,30 +169,41 @@ def load_window_set(
             f"holding windows of both classes (these shards: {manifest['counts']['test_clips']} test clips); use "
             "--protocol clip or window, or fewer --folds at build time"
         )
-    picks = _picks(manifest, n, seed) if select == "kept" else None
+    per_shard = _per_shard_counts(shard_dir, manifest, select, on_damage) if n is not None else None
+    picks = None if per_shard is None else _picks(sum(per_shard), n, seed)
     size = _selected_count(manifest, select) if picks is None else len(picks)
     t, h, w = manifest["window"], manifest["height"], manifest["width"]
     frames = np.empty((size, t, h, w), np.uint8)
     rows: list[tuple] = []
     offset = 0
-    for entry in tqdm(manifest["shards"], desc="load", unit="shard", disable=not show_progress):
-        lo, hi = offset, offset + entry["samples"]
+    for i, entry in enumerate(tqdm(manifest["shards"], desc="load", unit="shard", disable=not show_progress)):
+        lo, hi = offset, offset + (entry["samples"] if per_shard is None else per_shard[i])
         offset = hi
-        local = None if picks is None else picks[(picks >= lo) & (picks < hi)] - lo  # picks index kept windows
+        local = None if picks is None else picks[(picks >= lo) & (picks < hi)] - lo  # picks index selected windows
         if local is not None and not len(local):
             continue
-        seen = 0  # kept windows of this shard so far
+        seen = 0  # selected windows of this shard so far
         for block in _shard_blocks(shard_dir, entry, manifest, on_damage, frames=True):
             pos = block.positions(select)
             if local is not None:
-                pos = pos[np.isin(seen + np.arange(len(pos)), local)]
-            seen += block.n_kept
+                pos, seen = pos[np.isin(seen + np.arange(len(pos)), local)], seen + len(pos)
             for j in pos.tolist():
                 if len(rows) >= size:
                     raise UserError(f"{shard_dir} holds more windows than its manifest lists ({size})")
                 frames[len(rows)] = block.window_frames(j)
                 rows.append(_row(block, j))
     return _window_set(frames[: len(rows)], rows, manifest, shard_dir)
+
+
+def _per_shard_counts(shard_dir: str | Path, manifest: dict, select: str, on_damage: str) -> list[int]:
+    """Selected windows per shard (manifest order): the manifest's counts for ``kept``, else a metadata pass (no
+    pixels) over the shards."""
+    if select == "kept":
+        return [int(e["samples"]) for e in manifest["shards"]]
+    return [
+        sum(len(b.positions(select)) for b in _shard_blocks(shard_dir, e, manifest, on_damage, frames=False))
+        for e in manifest["shards"]
+    ]
 
 
 def _selected_count(manifest: dict, select: str) -> int:
@@ -240,3 +251,26 @@ def _window_set(frames: np.ndarray, rows: list[tuple], manifest: dict, shard_dir
         splits=list(splits),
         manifest=manifest,
     )
+
+
+def load_train_clips(shard_dir: str | Path, on_damage: str = "skip") -> list[np.ndarray]:
+    """The frames of every train clip (normal footage), uint8 [F, H, W] each, in clip-name order, rebuilt from the
+    blocks of the shards that hold train windows (blocks overlap by window - 1 frames). The source of pseudo-anomalies
+    (:mod:`ddp_vad.train.pseudo`); a damaged shard is reported and skipped (its clips come back shorter or not at
+    all)."""
+    from ddp_vad.data.stream import shards_holding
+
+    manifest = load_manifest(shard_dir)
+    names = [e["name"] for e in shards_holding(shard_dir, manifest, "train")]
+    parts: dict[str, list[Block]] = {}
+    for block in iter_blocks(shard_dir, shards=names, on_damage=on_damage, manifest=manifest) if names else ():
+        if block.split == "train":
+            parts.setdefault(block.clip, []).append(block)
+    clips = []
+    for name in sorted(parts):
+        blocks = parts[name]
+        frames = np.zeros((max(b.first + len(b.frames) for b in blocks), *blocks[0].frames.shape[1:]), np.uint8)
+        for b in blocks:
+            frames[b.first : b.first + len(b.frames)] = b.frames
+        clips.append(frames)
+    return clips

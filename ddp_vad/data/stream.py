@@ -5,8 +5,11 @@ Chain: the epoch's shard list (seeded shuffle) -> split by node (rank) -> split 
 expanded into windows (views) -> seeded buffer shuffle (a batch mixes blocks and clips) -> (fold filter) -> batch.
 Workers move each frame once (as part of a block), not once per window that holds it.
 
-When a rank has fewer shards than loader workers to feed (shards < processes x workers) the split is by sample
-instead: every worker of every rank reads every shard and keeps every (P x W)-th window, deterministically.
+Only the shards that hold windows of the selection are dealt (the leak-free GAN's ``train`` windows sit in a few
+shards: dealing every shard would leave a process epochs with none). When a rank has fewer of them than loader
+workers to feed (shards < processes x workers) the split is by sample instead: every worker of every rank reads
+every such shard and keeps every (P x W)-th window, deterministically. Either way every process and worker gets a
+share of the selected windows every epoch.
 
 The loader is never passed to ``accelerator.prepare`` (it would re-shard or broadcast): batches are moved to the
 device by the training loop.
@@ -172,17 +175,48 @@ def _as_is(item):
 
 
 # ------------------------------------------------------------------------------------------ epochs
-def _epoch_items(shard_dir: str | Path, manifest: dict, epoch: int, seed: int, shuffle: bool) -> list[dict]:
+_HOLDS: dict[tuple[str, str], bool] = {}
+
+
+def _holds(shard_dir: str | Path, entry: dict, manifest: dict, select: str) -> bool:
+    """Whether a shard holds windows of ``select``: from the manifest for ``kept``, else from its blocks' metadata
+    (no pixels), read once per process. A shard that cannot be read counts as holding: it is dealt, and reported
+    and skipped when read, as before."""
+    if select == "kept":
+        return int(entry["samples"]) > 0
+    key = (f"{Path(shard_dir) / entry['name']}@{entry['sha256']}", select)
+    if key not in _HOLDS:
+        try:
+            _HOLDS[key] = any(len(b.positions(select)) for b in iter_shard(shard_dir, entry, manifest, frames=False))
+        except ShardDamaged:
+            _HOLDS[key] = True
+    return _HOLDS[key]
+
+
+def shards_holding(shard_dir: str | Path, manifest: dict, select: str = "kept") -> list[dict]:
+    """The manifest's shard entries that hold windows of ``select`` (the shards a training stream deals)."""
+    return [entry for entry in manifest["shards"] if _holds(shard_dir, entry, manifest, select)]
+
+
+def _epoch_items(
+    shard_dir: str | Path, manifest: dict, epoch: int, seed: int, shuffle: bool, select: str | None = None
+) -> list[dict]:
+    """The epoch's shards (seeded permutation of the manifest's), only those holding ``select`` windows if given."""
     items = [{"dir": str(shard_dir), "entry": entry, "manifest": manifest} for entry in manifest["shards"]]
     if shuffle:
         perm = np.random.default_rng([seed, epoch]).permutation(len(items))
         items = [items[i] for i in perm]
+    if select is not None:
+        items = [it for it in items if _holds(shard_dir, it["entry"], manifest, select)]
     return items
 
 
-def epoch_shards(shard_dir: str | Path, epoch: int, seed: int, shuffle: bool = True) -> list[str]:
-    """The shard list of one epoch: a permutation that depends only on (seed, epoch)."""
-    items = _epoch_items(shard_dir, load_manifest(shard_dir), epoch, seed, shuffle)
+def epoch_shards(
+    shard_dir: str | Path, epoch: int, seed: int, shuffle: bool = True, select: str | None = None
+) -> list[str]:
+    """The shard list of one epoch: a permutation that depends only on (seed, epoch); with ``select``, only the
+    shards holding such windows (what ``split="nodes"`` deals: rank r reads entries r, r + P, ...)."""
+    items = _epoch_items(shard_dir, load_manifest(shard_dir), epoch, seed, shuffle, select)
     return [str(Path(shard_dir) / it["entry"]["name"]) for it in items]
 
 
@@ -223,23 +257,27 @@ def stream_windows(
 ) -> Iterable[dict]:
     """One epoch of window samples (unbatched; see the module docstring for the chain).
 
-    ``split="nodes"`` gives each rank a disjoint share of the windows (DDP training): by shard, or by sample when
-    shards < processes x workers. ``split="all"`` gives every rank every window (fold-parallel fine-tuning, with
-    ``fold_filter(meta) -> bool`` selecting samples). ``cache=True`` keeps decoded blocks in this process's memory
-    across epochs (forces ``workers=0``). Damaged shards are reported once and skipped. ``select`` picks the windows
-    (``kept``: the method's balanced set; ``train``: every window of the train clips, for the leak-free GAN).
+    ``split="nodes"`` gives each rank a disjoint share of the windows (DDP training): by shard (of the shards holding
+    ``select`` windows), or by sample when those shards < processes x workers. ``split="all"`` gives every rank
+    every window (fold-parallel fine-tuning, with ``fold_filter(meta) -> bool`` selecting samples). ``cache=True``
+    keeps decoded blocks in this process's memory across epochs (forces ``workers=0``). Damaged shards are reported
+    once and skipped. ``select`` picks the windows (``kept``: the method's balanced set; ``train``: every window of
+    the train clips, for the leak-free GAN).
     """
     if split not in ("nodes", "all"):
         raise UserError(f"split must be 'nodes' or 'all', got {split!r}")
     rank, world_size = _rank_and_world(rank, world_size)
     workers = 0 if cache else workers
     manifest = load_manifest(shard_dir)
-    items = _epoch_items(shard_dir, manifest, epoch, seed, shuffle)
     by_sample = False
-    if split == "nodes":
+    if split == "nodes":  # deal only the shards holding selected windows: no rank is dealt none
+        items = _epoch_items(shard_dir, manifest, epoch, seed, shuffle, select)
+        if not items:
+            raise UserError(f"{shard_dir}: no shard holds '{select}' windows (check `ddp_vad shard info`)")
         by_sample = announce_split(len(items), world_size, workers, is_main=rank == 0) == "samples"
         items = items if by_sample else items[rank::world_size]
     else:
+        items = _epoch_items(shard_dir, manifest, epoch, seed, shuffle)
         rank, world_size = 0, 1
         if workers > len(items):  # every rank reads everything: only the workers split, by shard
             warn(f"{shard_dir}: {len(items)} shards but {workers} loader workers: using {len(items)}")

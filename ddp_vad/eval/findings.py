@@ -3,6 +3,7 @@ plain-words verdict computed from the runs (never written by hand)."""
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from typing import Any
 
@@ -110,9 +111,26 @@ def budgets(entries: list[dict]) -> list[str]:
     ]
 
 
-def published_rows(entries: list[dict]) -> list[dict[str, Any]]:
-    """The method's published Table 5 rows, shown beside our window-protocol rows."""
-    if not any(e["protocol"] == "window" for e in entries):
+def published_dataset(dataset: str | None) -> str | None:
+    """The published dataset a shard set's name (the manifest's ``dataset``) is: "UCSD Ped1" for ``UCSDped1``,
+    "UCSD Ped2" for ``UCSDped2`` or a folder such as ``ucsd-ped2-videos``; None for anything else (the synthetic
+    data, a user's videos), which no published figure describes."""
+    from ddp_vad.eval.frame_scores import PUBLISHED_FRAME_AUROC
+
+    squashed = re.sub(r"[^a-z0-9]", "", str(dataset or "").lower())
+    return next((name for name in PUBLISHED_FRAME_AUROC if name.lower().replace(" ", "") in squashed), None)
+
+
+def published_frame_auroc(dataset: str | None) -> dict[str, float]:
+    """The published unsupervised frame AUROCs of ``dataset`` (see :func:`published_dataset`); {} when none."""
+    from ddp_vad.eval.frame_scores import PUBLISHED_FRAME_AUROC
+
+    return dict(PUBLISHED_FRAME_AUROC.get(published_dataset(dataset) or "", {}))
+
+
+def published_rows(entries: list[dict], dataset: str | None) -> list[dict[str, Any]]:
+    """The method's published Table 5 rows (UCSD Ped1, window protocol), beside our window-protocol rows on Ped1."""
+    if published_dataset(dataset) != "UCSD Ped1" or not any(e["protocol"] == "window" for e in entries):
         return []
     return [{"method": f"{m} (published)", **v} for m, v in PUBLISHED.items()]
 
@@ -148,6 +166,8 @@ def paired_comparisons(by_method: dict[str, dict[float, dict]], frames_of: dict[
 
 
 def _call(c: dict) -> str:
+    if c.get("borderline"):
+        return "borderline: an interval end is within bootstrap noise of zero"
     if c["low"] > 0:
         return "better"
     if c["high"] < 0:
@@ -168,7 +188,7 @@ def pooled_only(c: dict) -> bool:
     within one std of zero or of the other sign. Pooling frames of every fold rewards fold models whose scores
     share a scale (calibration), which a single deployed model needs too, but it is not better ranking."""
     m, sd = c.get("per_fold_mean"), c.get("per_fold_std")
-    if m is None or sd is None or (c["low"] <= 0 <= c["high"]):
+    if m is None or sd is None or (c["low"] <= 0 <= c["high"]) or c.get("borderline"):
         return False
     return abs(m) <= sd or (m > 0) != (c["diff"] > 0)
 
@@ -178,20 +198,24 @@ def paired_verdict(comparisons: list[dict], protocol: str) -> str:
     if not comparisons:
         return "No verdict: the report needs a GAN+LRCN run and a run to compare it with, with frame-level scores."
     c0 = comparisons[0]
+    resamples = f" ({c0['n_boot']:,} resamples)" if c0.get("n_boot") else ""
     text = [f"Under the {protocol} protocol, frame AUROC pooled over every frame of the {c0['n_clips']} labelled "
             f"clips ({c0['repeats']} repeat(s) of the cross-validation); differences are paired (the same frames, "
-            "the same folds) with a 95% bootstrap interval over clips, and a method helps only where the interval "
-            "lies above zero."]  # fmt: skip
+            f"the same folds) with a 95% bootstrap interval over clips{resamples}, and a "
+            "method helps only where the interval lies above zero; \"borderline\" marks an interval end that other "
+            "resamples could move across zero."]  # fmt: skip
     for control, name in ((SCRATCH, "LRCN from scratch"), (RANDOM, "the random-init control (Random+LRCN)")):
         rows = [c for c in comparisons if c["a"] == GAN and c["b"] == control]
         if not rows:
             continue
-        helps = sum(c["low"] > 0 for c in rows)
-        hurts = sum(c["high"] < 0 for c in rows)
-        parts = [f"{_share(c['fraction'])} {_interval(c)} ({_call(c)})" for c in rows]
-        level = len(rows) - helps - hurts
-        text.append(f"GAN+LRCN vs {name}: better at {helps}, worse at {hurts}, no detectable difference at {level} "
-                    f"of {len(rows)} labelled fractions: " + "; ".join(parts) + ".")  # fmt: skip
+        calls = [_call(c) for c in rows]
+        helps, hurts = calls.count("better"), calls.count("worse")
+        close = sum(k.startswith("borderline") for k in calls)
+        parts = [f"{_share(c['fraction'])} {_interval(c)} ({k})" for c, k in zip(rows, calls, strict=True)]
+        level = len(rows) - helps - hurts - close
+        tally = f"better at {helps}, worse at {hurts}, " + (f"borderline at {close}, " if close else "")
+        text.append(f"GAN+LRCN vs {name}: {tally}no detectable difference at {level} of {len(rows)} labelled "
+                    "fractions: " + "; ".join(parts) + ".")  # fmt: skip
     rivals = [c for c in comparisons if c["b"] not in LEARNED]
     if rivals:
         best = rivals[0]["a"]

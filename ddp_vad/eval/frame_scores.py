@@ -11,8 +11,9 @@ cross-validation). From these frame scores come:
 * a **paired difference** between two runs on the same frames, with a bootstrap interval over clips (clips, not
   frames, are the independent units: neighbouring frames share most of their windows).
 
-This is a supervised, cross-validated number: published Ped1 results (MDT 0.818, future-frame prediction 0.831)
-are unsupervised, trained on normal clips only and scored on the official test clips, so they orient, not compare.
+This is a supervised, cross-validated number: published results (UCSD Ped1: MDT 0.818, future-frame prediction
+0.831; Ped2: future-frame prediction 0.954, MNAD 0.970) are unsupervised, trained on normal clips only and scored on
+the official test clips, so they orient, not compare.
 """
 
 from __future__ import annotations
@@ -27,9 +28,14 @@ import numpy as np
 
 from ddp_vad.train.metrics import auroc
 
-# Unsupervised frame AUROCs on the full UCSD Ped1 test set, for orientation beside our supervised number.
-PUBLISHED_FRAME_AUROC = {"MDT (Mahadevan et al., 2010)": 0.818, "future frame prediction (Liu et al., 2018)": 0.831}
-N_BOOTSTRAP = 1000
+# Unsupervised frame AUROCs on each dataset's full official test set, for orientation beside our supervised number
+# (a report shows the row of the dataset at hand: ddp_vad.eval.findings.published_frame_auroc).
+PUBLISHED_FRAME_AUROC = {
+    "UCSD Ped1": {"MDT (Mahadevan et al., 2010)": 0.818, "future frame prediction (Liu et al., 2018)": 0.831},
+    "UCSD Ped2": {"future frame prediction (Liu et al., 2018)": 0.954, "MNAD (Park et al., 2020)": 0.970},
+}
+N_BOOTSTRAP = 20000  # interval ends then move by < 0.001 between seeds (docs/run-folders.md); a draw costs ~0.1 ms
+_CELLS = 1 << 22  # at most this many (score, clip) cells in memory at once while the bootstrap's matrix is built
 
 
 @dataclass
@@ -146,25 +152,58 @@ def _aligned(a: dict[int, RepeatFrames], b: dict[int, RepeatFrames]) -> list[tup
 
 
 class _RankedScores:
-    """One run's frame scores sorted once, so that the AUROC of any weighting of its frames (a bootstrap resample of
-    clips is a weight per clip) is one pass: the weighted Mann-Whitney statistic, ties counted half."""
+    """One run's frame scores reduced once to a clip-by-clip matrix, so that the AUROC of any weighting of its clips
+    (a bootstrap resample of clips is a weight per clip) is a quadratic form: the Mann-Whitney statistic, ties
+    counted half, is ``w @ M @ w`` with ``M[c, d]`` the (anomalous frame of clip c, normal frame of clip d) pairs
+    ranked right, over ``(w @ P) (w @ N)`` with ``P``, ``N`` the clips' anomalous and normal frame counts. Exact,
+    and thousands of resamples cost a matrix product. ``n_clips``: the weight vectors' length (default: the largest
+    clip index + 1)."""
 
-    def __init__(self, labels: np.ndarray, scores: np.ndarray, clip_index: np.ndarray):
+    def __init__(self, labels: np.ndarray, scores: np.ndarray, clip_index: np.ndarray, n_clips: int | None = None):
         order = np.argsort(scores, kind="mergesort")
-        s = scores[order]
-        self.y = labels[order].astype(np.float64)
-        self.clip = clip_index[order]
-        self.tie = np.concatenate([[0], np.cumsum(s[1:] != s[:-1])]) if s.size else np.zeros(0, np.int64)
+        s, anomalous, clip = scores[order], labels[order] == 1, np.asarray(clip_index, np.int64)[order]
+        n_clips = int(n_clips if n_clips is not None else (clip.max() + 1 if clip.size else 0))
+        tie = np.concatenate([[0], np.cumsum(s[1:] != s[:-1])]) if s.size else np.zeros(0, np.int64)
+        n_groups = int(tie[-1]) + 1 if tie.size else 0
+        self.pos = np.bincount(clip[anomalous], minlength=n_clips).astype(np.float64)
+        self.neg = np.bincount(clip[~anomalous], minlength=n_clips).astype(np.float64)
+        self.pairs = np.zeros((n_clips, n_clips))
+        pos = np.flatnonzero(anomalous)
+        pos = pos[np.argsort(clip[pos], kind="stable")]  # anomalous frames grouped by clip
+        first = np.flatnonzero(np.r_[True, clip[pos][1:] != clip[pos][:-1]]) if pos.size else pos
+        step = max(1, _CELLS // max(n_groups, pos.size, 1))  # normal frames' clips a few at a time: bounded memory
+        for d0 in range(0, n_clips if pos.size else 0, step):
+            d1 = min(n_clips, d0 + step)
+            sel = ~anomalous & (clip >= d0) & (clip < d1)
+            neg = np.bincount(tie[sel] * (d1 - d0) + clip[sel] - d0, minlength=n_groups * (d1 - d0))
+            neg = neg.reshape(n_groups, d1 - d0)
+            ranked = np.cumsum(neg, axis=0) - 0.5 * neg  # normal frames below each tie group, ties counted half
+            self.pairs[clip[pos][first], d0:d1] = np.add.reduceat(ranked[tie[pos]], first, axis=0)
+
+    def aurocs(self, clip_weights: np.ndarray) -> np.ndarray:
+        """AUROC per row of ``clip_weights`` ([draws, clips]); NaN where the weighted frames hold one class."""
+        w = np.atleast_2d(np.asarray(clip_weights, np.float64))
+        den = (w @ self.pos) * (w @ self.neg)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, ((w @ self.pairs) * w).sum(axis=1) / den, np.nan)
 
     def auroc(self, clip_weight: np.ndarray) -> float | None:
-        w = clip_weight[self.clip]
-        pos = np.bincount(self.tie, w * self.y)
-        neg = np.bincount(self.tie, w * (1.0 - self.y))
-        den = pos.sum() * neg.sum()
-        if den <= 0:
-            return None
-        below = np.cumsum(neg) - neg  # negative weight strictly below each tie group
-        return float((pos * (below + 0.5 * neg)).sum() / den)
+        """AUROC of one weighting of the clips (None with one class)."""
+        value = float(self.aurocs(clip_weight)[0])
+        return None if math.isnan(value) else value
+
+
+def interval_ends(boots: np.ndarray) -> dict[str, float | list[float]]:
+    """The 95% percentile interval of bootstrap draws, and where each end could fall with another seed: the
+    q-quantile of n draws lies (95%) between the draws ranked n q -+ 1.96 sqrt(n q (1 - q)) (order statistics)."""
+    b = np.sort(np.asarray(boots, np.float64))
+    out: dict[str, float | list[float]] = {}
+    for name, q in (("low", 0.025), ("high", 0.975)):
+        half = 1.96 * math.sqrt(b.size * q * (1 - q))
+        first, last = max(0, math.floor(b.size * q - half)), min(b.size - 1, math.ceil(b.size * q + half))
+        out[name] = float(np.percentile(b, 100 * q))
+        out[f"{name}_range"] = [float(b[first]), float(b[last])]
+    return out
 
 
 def paired_difference(
@@ -172,7 +211,9 @@ def paired_difference(
 ) -> dict[str, Any] | None:
     """Pooled frame AUROC of ``a`` minus that of ``b`` on the frames both scored (mean over shared repeats), with a
     95% percentile interval from a bootstrap that resamples clips with replacement (the same clips for both runs
-    and every repeat). Also the per-(repeat, fold) paired differences. None when there is nothing to pair."""
+    and every repeat). ``low_range``/``high_range``: where each end would fall with other draws (95%);
+    ``borderline``: zero lies inside one of them, so the interval's verdict rests on bootstrap noise. Also the
+    per-(repeat, fold) paired differences. None when there is nothing to pair."""
     pairs = _aligned(a, b)
     if not pairs:
         return None
@@ -180,19 +221,23 @@ def paired_difference(
     ranked = []
     for rf, sb in pairs:
         index = np.searchsorted(clips, rf.clips)
-        ranked.append((_RankedScores(rf.labels, rf.scores, index), _RankedScores(rf.labels, sb, index)))
+        ranked.append((_RankedScores(rf.labels, rf.scores, index, clips.size),
+                       _RankedScores(rf.labels, sb, index, clips.size)))  # fmt: skip
 
-    def diff(weight: np.ndarray) -> float | None:
-        values = [(ra.auroc(weight), rb.auroc(weight)) for ra, rb in ranked]
-        values = [x - y for x, y in values if x is not None and y is not None]
-        return float(np.mean(values)) if values else None
+    def diff(weights: np.ndarray) -> np.ndarray:
+        values = np.stack([ra.aurocs(weights) - rb.aurocs(weights) for ra, rb in ranked])  # [repeats, draws]
+        defined = ~np.isnan(values)
+        with np.errstate(invalid="ignore"):
+            return np.where(defined.any(axis=0), np.nansum(values, axis=0) / defined.sum(axis=0), np.nan)
 
-    point = diff(np.ones(clips.size))
-    if point is None:
+    point = float(diff(np.ones(clips.size))[0])
+    if math.isnan(point):
         return None
     rng = np.random.default_rng([abs(int(seed)), 0xB007])
-    draws = (np.bincount(rng.integers(0, clips.size, clips.size), minlength=clips.size) for _ in range(n_boot))
-    boots = [d for d in (diff(w.astype(np.float64)) for w in draws) if d is not None]
+    draws = rng.integers(0, clips.size, (n_boot, clips.size)) + clips.size * np.arange(n_boot)[:, None]
+    weights = np.bincount(draws.ravel(), minlength=n_boot * clips.size).reshape(n_boot, clips.size)
+    boots = np.concatenate([diff(weights[i : i + 4096]) for i in range(0, n_boot, 4096)])
+    boots = boots[~np.isnan(boots)]
     per_fold = []
     for rf, sb in pairs:
         for fold in np.unique(rf.folds).tolist():
@@ -200,12 +245,13 @@ def paired_difference(
             da, db = auroc(rf.labels[sel], rf.scores[sel]), auroc(rf.labels[sel], sb[sel])
             if da is not None and db is not None:
                 per_fold.append(da - db)
-    low, high = np.percentile(boots, [2.5, 97.5]).tolist() if boots else (math.nan, math.nan)
+    ends = interval_ends(boots) if boots.size else {"low": math.nan, "high": math.nan}
+    ranges = [ends[k] for k in ("low_range", "high_range") if k in ends]
     return {
         "diff": point,
-        "low": float(low),
-        "high": float(high),
-        "n_boot": len(boots),
+        **ends,
+        "borderline": any(lo < 0 < hi for lo, hi in ranges),
+        "n_boot": int(boots.size),
         "n_clips": int(clips.size),
         "repeats": len(pairs),
         "per_fold_mean": float(np.mean(per_fold)) if per_fold else None,
@@ -238,15 +284,16 @@ def timeline_clips(by_repeat: dict[int, RepeatFrames], n: int = 4) -> list[str]:
     return [both[i][1] for i in sorted(set(picks.tolist()))]
 
 
-def read_shard_frame_labels(shard_dir: str | os.PathLike) -> dict[str, list[int]]:
-    """Per-window frame labels ``{key: [0/1 x T]}`` read from the shards' block metadata only.
+def read_shard_frame_labels(shard_dir: str | os.PathLike, select: str = "kept") -> dict[str, list[int]]:
+    """Per-window frame labels ``{key: [0/1 x T]}`` of the ``select`` windows (``kept``: the balanced set of the
+    window and clip protocols; ``leakfree``: every window of the labelled clips), from the block metadata only.
 
     Much cheaper than materialising every window (no frames are read). Raises UserError when the
     folder holds no manifest or a listed shard is damaged (frame-level metrics need every window).
     """
     from ddp_vad.data.reader import iter_windows  # the shard reader: imported only when shards are read
 
-    return {w["key"]: w["meta"]["frame_labels"] for w in iter_windows(shard_dir, frames=False)}
+    return {w["key"]: w["meta"]["frame_labels"] for w in iter_windows(shard_dir, select, frames=False)}
 
 
 def frame_level_scores(

@@ -18,9 +18,12 @@ HEADLINE_NOTE = (
     "Frame AUROC (pooled) is over every frame of the labelled clips, each scored out of fold by the model of the "
     "fold that held its clip out (the field's micro AUROC), the mean over repeats; ± is the std of the per-fold frame "
     "AUROCs. Per clip: the mean AUROC over the clips that hold both classes. Window AUROC and balanced accuracy: mean "
-    "± std over every fold of every repeat. These are supervised, cross-validated numbers: the models saw labelled "
-    "anomalies of the other folds' clips. Published results on UCSD Ped1 are unsupervised (trained on normal clips "
-    "only, scored on the official test clips) and are shown for orientation only:"
+    "± std over every fold of every repeat (each fold's AUROC of its test windows' scores). These are supervised, "
+    "cross-validated numbers: the models saw labelled anomalies of the other folds' clips."
+)
+PUBLISHED_NOTE = (
+    "Published results on {dataset} are unsupervised (trained on normal clips only, scored on the full official "
+    "test set) and are shown for orientation only: {figures}."
 )
 
 
@@ -37,7 +40,7 @@ def _num(v: float | None) -> str:
 def markdown_table(report: dict[str, Any]) -> str:
     """The Table 5 comparison (all labels) as a markdown table, with the method's published rows beside it."""
     lines = [
-        "| Method | Protocol | Folds | Recall | Precision | Accuracy | F1 | Window AUROC | Frame AUROC |",
+        "| Method | Protocol | Folds | Recall | Precision | Accuracy | F1 | Window AUROC | Frame AUROC (pooled) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, e in report["methods"].items():
@@ -49,7 +52,7 @@ def markdown_table(report: dict[str, Any]) -> str:
             cells.append(cell)
         lines.append(
             f"| {label} | {e['protocol']} | {e['n_folds']} | {' | '.join(cells)} | "
-            f"{_num(e['window_auroc'])} | {_num(e['frame_auroc'])} |"
+            f"{_pm(e['mean'].get('window_auroc'), e['std'].get('window_auroc'))} | {_num(e['frame_auroc'])} |"
         )
     for row in report.get("published", []):
         cells = " | ".join(f"{row[k]:.3f}" for k in METRICS)
@@ -98,12 +101,37 @@ def headline_table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def coverage(report: dict[str, Any]) -> str:
+    """How many frames of the labelled clips the frame AUROCs count, e.g. "2,400 of the 2,400 frames (...)"."""
+    counts = {}
+    for label, e in report["methods"].items():
+        f = e.get("frames") or {}
+        if "n_frames_labelled" in f:
+            counts[label] = (f["n_frames"], f["n_frames_labelled"], f["n_clips_labelled"], f["n_anomalous_frames"])
+    if not counts:
+        return ""
+    if len(set(counts.values())) == 1:
+        n, total, clips, anomalous = next(iter(counts.values()))
+        share = f"every one of the {total:,}" if n == total else f"{n:,} of the {total:,}"
+        return (f"Frame AUROC counts {share} frames of the {clips} labelled clips ({anomalous:,} anomalous), for "
+                "every method.")  # fmt: skip
+    parts = [f"{label} {n:,} of {total:,}" for label, (n, total, _, _) in counts.items()]
+    return "Frames of the labelled clips that frame AUROC counts: " + "; ".join(parts) + "."
+
+
+def _published_note(report: dict[str, Any]) -> str:
+    figures = report.get("published_frame_auroc") or {}
+    if not figures:
+        return "No published figures are shown: none exist for this data."
+    text = "; ".join(f"{k} {v:.3f}" for k, v in figures.items())
+    return PUBLISHED_NOTE.format(dataset=report.get("published_dataset"), figures=text)
+
+
 def _headline(report: dict[str, Any]) -> list[str]:
     if report.get("headline") != "frame_auroc":
         return []
-    published = "; ".join(f"{k} {v:.3f}" for k, v in report.get("published_frame_auroc", {}).items())
     return ["## Headline: every frame of the labelled clips, all labels", "", *headline_table(report), "",
-            f"{HEADLINE_NOTE} {published}.", ""]  # fmt: skip
+            " ".join(t for t in (coverage(report), HEADLINE_NOTE, _published_note(report)) if t), ""]  # fmt: skip
 
 
 def _comparisons(report: dict[str, Any]) -> list[str]:
@@ -115,6 +143,8 @@ def _comparisons(report: dict[str, Any]) -> list[str]:
            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for c in rows:
         verdict = "A better" if c["low"] > 0 else "A worse" if c["high"] < 0 else "no detectable difference"
+        if c.get("borderline"):  # another set of resamples could move an interval end across zero
+            verdict = "borderline (an interval end within bootstrap noise of zero)"
         if pooled_only(c):
             verdict += " (pooled only: not fold by fold)"
         per_fold = _pm(c.get("per_fold_mean"), c.get("per_fold_std"))
@@ -183,14 +213,15 @@ def _gan_health(report: dict[str, Any]) -> list[str]:
     rows = [p for p in report["pretrain"] if p.get("health")]
     if not rows:
         return []
-    out = ["## GAN health", "", "| Run | Stabilisers | Last D(real) | Last D(fake) | Steps D won outright | Warnings |",
-           "|---|---|---|---|---|---|"]  # fmt: skip
+    out = ["## GAN health", "", "| Run | Pretraining | Stabilisers | Last D(real) | Last D(fake) "
+           "| Steps D won outright | Warnings |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for p in rows:
         h = p["health"]
         last = h.get("last") or {}
         warn = "; ".join(h.get("warnings") or []) or "none"
-        out.append(f"| {p['run']} | {p.get('stabilisers', 'none')} | {_num(last.get('d_real'))} | "
-                   f"{_num(last.get('d_fake'))} | {h.get('win_steps', 0)} | {warn} |")  # fmt: skip
+        variant = p.get("pretraining", "the method's plain GAN")
+        out.append(f"| {p['run']} | {variant} | {p.get('stabilisers', 'none')} | {_num(last.get('d_real'))} "
+                   f"| {_num(last.get('d_fake'))} | {h.get('win_steps', 0)} | {warn} |")  # fmt: skip
     return [*out, ""]
 
 
@@ -242,9 +273,18 @@ def report_markdown(report: dict[str, Any]) -> str:
             markdown_table(report),
             "",
             "Std is the population std (ddof=0) over the folds where a metric is defined; (k/n folds) marks",
-            "a mean over fewer than all folds (see the notes); n/a = undefined. (published) rows are the method's",
-            "own numbers on full UCSD Ped1 under the window protocol, for reference only.",
+            "a mean over fewer than all folds (see the notes); n/a = undefined. Window AUROC: each fold's AUROC of",
+            "its test windows' scores, mean ± std over folds (as in the headline).",
+            *(
+                [
+                    "(published) rows are the method's own numbers on full UCSD Ped1 under the window protocol, for "
+                    "reference only."
+                ]
+                if report.get("published")
+                else []
+            ),  # fmt: skip
             FRAME_AUROC_SCOPE,
+            *([coverage(report)] if report.get("headline") != "frame_auroc" else []),  # else said in the headline
             "",
         ]
         out += _details(report)

@@ -37,10 +37,12 @@ from ddp_vad.eval.findings import (
     curve,
     paired_comparisons,
     paired_verdict,
+    published_dataset,
+    published_frame_auroc,
     published_rows,
     verdict,
 )
-from ddp_vad.eval.frame_scores import PUBLISHED_FRAME_AUROC, clip_timeline, timeline_clips
+from ddp_vad.eval.frame_scores import clip_timeline, timeline_clips
 from ddp_vad.eval.markdown import markdown_table, report_markdown
 from ddp_vad.eval.runs import (
     discover_runs,
@@ -122,10 +124,7 @@ def _log_tensorboard(tb_dir: Path, report: dict[str, Any], figures: dict[str, An
             for f in e["folds"]:
                 if f.get("accuracy") is not None:
                     writer.add_scalar(f"accuracy_by_fold/{label}", f["accuracy"], int(f["fold"]))
-            for name in ("window_auroc", "frame_auroc"):
-                if e[name] is not None:
-                    writer.add_scalar(f"{name}/{label}", e[name], 0)
-            for name in ("balanced_accuracy", "clip_auroc"):
+            for name in ("window_auroc", "frame_auroc", "balanced_accuracy", "clip_auroc"):
                 if e["mean"].get(name) is not None:
                     writer.add_scalar(f"{name}/{label}", e["mean"][name], 0)
         for name, fig in figures.items():
@@ -209,6 +208,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     protocols = sorted({e["protocol"] for e in every})
     ranked = prior_free(protocols)
     comparisons = paired_comparisons(by_method, frames_of) if ranked and len(protocols) == 1 else []
+    # Published figures are those of the dataset at hand (none for mixed data, synthetic data or a user's videos).
+    dataset = data_sets[0].get("dataset") if len(data_sets) == 1 else None
     report: dict[str, Any] = {
         "methods": dict(zip(labels, entries, strict=True)),
         "curve": {
@@ -220,10 +221,11 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         else None,
         "comparisons": comparisons,
         "headline": "frame_auroc" if ranked else "accuracy",
-        "published_frame_auroc": PUBLISHED_FRAME_AUROC if ranked else {},
+        "published_dataset": published_dataset(dataset),
+        "published_frame_auroc": published_frame_auroc(dataset) if ranked else {},
         "protocols": protocols,
         "budgets": budgets(every),
-        "published": published_rows(entries),
+        "published": published_rows(entries, dataset),
         "data": data_sets,
         "mixed_data": len(data_sets) > 1,
         "pretrain": [],

@@ -138,27 +138,52 @@ def _unit_name(row: dict) -> str:
     return f"{repeat}.{int(row['fold'])}" if repeat else str(int(row["fold"]))
 
 
+def labelled_frames(shards: Path, select: str) -> dict[str, int]:
+    """``{clip: frames}``: how many frames the shards hold of each clip that has ``select`` windows (the clips the
+    protocol labels; at stride 1 every frame of a clip at least one window long), from the block metadata."""
+    from ddp_vad.data.reader import iter_blocks
+
+    held: dict[str, set[int]] = {}
+    labelled: set[str] = set()
+    for block in iter_blocks(shards, frames=False):
+        held.setdefault(block.clip, set()).update(range(block.first, block.first + len(block.frame_labels)))
+        if block.positions(select).size:
+            labelled.add(block.clip)
+    return {clip: len(held[clip]) for clip in sorted(labelled)}
+
+
 def _frame_part(
-    run_dir: Path, oof: list[dict], cache: dict[str, Any], frames_of: dict[str, Any], notes: list[str]
+    run_dir: Path, protocol: str, oof: list[dict], cache: dict, frames_of: dict[str, Any], notes: list[str]
 ) -> dict[str, Any] | None:
-    """Frame-level numbers of a run (:func:`ddp_vad.eval.frame_scores.frame_summary`); its frames go into
-    ``frames_of[run]`` for the paired comparisons and timelines. None (with a note) without the shards."""
+    """Frame-level numbers of a run (:func:`ddp_vad.eval.frame_scores.frame_summary`) and how many of the labelled
+    clips' frames they cover; its frames go into ``frames_of[run]`` for the paired comparisons and timelines. None
+    (with a note) without the shards."""
     shards = run_shards(run_dir)
     if shards is None:
         notes.append("shards recorded in config.json not found: frame-level AUROC skipped")
         return None
-    key = str(shards.resolve())
+    # Under leakfree the labelled set is every window of the test clips, not the balanced (kept) set: reading the
+    # kept windows' labels only would drop the frames (and the windows' scores) outside the balanced set.
+    select = "leakfree" if protocol == "leakfree" else "kept"
+    key = (str(shards.resolve()), select)
     if key not in cache:
-        cache[key] = read_shard_frame_labels(shards)
+        cache[key] = (read_shard_frame_labels(shards, select), labelled_frames(shards, select))
+    window_labels, clip_frames = cache[key]
     try:
-        by_repeat = frames_by_repeat(oof, cache[key])
+        by_repeat = frames_by_repeat(oof, window_labels)
     except ValueError as exc:
         notes.append(f"frame-level AUROC skipped: {exc}")
         return None
     frames_of[str(run_dir)] = by_repeat
     summary = frame_summary(by_repeat)
+    summary["n_frames_labelled"] = sum(clip_frames.values())
+    summary["n_clips_labelled"] = len(clip_frames)
     if summary["frame_auroc"] is None:
         notes.append("frame-level AUROC undefined: scored frames hold one class only")
+    if summary["n_frames"] < summary["n_frames_labelled"]:
+        n, total = summary["n_frames"], summary["n_frames_labelled"]
+        notes.append(f"frame-level numbers cover {n} of the {total} frames of the {len(clip_frames)} labelled clips "
+                     "(frames that no scored window covers are left out)")  # fmt: skip
     return summary
 
 
@@ -192,11 +217,15 @@ def summarise_run(
     if isinstance(run_notes, list):  # notes the writer recorded (e.g. transfer's)
         notes += [str(n) for n in run_notes if n]
     confusion, confusion_source = _confusion(folds, oof)
+    # Pooled over every out-of-fold window of repeat 0 (folds' scores on one scale): not the "window AUROC" of the
+    # tables, which is the mean over folds, so it carries its own name.
     window_auc = window_level_auroc([r for r in oof if r.get("repeat", 0) == 0]) if oof else None
     fold_rates = _fold_rates(oof) if oof else []
     frames = None
     if oof:
-        frames = _frame_part(run_dir, oof, frame_label_cache, {} if frames_of is None else frames_of, notes)
+        frames = _frame_part(
+            run_dir, str(data["protocol"]), oof, frame_label_cache, {} if frames_of is None else frames_of, notes
+        )
         if window_auc is None:
             notes.append("window-level AUROC undefined: one class only")
     # The frame-level numbers sit beside the per-fold means, so tables and curves read every metric alike: the
@@ -217,7 +246,7 @@ def summarise_run(
         "folds": folds,
         "confusion": confusion,
         "confusion_source": confusion_source,
-        "window_auroc": window_auc,
+        "window_auroc_pooled": window_auc,
         "fold_rates": fold_rates,
         "frame_auroc": mean["frame_auroc"],
         "frames": frames,
@@ -276,7 +305,11 @@ def read_similarity(run_dir: Path) -> dict[str, list[float]]:
 
 
 def pretrain_health(run_dir: Path) -> dict:
-    """``{"health": gan_health.json, "stabilisers": "..."}`` of a pretrain run (empty when it has no health file)."""
+    """``{"health": gan_health.json, "stabilisers": "...", "pretraining": "..."}`` of a pretrain run (the
+    pretraining variant: :func:`ddp_vad.train.pretrain_config.describe_pretraining`); empty when it has no health
+    file."""
+    from ddp_vad.train.pretrain_config import describe_pretraining
+
     path = run_dir / "gan_health.json"
     if not path.is_file():
         return {}
@@ -286,4 +319,5 @@ def pretrain_health(run_dir: Path) -> dict:
     except (OSError, UserError):
         cfg = {}
     used = [f"{k.replace('_', ' ')} {cfg[k]:g}" for k in ("label_smoothing", "instance_noise") if cfg.get(k)]
-    return {"health": health, "stabilisers": ", ".join(used) or "none (the method's plain GAN)"}
+    stabilisers = ", ".join(used) or "none (the method's plain GAN)"
+    return {"health": health, "stabilisers": stabilisers, "pretraining": describe_pretraining(cfg)}

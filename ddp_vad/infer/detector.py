@@ -17,7 +17,7 @@ from ddp_vad.infer.live import StreamBroken, iter_frames
 from ddp_vad.infer.model_files import model_files
 from ddp_vad.infer.onnx_scorer import load_onnx
 from ddp_vad.infer.scoring import Scorer, as_pixels, check_batch_size, frame_scores, stream_scores, window_scores
-from ddp_vad.infer.threshold import DEFAULT, run_threshold
+from ddp_vad.infer.threshold import DEFAULT, check_threshold, run_threshold
 from ddp_vad.runfiles import oof_file, run_of_fold_model
 
 
@@ -71,8 +71,11 @@ class Detector:
         """A detector from a transfer run folder (``folds/fold_XX/model.safetensors``; ``fold`` picks one), a
         ``model.safetensors`` file, or an exported ``.onnx`` file (with its ``.json`` sidecar).
 
-        ``threshold`` overrides the one the run records (see :mod:`ddp_vad.infer.threshold`).
+        ``threshold`` overrides the one the run records (see :mod:`ddp_vad.infer.threshold`): a finite number in
+        [0, 1], else a UserError. ``fold=k`` (unit k with ``--repeats``) gets fold k's own threshold, chosen without
+        its test clips.
         """
+        given = None if threshold is None else check_threshold(threshold, "threshold")
         path = Path(path)
         if path.suffix == ".onnx":
             if fold is not None:  # the graph is the ensemble it was exported as: a fold cannot be picked from it
@@ -96,8 +99,8 @@ class Detector:
             det = cls(TorchScorer([m for m, _ in loaded]), cfg.window, cfg.height, cfg.width, value, note,
                       f"{len(files)} fold model(s)")  # fmt: skip
             det.files = files
-        if threshold is not None:
-            det.threshold, det.threshold_note = float(threshold), "given"
+        if given is not None:
+            det.threshold, det.threshold_note = given, "given"
         return det
 
     def score_frames(self, frames: np.ndarray, batch_size: int = 64) -> np.ndarray:

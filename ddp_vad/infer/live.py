@@ -2,8 +2,8 @@
 
 Live footage is a stream URL (``rtsp://``, ``http://``, ``udp://``, ...), a capture device (``/dev/video0``) or
 ``-`` (a video stream on stdin, e.g. MPEG-TS piped from ffmpeg). A live stream that breaks (an error while
-opening or reading it; a damaged packet is skipped) is reopened up to ``reconnect`` times; frame numbers continue
-across a reconnect.
+opening or reading it, or no data for :data:`TIMEOUT` seconds on a network source; a damaged packet is skipped) is
+reopened up to ``reconnect`` times; frame numbers continue across a reconnect.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 from ddp_vad.errors import UserError
 
 STDIN = "-"
+TIMEOUT = 10.0  # seconds a network source may send nothing (while opening, or between reads) before it counts as broken
 
 
 class StreamBroken(UserError):
@@ -117,7 +118,9 @@ def _live_gray(source: str) -> Iterator[tuple[np.ndarray, float | None]]:
         elif source.startswith("/dev/"):
             container = av.open(source, "r", format="v4l2")
         else:
-            container = av.open(source, "r", timeout=10.0)
+            container = av.open(source, "r", timeout=TIMEOUT)
+    except av.ExitError:  # FFmpeg's "Immediate exit requested": PyAV's timeout stopped the wait
+        raise StreamBroken(f"{source}: cannot open (timed out: no answer for {TIMEOUT:g} s)") from None
     except (av.FFmpegError, OSError, ValueError) as exc:
         raise StreamBroken(f"{source}: cannot open ({_why(exc)})") from None
     with container:
@@ -133,6 +136,8 @@ def _live_gray(source: str) -> Iterator[tuple[np.ndarray, float | None]]:
                     continue  # one damaged packet (common over UDP): skip it, the stream goes on
                 for frame in frames:
                     yield gray_of(frame), frame.time
+        except av.ExitError:
+            raise StreamBroken(f"{source}: stream broke (timed out: no data for {TIMEOUT:g} s)") from None
         except (av.FFmpegError, OSError) as exc:
             raise StreamBroken(f"{source}: stream broke ({_why(exc)})") from None
 

@@ -7,33 +7,36 @@ cross-validation ensemble), and a frame's score is the max over the windows that
 The source is streamed (:meth:`Detector.stream`): memory does not grow with its length (a frame's score, 8 bytes,
 is kept for the plot), and a frame's CSV row is written as soon as its score is final: ``window - 2 + batch_size``
 frames after it arrives at most. A file source's CSV appears whole when done (``files.atomic_path``); a live
-source's CSV grows in place, flushed row by row, so it can be followed while the stream runs. ``--events``
-writes one JSON line per anomalous interval as it closes. Ctrl-C (SIGINT) ends the stream: the frames read so far
-are scored, the files are finished, and the command exits 130. ``--annotate OUT.mp4`` re-reads a file source and
-writes a copy with a score bar and a red border on flagged frames.
+source's CSV grows in place, row by row (each appended whole: a failed write never leaves half a row), so it can be
+followed while the stream runs. ``--events`` writes one JSON line per anomalous interval as it closes, and
+``--webhook URL`` POSTs it (:mod:`ddp_vad.infer.events`, :mod:`ddp_vad.infer.webhook`). Ctrl-C (SIGINT) ends the
+stream: the frames read so far are scored, the files are finished, and the command exits 130. ``--annotate
+OUT.mp4`` re-reads a file source and writes a copy with a score bar and a red border on flagged frames.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import json
+import io
 import signal
 import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from ddp_vad.errors import UserError
-from ddp_vad.files import atomic_path, make_folder
-from ddp_vad.infer.detector import Detector, FrameScore, model_files
+from ddp_vad.files import append_text, atomic_path, make_folder, naming
+from ddp_vad.infer.detector import Detector, model_files
+from ddp_vad.infer.events import Events
 from ddp_vad.infer.live import StreamBroken, check_source, is_live, source_name
 from ddp_vad.infer.scoring import frame_scores, stream_scores, window_scores
+from ddp_vad.infer.threshold import check_threshold
+from ddp_vad.infer.webhook import Webhook, check_webhook_url, parse_when
 from ddp_vad.options import option
 
 __all__ = ["PredictConfig", "annotate", "draw_score", "frame_scores", "model_files", "run_predict",
@@ -66,6 +69,12 @@ class PredictConfig:
         None, "Score at which a frame is flagged (default: the run's, chosen on its training folds; else 0.5)."
     )
     events: str | None = option(None, "Write anomalous intervals (frames at or above the threshold) as JSON lines.")
+    webhook: str | None = option(
+        None,
+        "POST each anomalous interval as JSON to this http(s) URL when it closes (background thread, bounded queue, "
+        "retries; never holds up scoring).",
+    )
+    webhook_on: str = option("close", "When to POST to --webhook: close, open (an interval starts) or open,close.")
     labels: str | None = option(
         None, "labels.csv (clip,start,end) whose rows for this clip shade the plot (UCSD .m ground truth is found)."
     )
@@ -82,8 +91,8 @@ class PredictConfig:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.fold is not None and self.fold < 0:
             raise UserError(f"--fold must be >= 0, got {self.fold}")
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise UserError(f"--threshold must be in [0, 1], got {self.threshold}")
+        if self.threshold is not None:
+            check_threshold(self.threshold, "--threshold")
         if self.reconnect < 0:
             raise UserError(f"--reconnect must be >= 0, got {self.reconnect}")
         if self.annotate is not None and Path(self.annotate).suffix.lower() not in (".mp4", ".avi", ".mkv", ".mov"):
@@ -92,6 +101,9 @@ class PredictConfig:
             raise UserError("--annotate needs a file source (a live stream cannot be read twice)")
         if self.labels is not None and not Path(self.labels).is_file():
             raise UserError(f"--labels {self.labels}: file not found")
+        if self.webhook is not None:
+            check_webhook_url(self.webhook)
+        parse_when(self.webhook_on)
 
 
 class _Interrupt:
@@ -124,81 +136,67 @@ class _Interrupt:
             signal.signal(signal.SIGINT, before)
 
 
-class _Events:
-    """Anomalous intervals (consecutive frames at or above the threshold), one JSON line each as it closes."""
-
-    def __init__(self, file: IO[str] | None, clip: str, threshold: float):
-        self.file, self.clip, self.threshold = file, clip, threshold
-        self.open: dict | None = None
-        self.count = 0
-
-    def add(self, s: FrameScore) -> None:
-        if s.anomalous:
-            if self.open is None:
-                self.open = {"clip": self.clip, "start_frame": s.frame, "start_time": s.time, "peak_score": s.score,
-                             "peak_frame": s.frame}  # fmt: skip
-            elif s.score > self.open["peak_score"]:
-                self.open.update(peak_score=s.score, peak_frame=s.frame)
-            self.open.update(end_frame=s.frame, end_time=s.time)
-        elif self.open is not None:
-            self.close()
-
-    def close(self) -> None:
-        if self.open is None:
-            return
-        event = {**self.open, "threshold": self.threshold}
-        event["peak_score"] = round(event["peak_score"], 6)
-        if self.file is not None:
-            self.file.write(json.dumps(event) + "\n")
-            self.file.flush()
-        self.open = None
-        self.count += 1
-
-
 def _detector(cfg: PredictConfig) -> Detector:
     return Detector.load(cfg.onnx or cfg.model, fold=cfg.fold, threshold=cfg.threshold)
 
 
-def run_predict(cfg: PredictConfig) -> Path:
-    """Score every frame of ``cfg.source``; write the CSV, a score-over-time PNG and, with ``cfg.events`` /
-    ``cfg.annotate``, the events and an annotated copy of the clip; return the CSV path.
+class _Rows:
+    """The scores CSV. A file source's rows go to a hidden temp file, renamed onto ``out`` when whole
+    (:func:`ddp_vad.files.atomic_path`); a live source's grow in place, each row appended whole
+    (:func:`ddp_vad.files.append_text`), so that a reader following the file sees each score as soon as it is final
+    and a failed write (disk full, Ctrl-C) never leaves half a row."""
 
-    Ctrl-C finishes the files for the frames read so far and then raises KeyboardInterrupt; a live stream that
-    breaks (after ``cfg.reconnect`` tries) does the same and then raises :class:`ddp_vad.infer.live.StreamBroken`.
-    """
-    detector = _detector(cfg)
-    live = is_live(cfg.source)
-    name = source_name(cfg.source)
-    batch = cfg.batch_size or (1 if live else 64)
-    source_path = None if live else Path(cfg.source)
+    def __init__(self, stack: contextlib.ExitStack, out: Path, live: bool, column: str):
+        self.out, self.file = out, None
+        if live:
+            with naming(out), open(out, "w"):
+                pass
+        else:
+            self.file = stack.enter_context(open(stack.enter_context(atomic_path(out)), "w", newline=""))  # noqa: SIM115
+            self.writer = csv.writer(self.file)
+        self.write(["frame", column, "score", "anomalous"])
+
+    def write(self, row: list) -> None:
+        if self.file is not None:
+            self.writer.writerow(row)
+            return
+        line = io.StringIO()
+        csv.writer(line).writerow(row)
+        append_text(self.out, line.getvalue())
+
+
+def _out_path(cfg: PredictConfig, live: bool, name: str) -> Path:
+    """``--out``, else ``<clip>_scores.csv`` beside a file source or in the working folder for a live one."""
     if cfg.out:
         out = Path(cfg.out)
-    elif source_path is not None:
-        out = source_path.resolve().parent / f"{name}_scores.csv"
+    elif not live:
+        out = Path(cfg.source).resolve().parent / f"{name}_scores.csv"
     else:
         out = Path(f"{name}_scores.csv")
     make_folder(out.parent)
-    column = "file" if source_path is not None and source_path.is_dir() else "time"
+    return out
 
-    interrupt = _Interrupt()
+
+def _score_into_files(
+    cfg: PredictConfig, detector: Detector, out: Path, hook: Webhook | None, interrupt: _Interrupt
+) -> tuple[list[float], Events, BaseException | None]:
+    """Stream the source's frame scores into the CSV and the events (file, webhook); returns the scores, the
+    events and the StreamBroken / KeyboardInterrupt that ended the stream early, if one did."""
+    live, name = is_live(cfg.source), source_name(cfg.source)
+    column = "file" if not live and Path(cfg.source).is_dir() else "time"
+    batch = cfg.batch_size or (1 if live else 64)
     failure: BaseException | None = None
     scores: list[float] = []
     with contextlib.ExitStack() as stack:
-        csv_path = out if live else stack.enter_context(atomic_path(out))
-        f = stack.enter_context(open(csv_path, "w", newline=""))
-        events_file = stack.enter_context(open(cfg.events, "w")) if cfg.events else None
-        events = _Events(events_file, name, detector.threshold)
-        writer = csv.writer(f)
-        writer.writerow(["frame", column, "score", "anomalous"])
+        rows = _Rows(stack, out, live, column)
+        events = Events(name, detector.threshold, cfg.events, hook, parse_when(cfg.webhook_on))
         stack.enter_context(interrupt.installed())
         try:
             for s in detector.stream(cfg.source, batch_size=batch, reconnect=cfg.reconnect, stop=interrupt):
                 scores.append(s.score)
                 tag = s.name if column == "file" else f"{s.time if s.time is not None else 0.0:.3f}"
-                writer.writerow([s.frame, tag, f"{s.score:.6f}", int(s.anomalous)])
+                rows.write([s.frame, tag, f"{s.score:.6f}", int(s.anomalous)])
                 events.add(s)
-                if live:
-                    f.flush()  # a row per frame: a reader following the file sees each score when it is final
         except (StreamBroken, KeyboardInterrupt) as exc:
             failure = exc  # the rows so far are kept: finish the files, then report
         except UserError:
@@ -206,8 +204,29 @@ def run_predict(cfg: PredictConfig) -> Path:
                 raise
             # stopped before the first window was full ("too few frames"): an interrupt, not bad input
         events.close()
+    return scores, events, failure
+
+
+def run_predict(cfg: PredictConfig) -> Path:
+    """Score every frame of ``cfg.source``; write the CSV, a score-over-time PNG and, with ``cfg.events`` /
+    ``cfg.annotate``, the events and an annotated copy of the clip; POST the events to ``cfg.webhook``; return
+    the CSV path.
+
+    Ctrl-C finishes the files for the frames read so far and then raises KeyboardInterrupt; a live stream that
+    breaks (after ``cfg.reconnect`` tries) does the same and then raises :class:`ddp_vad.infer.live.StreamBroken`.
+    """
+    detector = _detector(cfg)
+    name = source_name(cfg.source)
+    out = _out_path(cfg, is_live(cfg.source), name)
+    interrupt = _Interrupt()
+    hook = Webhook(cfg.webhook) if cfg.webhook else None
+    try:
+        scores, events, failure = _score_into_files(cfg, detector, out, hook, interrupt)
+    finally:
+        delivery = hook.close() if hook is not None else None  # the queued events go out, in bounded time
+    stopped = isinstance(failure, KeyboardInterrupt) or interrupt.requested
     if not scores:
-        if isinstance(failure, KeyboardInterrupt) or interrupt.requested:
+        if stopped:
             print(f"interrupted: {cfg.source}: no frame scored yet", file=sys.stderr)
             raise KeyboardInterrupt
         if failure is not None:
@@ -225,7 +244,9 @@ def run_predict(cfg: PredictConfig) -> Path:
     flagged = int((per_frame >= detector.threshold).sum())
     summary = (f"{name}: {len(per_frame)} frames, {flagged} at or above {detector.threshold:.3f} "
                f"({detector.threshold_note}), {events.count} event(s); wrote {', '.join(wrote)}")  # fmt: skip
-    if isinstance(failure, KeyboardInterrupt) or interrupt.requested:
+    if delivery is not None:
+        summary += f"\n{delivery.summary(cfg.webhook)}"
+    if stopped:
         print(f"interrupted: {summary}", file=sys.stderr)
         raise KeyboardInterrupt
     print(summary)

@@ -228,16 +228,7 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
     # Model selection (--val-clips): whole training clips held out; the test fold is never looked at.
     fit_idx, val_idx = inner_validation_split(run.cv, train_idx, int(getattr(cfg, "val_clips", 0)), cfg.seed, k)
     weight = class_weights(run.cv.labels[fit_idx]) if getattr(cfg, "class_weight", "none") == "balanced" else None
-    model = build_classifier(run.model_cfg, cfg.train, fold_seed(cfg.seed, k), run.features_state).to(acc.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = float(getattr(cfg, "weight_decay", 0.0))
-    # AdamW only when asked: the default stays the method's plain Adam, bit for bit.
-    optimizer = torch.optim.AdamW(params, cfg.lr, weight_decay=decay) if decay else torch.optim.Adam(params, cfg.lr)
-    scaler = torch.amp.GradScaler(acc.device.type) if run.scaler_needed else None
-    start_epoch, history, best = 0, [], {}
-    if resume_state is not None:
-        start_epoch, history = _restore(resume_state, model, optimizer, scaler, acc.device)
-        best = resume_state.get("best") or {}
+    model, optimizer, scaler, (start_epoch, history, best) = _fold_model(run, k, resume_state)
     get_inputs, norm = _input_fn(run, model, fit_idx)
     forward = trainable_forward(model, cfg.train)
 
@@ -247,16 +238,7 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
             order = fit_idx[np.random.default_rng([abs(cfg.seed), k, epoch]).permutation(fit_idx.size)]
             loss = _train_epoch(run, k, epoch, order, model, forward, get_inputs, optimizer, scaler, weight)
-            record: dict = {}
-            if val_idx.size:
-                val_scores = predict(model, forward, get_inputs, val_idx, acc.autocast)[0]
-                val_auroc = auroc(run.cv.labels[val_idx], val_scores)
-                record = {"val_auroc": val_auroc}
-                writer.add_scalar("validation/auroc", math.nan if val_auroc is None else val_auroc, epoch)
-                # Strictly better only: ties keep the earlier epoch; an undefined AUROC never replaces one.
-                if not best or (val_auroc is not None and (best["auroc"] is None or val_auroc > best["auroc"])):
-                    best = {"epoch": epoch, "auroc": val_auroc,
-                            "model": {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}}  # fmt: skip
+            record, best = _validate(run, model, forward, get_inputs, val_idx, epoch, best, writer)
             last = predict(model, forward, get_inputs, test_idx, acc.autocast)
             test_acc = float((last[1] == run.cv.labels[test_idx]).mean()) if test_idx.size else float("nan")
             # Logged for watching only: nothing (epoch, threshold) is chosen on the test fold; the tag says so.
@@ -294,5 +276,42 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
         "seconds": round(time.perf_counter() - t0, 3),
         "rank": int(acc.process_index),
     }
+    return _save_fold(run, k, model, norm, result)
+
+
+def _fold_model(run: FoldRun, k: int, resume_state: dict | None) -> tuple:
+    """Fold ``k``'s classifier, optimizer and GradScaler (or None), and (first epoch, history, best epoch) where a
+    checkpoint left them."""
+    cfg, device = run.cfg, run.accelerator.device
+    model = build_classifier(run.model_cfg, cfg.train, fold_seed(cfg.seed, k), run.features_state).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = float(getattr(cfg, "weight_decay", 0.0))
+    # AdamW only when asked: the default stays the method's plain Adam, bit for bit.
+    optimizer = torch.optim.AdamW(params, cfg.lr, weight_decay=decay) if decay else torch.optim.Adam(params, cfg.lr)
+    scaler = torch.amp.GradScaler(device.type) if run.scaler_needed else None
+    start = (0, [], {})
+    if resume_state is not None:
+        start = (*_restore(resume_state, model, optimizer, scaler, device), resume_state.get("best") or {})
+    return model, optimizer, scaler, start
+
+
+def _validate(run: FoldRun, model, forward, get_inputs, val_idx, epoch: int, best: dict, writer) -> tuple[dict, dict]:
+    """Model selection (--val-clips): AUROC on the inner validation clips after ``epoch`` (the history record) and
+    the best epoch so far, with its weights. Strictly better only: ties keep the earlier epoch; an undefined AUROC
+    never replaces one."""
+    if not val_idx.size:
+        return {}, best
+    val_scores = predict(model, forward, get_inputs, val_idx, run.accelerator.autocast)[0]
+    val_auroc = auroc(run.cv.labels[val_idx], val_scores)
+    writer.add_scalar("validation/auroc", math.nan if val_auroc is None else val_auroc, epoch)
+    if not best or (val_auroc is not None and (best["auroc"] is None or val_auroc > best["auroc"])):
+        best = {"epoch": epoch, "auroc": val_auroc,
+                "model": {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}}  # fmt: skip
+    return {"val_auroc": val_auroc}, best
+
+
+def _save_fold(run: FoldRun, k: int, model, norm, result: dict) -> dict:
+    """The fold's model (standardisation folded into the head) then its result with the model's record, last: its
+    presence marks the fold finished."""
     export = model if norm is None else fold_standardization_into_head(model, *norm)
     return save_finished_fold(run.run_dir, k, export, run.model_cfg, result)

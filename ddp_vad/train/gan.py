@@ -35,6 +35,7 @@ def gan_step(
     label_smoothing: float = 0.0,
     instance_noise: float = 0.0,
     feature_matching: float = 0.0,
+    pseudo: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One D step then one G step; returns detached ``STAT_NAMES``: the two losses, mean p(real) of real and of fake
     windows, and the gradient norms of D and G.
@@ -44,7 +45,8 @@ def gan_step(
     every window D sees (real and fake, in the D and the G step). ``feature_matching`` w adds
     ``w * ||mean f(real) - mean f(fake)||^2`` to the G loss, f = D's ``features`` (conv stack + LSTM, the part
     transfer keeps): G is asked to match the statistics of the features the classifier will reuse, not only to fool
-    the head (Salimans et al. 2016).
+    the head (Salimans et al. 2016). ``pseudo``: pseudo-anomalous windows (:mod:`ddp_vad.train.pseudo`) that join
+    the generated ones on D's negative side (target 0) in the D step; None (the default) is the method's D step.
     """
     b = real.shape[0]
     ones = torch.ones(b, device=real.device)
@@ -55,8 +57,10 @@ def gan_step(
         return x + instance_noise * torch.randn_like(x) if instance_noise > 0 else x
 
     # D step: real -> 1 - s, fake -> 0; one forward over both halves (D has no batch norm: equals two calls).
-    logit = real_fake_logit(disc(noisy(torch.cat([real, fake.detach()])))).float()
-    loss_d = F.binary_cross_entropy_with_logits(logit, torch.cat([ones * (1.0 - label_smoothing), zeros]))
+    extra = [] if pseudo is None else [pseudo]
+    logit = real_fake_logit(disc(noisy(torch.cat([real, fake.detach(), *extra])))).float()
+    targets = [ones * (1.0 - label_smoothing), zeros, *(torch.zeros(len(x), device=real.device) for x in extra)]
+    loss_d = F.binary_cross_entropy_with_logits(logit, torch.cat(targets))
     opt_d.zero_grad(set_to_none=True)
     accelerator.backward(loss_d)
     grad_d = _grad_norm(disc, accelerator)
@@ -79,7 +83,7 @@ def gan_step(
     finally:
         disc.requires_grad_(True)
     probs = torch.sigmoid(logit.detach())
-    return torch.stack([loss_d.detach(), loss_g.detach(), probs[:b].mean(), probs[b:].mean(), grad_d, grad_g])
+    return torch.stack([loss_d.detach(), loss_g.detach(), probs[:b].mean(), probs[b : 2 * b].mean(), grad_d, grad_g])
 
 
 @torch.no_grad()

@@ -32,10 +32,11 @@ def window_similarity(fake: torch.Tensor, real: torch.Tensor) -> tuple[float, fl
     return F.cosine_similarity(f, r, dim=1).mean().item(), (f - r).norm(dim=1).mean().item()
 
 
-def sample_real_windows(shard_dir: str | Path, manifest: dict, n: int, seed: int) -> np.ndarray:
-    """``n`` real windows (uint8 [n, T, H, W]) drawn uniformly (seeded) from the whole shard set; reads only the
+def sample_real_windows(shard_dir: str | Path, manifest: dict, n: int, seed: int, select: str = "kept") -> np.ndarray:
+    """``n`` real windows (uint8 [n, T, H, W]) drawn uniformly (seeded) from the ``select`` windows of the shard set
+    (the ones the GAN trains on: under the leak-free protocol the train clips', never a test clip's); reads only the
     shards that hold them (a damaged shard is reported and skipped, like in the training stream)."""
-    return load_window_set(shard_dir, n=n, seed=[seed, 7], on_damage="skip").frames
+    return load_window_set(shard_dir, n=n, seed=[seed, 7], on_damage="skip", select=select).frames
 
 
 def seeded_cpu_generator(*parts: int) -> torch.Generator:
@@ -74,7 +75,8 @@ def _write_similarity_rows(path: Path, rows: list[list]) -> None:
 class GanMonitor:
     """Main-process TensorBoard writer + similarity CSV + sample images of one pretrain run.
 
-    ``start_step`` > 0 (a resume) drops events and CSV rows that a crashed run logged after that step.
+    ``start_step`` > 0 (a resume) drops events and CSV rows that a crashed run logged after that step. ``select``:
+    the windows the GAN streams (its real-window pool is drawn from those).
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class GanMonitor:
         device: torch.device,
         start_step: int,
         health: dict | None = None,
+        select: str = "kept",
     ):
         from torch.utils.tensorboard import SummaryWriter
 
@@ -94,7 +97,7 @@ class GanMonitor:
         self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else 0)
         self.real_pool = self.fixed_z = None
         if cfg.similarity_every or cfg.image_every:
-            self.real_pool = sample_real_windows(cfg.shards, manifest, REAL_POOL, cfg.seed)
+            self.real_pool = sample_real_windows(cfg.shards, manifest, REAL_POOL, cfg.seed, select)
             self.fixed_z = torch.randn(IMAGE_ROWS, z_dim, generator=seeded_cpu_generator(cfg.seed, 11))
         self.sim_path = run_dir / SIMILARITY_CSV
         kept = _read_similarity_rows(self.sim_path, start_step) if start_step else []
@@ -120,19 +123,25 @@ class GanMonitor:
         real = frames_to_float(torch.from_numpy(self.real_pool[:IMAGE_ROWS]))
         self.writer.add_image("samples/real_top_generated_bottom", windows_image(real, fake), step)
 
-    def losses(self, rows: np.ndarray, first_step: int) -> None:
-        """Per-step ``STAT_NAMES`` rows (losses, D(real), D(fake), gradient norms) starting at ``first_step``."""
+    def losses(self, rows: np.ndarray, first_step: int, gan_until: int | None = None) -> None:
+        """Per-step ``STAT_NAMES`` rows (losses, D(real), D(fake), gradient norms) starting at ``first_step``; GAN
+        health watches the steps up to ``gan_until`` (all when None: the D-only steps of the variants are not a
+        game)."""
         tags = {"loss_d": "loss/d", "loss_g": "loss/g", "d_real": "d/real", "d_fake": "d/fake",
                 "grad_norm_d": "grad_norm/d", "grad_norm_g": "grad_norm/g"}  # fmt: skip
         for i, row in enumerate(rows):
             for name, value in zip(STAT_NAMES, row, strict=True):
                 self.writer.add_scalar(tags[name], value, first_step + i)
-        self._report(self.health.observe_steps(rows, first_step, STAT_NAMES), first_step + len(rows) - 1)
+        game = rows if gan_until is None else rows[: max(0, gan_until - first_step + 1)]
+        if len(game):
+            self._report(self.health.observe_steps(game, first_step, STAT_NAMES), first_step + len(game) - 1)
 
-    def progress(self, rows: np.ndarray, first: int, step: int, rate: float, opts, amp_skipped: dict | None) -> None:
-        """The per-step stats since the last log, the optimizers' learning rates, throughput and, with fp16, the
-        optimizer steps the GradScaler skipped."""
-        self.losses(rows, first)
+    def progress(
+        self, rows: np.ndarray, first: int, step: int, rate: float, opts, amp_skipped: dict | None, gan_until=None
+    ) -> None:
+        """The per-step stats since the last log (see :meth:`losses`), the optimizers' learning rates, throughput
+        and, with fp16, the optimizer steps the GradScaler skipped."""
+        self.losses(rows, first, gan_until)
         opt_g, opt_d = opts
         self.scalars(step, lr__g=opt_g.param_groups[0]["lr"], lr__d=opt_d.param_groups[0]["lr"],
                      throughput__samples_per_s=rate)  # fmt: skip
