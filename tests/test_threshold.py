@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
+from conftest import fake_transfer_run
 
 from ddp_vad.cli import cli
 from ddp_vad.errors import UserError
 from ddp_vad.infer.detector import Detector
 from ddp_vad.infer.threshold import VERSION, best_threshold, check_threshold, compute_thresholds, run_threshold
-from ddp_vad.models import ModelConfig, build_lrcn, save_model
+from ddp_vad.models import ModelConfig
 from ddp_vad.presets import PRESETS
 from ddp_vad.train.transfer import TransferConfig, run_transfer
 
@@ -82,11 +82,11 @@ DEAL = [[0, 1, 2, 0, 1, 2], [1, 1, 0, 2, 2, 0]]  # repeat 1 deals the clips to o
 def _run(folder: Path, text: str, models: bool = False) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "oof_scores.csv").write_text(text)
-    if models:
+    if models:  # recorded fold models, as transfer leaves them (loading checks them); the run has repeats
         cfg = ModelConfig(preset="tiny", window=10, height=24, width=36, **PRESETS["tiny"].model)
-        for unit in range(N_FOLDS * len(DEAL)):
-            torch.manual_seed(unit)
-            save_model(build_lrcn(cfg), folder / "folds" / f"fold_{unit:02d}" / "model.safetensors", cfg)
+        fake_transfer_run(folder, cfg, N_FOLDS * len(DEAL))
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "n_folds": N_FOLDS, "repeats": len(DEAL)}))
     return folder
 
 

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
+from conftest import fake_transfer_run
 
 from ddp_vad.cli import cli
 from ddp_vad.errors import UserError
 from ddp_vad.infer.predict import PredictConfig
 from ddp_vad.infer.webhook import Webhook
-from ddp_vad.models import ModelConfig, build_lrcn, save_model
+from ddp_vad.models import ModelConfig
 from ddp_vad.presets import PRESETS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -80,13 +80,10 @@ def dead_url() -> str:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    """A transfer-run folder: two tiny fold models (random weights), no out-of-fold scores (threshold given)."""
-    root = tmp_path_factory.mktemp("run")
+    """A transfer-run folder: two tiny recorded fold models (random weights), no out-of-fold scores (threshold
+    given)."""
     cfg = ModelConfig(preset="tiny", window=10, height=24, width=36, **PRESETS["tiny"].model)
-    for fold in range(2):
-        torch.manual_seed(fold)
-        save_model(build_lrcn(cfg), root / "folds" / f"fold_{fold:02d}" / "model.safetensors", cfg)
-    return root
+    return fake_transfer_run(tmp_path_factory.mktemp("run"), cfg, 2)
 
 
 def _predict(clip: Path, run: Path, out: Path, *extra: str):
