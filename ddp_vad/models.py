@@ -34,7 +34,7 @@ GENERATOR_FILE = "generator.safetensors"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
 _META_KEY = "ddp_vad_model_config"
 INPUT_MODES = ("frames", "diff", "both")
-POOLINGS = ("flatten", "max", "topk")
+POOLINGS = ("flatten", "max", "topk", "cells")
 
 
 @dataclass
@@ -64,8 +64,10 @@ class ModelConfig:
     # are the method: raw frames in, conv maps flattened per frame into the LSTM.
     input_mode: str = "frames"  # frames | diff (|x_t - x_{t-1}|, T-1 steps) | both (frame and diff as 2 channels)
     diff_std: float = 0.05  # abs frame differences are divided by this (Ped1 sample: mean 0.009, std 0.03)
-    pooling: str = "flatten"  # flatten | max | topk: how a frame's last conv map becomes the LSTM's input
-    topk: int = 8  # pooling=topk: mean of the k largest positions per channel
+    pooling: str = "flatten"  # flatten | max | topk: how a frame's last conv map becomes the LSTM's input;
+    # cells: no spatial pooling, the LSTM and head run per cell of the last conv map and the window's logit is the
+    # mean of the topk largest cell logits (multiple-instance style: one small unusual object can decide)
+    topk: int = 8  # pooling=topk: mean of the k largest positions per channel; pooling=cells: of the k largest cells
 
     def __post_init__(self) -> None:
         self.gen_channels = tuple(int(c) for c in self.gen_channels)
@@ -91,6 +93,8 @@ class ModelConfig:
             raise UserError(f"model config: pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.input_mode != "frames" and self.window < 2:
             raise UserError(f"model config: input_mode {self.input_mode} needs windows of >= 2 frames")
+        if self.pooling == "cells" and self.num_classes != 2:
+            raise UserError(f"model config: pooling cells needs 2 classes, got num_classes={self.num_classes}")
         if self.topk < 1:
             raise UserError(f"model config: topk must be >= 1, got {self.topk}")
         if not self.diff_std > 0:
@@ -133,7 +137,7 @@ class ModelConfig:
     @property
     def frame_features(self) -> int:
         """Length of one frame's conv features (the LSTM's input size): the flattened map, or one value per channel
-        when positions are pooled."""
+        when positions are pooled or each cell has its own LSTM sequence (``cells``)."""
         h, w = self.feature_map()
         return self.conv_channels[-1] * (h * w if self.pooling == "flatten" else 1)
 
@@ -250,7 +254,8 @@ class FeatureExtractor(nn.Module):
         return torch.cat([(x[:, 1:] - self.input_mean) / self.input_std, diff], dim=2)
 
     def frame_features(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, 1, H, W] -> per-step conv features [B, T', F] (flattened maps, or pooled per channel)."""
+        """[B, T, 1, H, W] -> per-step conv features [B, T', F] (flattened maps, or pooled per channel); with
+        ``cells`` pooling [B, T', C, n], one C-vector per cell of the last conv map (n = h * w)."""
         x = self.stem(x)
         b, t = x.shape[:2]
         y = self.convs(x.reshape(b * t, *x.shape[2:]))
@@ -259,30 +264,49 @@ class FeatureExtractor(nn.Module):
         elif self.pooling == "topk":  # the mean of the k strongest positions: as local, less noisy than one max
             flat = y.flatten(2)
             y = flat.topk(min(self.topk, flat.shape[2]), dim=2).values.mean(dim=2)
+        elif self.pooling == "cells":
+            return y.reshape(b, t, y.shape[1], -1)
         return y.reshape(b, t, -1)
 
     def temporal(self, y: torch.Tensor) -> torch.Tensor:
-        """Per-step conv features [B, T', F] -> dropout -> LSTM (fp32, autocast off) -> last step [B, hidden]."""
+        """Per-step conv features [B, T', F] -> dropout -> LSTM (fp32, autocast off) -> last step [B, hidden].
+        Per cell ([B, T', C, n], ``cells`` pooling): one LSTM sequence per cell (shared weights) -> [B, n, hidden]."""
         y = self.dropout(y)
+        cells = y.dim() == 4
+        if cells:
+            b, t, c, n = y.shape
+            y = y.permute(0, 3, 1, 2).reshape(b * n, t, c)
         with torch.autocast(device_type=y.device.type, enabled=False):
             out, _ = self.lstm(y.float())
-        return out[:, -1]
+        last = out[:, -1]
+        return last.reshape(b, n, -1) if cells else last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.temporal(self.frame_features(x))
 
 
 class Head(nn.Module):
-    """Dropout -> Dense(dense) + ReLU -> Dense(num_classes) logits."""
+    """Dropout -> Dense(dense) + ReLU -> Dense(num_classes) logits.
 
-    def __init__(self, in_features: int, dense: int, num_classes: int = 2, dropout: float = 0.5):
+    On per-cell features [B, n, F] (``cells`` pooling) the same layers score every cell, and the window's log-odds
+    is the mean of the ``topk`` largest cell log-odds ``l1 - l0``; it returns ``[-d/2, d/2]``, whose softmax is
+    ``sigmoid(d)`` and whose :func:`real_fake_logit` is ``d``.
+    """
+
+    def __init__(self, in_features: int, dense: int, num_classes: int = 2, dropout: float = 0.5, topk: int = 1):
         super().__init__()
         self.net = nn.Sequential(
             nn.Dropout(dropout), nn.Linear(in_features, dense), nn.ReLU(inplace=True), nn.Linear(dense, num_classes)
         )
+        self.topk = topk
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        logits = self.net(x)
+        if logits.dim() == 2:
+            return logits
+        d = logits[..., 1] - logits[..., 0]  # [B, n] per-cell log-odds
+        d = d.topk(min(self.topk, d.shape[1]), dim=1).values.mean(dim=1)
+        return torch.stack([-d / 2, d / 2], dim=1)
 
 
 class LRCN(nn.Module):
@@ -292,7 +316,7 @@ class LRCN(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.features = FeatureExtractor(cfg)
-        self.head = Head(cfg.lstm_hidden, cfg.dense, cfg.num_classes, cfg.dropout)
+        self.head = Head(cfg.lstm_hidden, cfg.dense, cfg.num_classes, cfg.dropout, cfg.topk)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
