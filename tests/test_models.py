@@ -287,6 +287,9 @@ def test_cells_pooling_scores_every_cell_and_keeps_the_top_cells():
             logit = real_fake_logit(model(x))
             cached = model.head(lstm_from_frame_features(model.features, y))
         assert y.shape == (3, 9, 4, 2) and feats.shape == (3, 2, cfg.lstm_hidden)  # tiny: 4 channels, 1 x 2 cells
+        for j in range(2):  # each cell is its own sequence through the shared LSTM
+            with torch.no_grad():
+                torch.testing.assert_close(feats[:, j], model.features.lstm(y[..., j])[0][:, -1])
         odds = cell[..., 1] - cell[..., 0]
         torch.testing.assert_close(logit, odds.max(1).values if k == 1 else odds.mean(1))
         torch.testing.assert_close(cached, model(x))
