@@ -191,3 +191,23 @@ def test_feature_matching_adds_a_positive_term_to_the_generator_loss():
         losses.append(stats)
     assert torch.equal(losses[0][0], losses[1][0])  # the D step is the same
     assert losses[1][1] > losses[0][1]  # G's loss gains the (positive) feature-matching term
+
+
+@pytest.mark.parametrize("source,train", [("random", "head"), ("scratch", "head+lstm")])
+def test_cells_pooling_trains_and_its_exported_model_reproduces_the_scores(tiny_shards, tmp_path, source, train):
+    """--pooling cells through transfer: the frozen per-cell cache, its standardisation folded into the head, and the
+    exported fold model scores its test windows exactly as the run did."""
+    from ddp_vad.data.reader import load_window_set
+    from ddp_vad.eval.metrics import read_oof_scores
+    from ddp_vad.models import build_lrcn, load_model
+
+    cfg = _cfg(tiny_shards, tmp_path / "run", epochs=1, input_mode="diff", pooling="cells", topk=1, train=train)
+    run = run_transfer(TransferConfig(**{**cfg.__dict__, "source": source}))
+    assert json.loads((run / "config.json").read_text())["model"]["pooling"] == "cells"
+    ws = load_window_set(tiny_shards)
+    oof = {r["key"]: r["score"] for r in read_oof_scores(run)}
+    model, _ = load_model(run / "folds" / "fold_01" / "model.safetensors", build_lrcn)
+    test = np.flatnonzero(ws.fold_window == 1)
+    with torch.no_grad():
+        scores = torch.softmax(model(torch.from_numpy(ws.frames[test]).unsqueeze(2).float() / 255), dim=1)[:, 1]
+    torch.testing.assert_close(scores, torch.tensor([oof[ws.keys[i]] for i in test]), rtol=0, atol=1e-5)
