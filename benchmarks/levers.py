@@ -18,7 +18,7 @@ Round 2 (issue 22, ``benchmarks/results/levers2.md``): ``python benchmarks/lever
 --preset demo --epochs 4 --labelled-fraction F`` plus its flags, with the demo preset's model fields replaced by the
 config's overrides (in the transfer process only), and prints one row per run: frame AUROC over every frame of the
 labelled clips (every window, ``select="leakfree"``), the paired bootstrap over clips against ``--reference`` at
-the same fraction, and the run's wall seconds.
+the same fraction, the run's wall and CPU seconds, and the mean per-fold and per-clip frame AUROCs.
 """
 
 from __future__ import annotations
@@ -184,7 +184,8 @@ def round2(argv: list[str]) -> None:
                 paired = f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
             cpu = timing.get("cpu_s")
             print(f"| {args.scene} | {name} | {frac} | {summ['frame_auroc']:.3f} | {summ['n_frames']} | {paired} | "
-                  f"{seconds:.0f} | {'' if cpu is None else f'{cpu:.0f}'} |", flush=True)  # fmt: skip
+                  f"{seconds:.0f} | {'' if cpu is None else f'{cpu:.0f}'} | {summ['fold_frame_auroc_mean']:.3f} | "
+                  f"{summ['clip_auroc']:.3f} |", flush=True)  # fmt: skip
 
 
 def per_clip_frame_auroc(rows: list[dict], labels: dict) -> dict[str, float]:
