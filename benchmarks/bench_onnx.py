@@ -30,9 +30,10 @@ import ddp_vad
 from ddp_vad import Detector, ExportConfig
 from ddp_vad.data.sources.frames import frame_files, read_frame, resize_frame
 from ddp_vad.infer.onnx_scorer import OnnxScorer
-from ddp_vad.models import ModelConfig, build_lrcn, save_model
+from ddp_vad.models import ModelConfig, build_lrcn
 from ddp_vad.presets import PRESETS
 from ddp_vad.runfiles import MODEL_FILE, fold_dir
+from ddp_vad.weights import save_model
 
 WINDOW, HEIGHT, WIDTH = 10, 120, 182
 

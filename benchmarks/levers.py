@@ -12,12 +12,21 @@ P(anomalous) > 0.5), the transfer run's own wall seconds (``metrics.json``; the 
 read them as rough), and the paired difference with the ``--reference`` run: frame AUROC per test clip, mean
 difference over the clips and how many clips improved.
 Nothing is chosen on a test fold here: the table only reports.
+
+Round 2 (issue 22, ``benchmarks/results/levers2.md``): ``python benchmarks/levers.py round2 --scene ped1 --shards S
+--work W --configs default,cells --fractions 1,0.1`` runs each ``ROUND2`` config as ``transfer --from scratch
+--preset demo --epochs 4 --labelled-fraction F`` plus its flags, with the demo preset's model fields replaced by the
+config's overrides (in the transfer process only), and prints one row per run: frame AUROC over every frame of the
+labelled clips (every window, ``select="leakfree"``), the paired bootstrap over clips against ``--reference`` at
+the same fraction, the run's wall and CPU seconds, and the mean per-fold and per-clip frame AUROCs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import subprocess
 import sys
 import time
@@ -79,6 +88,102 @@ LEVERS: dict[str, list[str]] = {
 }
 
 
+# Round 2: name -> (extra transfer flags, demo model-field overrides). "default" is the demo preset as it stood.
+ROUND2: dict[str, tuple[list[str], dict]] = {
+    "default": ([], {}),
+    "cells": (["--pooling", "cells"], {}),
+    "cells-k1": (["--pooling", "cells", "--topk", "1"], {}),
+    "cells-h32": (["--pooling", "cells"], {"lstm_hidden": 32}),
+    "c16": ([], {"conv_channels": (16, 16, 16)}),
+    "cells-c16": (["--pooling", "cells"], {"conv_channels": (16, 16, 16)}),
+    "pool2": ([], {"input_pool": 2}),
+    "cells-pool2": (["--pooling", "cells"], {"input_pool": 2}),
+    "e8": (["--epochs", "8"], {}),
+    "cells-e8": (["--pooling", "cells", "--epochs", "8"], {}),
+    "cells-flip": (["--pooling", "cells", "--augment", "flip"], {}),
+    "e40": (["--epochs", "40"], {}),  # at 10% labels: as many steps as 4 epochs of all labels
+    "cells-e40": (["--pooling", "cells", "--epochs", "40"], {}),
+    "default-s1": (["--seed", "1"], {}),  # the default with another seed: how far one seed moves the figure
+}
+
+
+def leakfree_frame_labels(shards: str | Path) -> dict[str, list[int]]:
+    """``{key: frame labels}`` of every window of the labelled clips (``select="leakfree"``), not only the kept
+    (balanced) ones, so that every frame of every labelled clip is counted."""
+    from ddp_vad.data.reader import iter_windows
+
+    return {w["key"]: w["meta"]["frame_labels"] for w in iter_windows(shards, select="leakfree", frames=False)}
+
+
+def every_frame(run: Path, labels: dict) -> dict:
+    """Repeat-keyed frame scores of a run (``frames_by_repeat``) from its ``oof_scores.csv``."""
+    from ddp_vad.eval.frame_scores import frames_by_repeat
+
+    return frames_by_repeat(read_oof_scores(run), labels)
+
+
+def _transfer_with_overrides(overrides: str, argv: list[str]) -> None:
+    """``ddp_vad transfer ARGV`` with the demo preset's model fields replaced by the JSON ``overrides``."""
+    from ddp_vad import presets
+    from ddp_vad.cli import main as cli_main
+
+    demo = presets.PRESETS["demo"]
+    presets.PRESETS["demo"] = presets.Preset(model={**demo.model, **json.loads(overrides)}, run=demo.run)
+    sys.argv = ["ddp_vad", "transfer", *argv]
+    cli_main()
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of finished child processes (a run's cost, whatever else shares the CPU)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def round2(argv: list[str]) -> None:
+    """Run and measure ``ROUND2`` configs on one scene (see the module docstring)."""
+    from ddp_vad.eval.frame_scores import frame_summary, paired_difference
+
+    ap = argparse.ArgumentParser(prog="levers.py round2")
+    ap.add_argument("--scene", required=True, help="Name written in the row (ped1, ped2, synthetic).")
+    ap.add_argument("--shards", required=True)
+    ap.add_argument("--work", required=True, help="Runs go to WORK/<config>@<fraction>.")
+    ap.add_argument("--configs", required=True, help=f"Comma list of {', '.join(ROUND2)}.")
+    ap.add_argument("--fractions", default="1,0.1")
+    ap.add_argument("--reference", default="default")
+    ap.add_argument("--n-boot", type=int, default=2000)
+    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each transfer.")
+    args = ap.parse_args(argv)
+    labels = leakfree_frame_labels(args.shards)
+    for frac in args.fractions.split(","):
+        for name in args.configs.split(","):
+            flags, overrides = ROUND2[name]
+            run = Path(args.work) / f"{name}@{frac}"
+            if not (run / "metrics.json").is_file():
+                epochs = [] if "--epochs" in flags else ["--epochs", "4"]
+                cmd = [sys.executable, __file__, "_transfer", json.dumps(overrides), "--shards", args.shards,
+                       "--out", str(run), "--from", "scratch", "--preset", "demo", *epochs, "--no-progress",
+                       "--resume", "none", "--labelled-fraction", frac, *flags]  # fmt: skip
+                t0, cpu0 = time.perf_counter(), _children_cpu()
+                # one torch thread: on a shared, oversubscribed CPU a second thread mostly waits
+                env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+                subprocess.run(["nice", "-n", "15", *cmd], check=True, env=env)
+                wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
+                (run / "levers2.json").write_text(json.dumps({"wall_s": wall, "cpu_s": cpu, "threads": args.threads}))
+            timing = json.loads((run / "levers2.json").read_text()) if (run / "levers2.json").is_file() else {}
+            seconds = float(json.loads((run / "metrics.json").read_text())["seconds"])
+            mine = every_frame(run, labels)
+            summ = frame_summary(mine)
+            ref = Path(args.work) / f"{args.reference}@{frac}"
+            paired = "-"
+            if name != args.reference and (ref / "oof_scores.csv").is_file():
+                d = paired_difference(mine, every_frame(ref, labels), n_boot=args.n_boot)
+                paired = f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+            cpu = timing.get("cpu_s")
+            print(f"| {args.scene} | {name} | {frac} | {summ['frame_auroc']:.3f} | {summ['n_frames']} | {paired} | "
+                  f"{seconds:.0f} | {'' if cpu is None else f'{cpu:.0f}'} | {summ['fold_frame_auroc_mean']:.3f} | "
+                  f"{summ['clip_auroc']:.3f} |", flush=True)  # fmt: skip
+
+
 def per_clip_frame_auroc(rows: list[dict], labels: dict) -> dict[str, float]:
     """Frame AUROC of each clip that holds both classes."""
     y, s, index = frame_level_scores(rows, labels)
@@ -135,6 +240,10 @@ def fmt(v: float | None) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["round2"]:
+        return round2(sys.argv[2:])
+    if sys.argv[1:2] == ["_transfer"]:
+        return _transfer_with_overrides(sys.argv[2], sys.argv[3:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shards", required=True)
     ap.add_argument("--work", required=True, help="Folder for the runs (one per config).")

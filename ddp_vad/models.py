@@ -1,4 +1,5 @@
-"""The GAN generator and the LRCN (discriminator and classifier), their presets, and safetensors I/O.
+"""The GAN generator and the LRCN (discriminator and classifier) and their configs (safetensors I/O:
+:mod:`ddp_vad.weights`).
 
 Layouts are tabled in docs/models.md. Windows are ``[B, T, 1, H, W]`` floats in ``[0, 1]``; the generator treats the
 T frames as channels. The LRCN is ``features`` (time-distributed conv/pool x3 -> dropout -> LSTM, last step) plus
@@ -16,26 +17,20 @@ Presets (model sizes) are in :mod:`ddp_vad.presets`. ``paper``'s generator start
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ddp_vad.errors import UserError
-from ddp_vad.files import atomic_path
 from ddp_vad.presets import PRESET_NAMES, PRESETS
 from ddp_vad.warn import warn
 
 GENERATOR_FILE = "generator.safetensors"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
-_META_KEY = "ddp_vad_model_config"
 INPUT_MODES = ("frames", "diff", "both")
-POOLINGS = ("flatten", "max", "topk")
+POOLINGS = ("flatten", "max", "topk", "cells")
 
 
 @dataclass
@@ -65,8 +60,10 @@ class ModelConfig:
     # are the method: raw frames in, conv maps flattened per frame into the LSTM.
     input_mode: str = "frames"  # frames | diff (|x_t - x_{t-1}|, T-1 steps) | both (frame and diff as 2 channels)
     diff_std: float = 0.05  # abs frame differences are divided by this (Ped1 sample: mean 0.009, std 0.03)
-    pooling: str = "flatten"  # flatten | max | topk: how a frame's last conv map becomes the LSTM's input
-    topk: int = 8  # pooling=topk: mean of the k largest positions per channel
+    pooling: str = "flatten"  # flatten | max | topk: how a frame's last conv map becomes the LSTM's input;
+    # cells: no spatial pooling, the LSTM and head run per cell of the last conv map and the window's logit is the
+    # mean of the topk largest cell logits (multiple-instance style: one small unusual object can decide)
+    topk: int = 8  # pooling=topk: mean of the k largest positions per channel; pooling=cells: of the k largest cells
 
     def __post_init__(self) -> None:
         self.gen_channels = tuple(int(c) for c in self.gen_channels)
@@ -92,6 +89,8 @@ class ModelConfig:
             raise UserError(f"model config: pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.input_mode != "frames" and self.window < 2:
             raise UserError(f"model config: input_mode {self.input_mode} needs windows of >= 2 frames")
+        if self.pooling == "cells" and self.num_classes != 2:
+            raise UserError(f"model config: pooling cells needs 2 classes, got num_classes={self.num_classes}")
         if self.topk < 1:
             raise UserError(f"model config: topk must be >= 1, got {self.topk}")
         if not self.diff_std > 0:
@@ -134,7 +133,7 @@ class ModelConfig:
     @property
     def frame_features(self) -> int:
         """Length of one frame's conv features (the LSTM's input size): the flattened map, or one value per channel
-        when positions are pooled."""
+        when positions are pooled or each cell has its own LSTM sequence (``cells``)."""
         h, w = self.feature_map()
         return self.conv_channels[-1] * (h * w if self.pooling == "flatten" else 1)
 
@@ -180,16 +179,19 @@ def model_config_for(preset: str, manifest: dict, **overrides) -> ModelConfig:
 
 
 def check_topk(cfg: ModelConfig, asked: int | None) -> None:
-    """Top-k pooling averages at most the positions of the last conv map: an asked ``--topk`` above them is refused,
+    """Top-k pooling (of positions per channel, or of cells) averages at most the positions of the last conv map: an
+    asked ``--topk`` above them is refused,
     and one that does nothing (another pooling) or a preset's default above them is noted."""
     h, w = cfg.feature_map()
     where = f"the '{cfg.preset}' preset's conv stack leaves {h}x{w} = {h * w} position(s) on {cfg.height}x{cfg.width}"
-    if asked is not None and cfg.pooling != "topk":
-        warn(f"--topk {asked}: has no effect with pooling {cfg.pooling} (only with --pooling topk)")
-    elif cfg.pooling == "topk" and cfg.topk > h * w:
+    if asked is not None and cfg.pooling not in ("topk", "cells"):
+        warn(f"--topk {asked}: has no effect with pooling {cfg.pooling} (only with --pooling topk or cells)")
+    elif cfg.pooling in ("topk", "cells") and cfg.topk > h * w:
         if asked is not None:
             raise UserError(f"--topk {asked}: {where} frames; give --topk {h * w} or less")
-        warn(f"pooling topk: the default topk {cfg.topk} is more than {where} frames: all {h * w} are averaged")
+        warn(
+            f"pooling {cfg.pooling}: the default topk {cfg.topk} is more than {where} frames: all {h * w} are averaged"
+        )
 
 
 # ------------------------------------------------------------------------------------------ generator
@@ -266,7 +268,8 @@ class FeatureExtractor(nn.Module):
         return torch.cat([(x[:, 1:] - self.input_mean) / self.input_std, diff], dim=2)
 
     def frame_features(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, 1, H, W] -> per-step conv features [B, T', F] (flattened maps, or pooled per channel)."""
+        """[B, T, 1, H, W] -> per-step conv features [B, T', F] (flattened maps, or pooled per channel); with
+        ``cells`` pooling [B, T', C, n], one C-vector per cell of the last conv map (n = h * w)."""
         x = self.stem(x)
         b, t = x.shape[:2]
         y = self.convs(x.reshape(b * t, *x.shape[2:]))
@@ -275,30 +278,49 @@ class FeatureExtractor(nn.Module):
         elif self.pooling == "topk":  # the mean of the k strongest positions: as local, less noisy than one max
             flat = y.flatten(2)
             y = flat.topk(min(self.topk, flat.shape[2]), dim=2).values.mean(dim=2)
+        elif self.pooling == "cells":
+            return y.reshape(b, t, y.shape[1], -1)
         return y.reshape(b, t, -1)
 
     def temporal(self, y: torch.Tensor) -> torch.Tensor:
-        """Per-step conv features [B, T', F] -> dropout -> LSTM (fp32, autocast off) -> last step [B, hidden]."""
+        """Per-step conv features [B, T', F] -> dropout -> LSTM (fp32, autocast off) -> last step [B, hidden].
+        Per cell ([B, T', C, n], ``cells`` pooling): one LSTM sequence per cell (shared weights) -> [B, n, hidden]."""
         y = self.dropout(y)
+        cells = y.dim() == 4
+        if cells:
+            b, t, c, n = y.shape
+            y = y.permute(0, 3, 1, 2).reshape(b * n, t, c)
         with torch.autocast(device_type=y.device.type, enabled=False):
             out, _ = self.lstm(y.float())
-        return out[:, -1]
+        last = out[:, -1]
+        return last.reshape(b, n, -1) if cells else last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.temporal(self.frame_features(x))
 
 
 class Head(nn.Module):
-    """Dropout -> Dense(dense) + ReLU -> Dense(num_classes) logits."""
+    """Dropout -> Dense(dense) + ReLU -> Dense(num_classes) logits.
 
-    def __init__(self, in_features: int, dense: int, num_classes: int = 2, dropout: float = 0.5):
+    On per-cell features [B, n, F] (``cells`` pooling) the same layers score every cell, and the window's log-odds
+    is the mean of the ``topk`` largest cell log-odds ``l1 - l0``; it returns ``[-d/2, d/2]``, whose softmax is
+    ``sigmoid(d)`` and whose :func:`real_fake_logit` is ``d``.
+    """
+
+    def __init__(self, in_features: int, dense: int, num_classes: int = 2, dropout: float = 0.5, topk: int = 1):
         super().__init__()
         self.net = nn.Sequential(
             nn.Dropout(dropout), nn.Linear(in_features, dense), nn.ReLU(inplace=True), nn.Linear(dense, num_classes)
         )
+        self.topk = topk
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        logits = self.net(x)
+        if logits.dim() == 2:
+            return logits
+        d = logits[..., 1] - logits[..., 0]  # [B, n] per-cell log-odds
+        d = d.topk(min(self.topk, d.shape[1]), dim=1).values.mean(dim=1)
+        return torch.stack([-d / 2, d / 2], dim=1)
 
 
 class LRCN(nn.Module):
@@ -308,7 +330,7 @@ class LRCN(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.features = FeatureExtractor(cfg)
-        self.head = Head(cfg.lstm_hidden, cfg.dense, cfg.num_classes, cfg.dropout)
+        self.head = Head(cfg.lstm_hidden, cfg.dense, cfg.num_classes, cfg.dropout, cfg.topk)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -332,78 +354,3 @@ def build_lrcn(cfg: ModelConfig) -> LRCN:
 def count_parameters(module: nn.Module) -> int:
     """Number of parameters (trainable or not)."""
     return sum(p.numel() for p in module.parameters())
-
-
-# ------------------------------------------------------------------------------------ safetensors I/O
-def save_model(
-    module: nn.Module, path: str | Path, cfg: ModelConfig, kind: str | None = None, extra: dict | None = None
-) -> Path:
-    """Write ``module``'s state dict to ``path`` (safetensors) with ``cfg`` as JSON in the file's metadata (and
-    ``extra``, e.g. how a discriminator was pretrained, as JSON under ``extra``: loaders ignore it).
-
-    Written to a temp name and renamed, so a reader never sees half a file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    meta = {_META_KEY: json.dumps(cfg.to_dict()), "kind": kind or type(module).__name__.lower()}
-    if extra:
-        meta["extra"] = json.dumps(extra, sort_keys=True)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return path
-
-
-def load_model_config(path: str | Path) -> ModelConfig:
-    """The ModelConfig stored in a safetensors file written by :func:`save_model` (no pickle involved)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"model file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise UserError(f"cannot read {path} as safetensors: {exc}") from None
-    if _META_KEY not in meta:
-        raise UserError(f"{path} holds no ddp_vad model config (not written by ddp_vad?)")
-    try:
-        data = json.loads(meta[_META_KEY])
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: its model config metadata is not valid JSON ({exc.msg})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: its model config metadata is not a JSON object")
-    try:
-        return ModelConfig.from_dict(data)
-    except (TypeError, ValueError) as exc:  # a value of the wrong type in a hand-edited file
-        raise UserError(f"{path}: bad model config metadata: {exc}") from None
-
-
-def load_model(path: str | Path, build) -> tuple[nn.Module, ModelConfig]:
-    """Build a module with ``build(cfg)`` from the config in ``path`` and load its weights (strict), in eval mode."""
-    cfg = load_model_config(path)
-    module = build(cfg)
-    try:
-        tensors = load_file(str(path))
-        module.load_state_dict(tensors, strict=True)
-    except Exception as exc:  # noqa: BLE001 - a mismatch (RuntimeError) or damaged tensors (SafetensorError)
-        raise UserError(f"{path}: weights do not match the stored model config: {str(exc).splitlines()[0]}") from None
-    # A NaN or inf weight (damaged bytes, a diverged run) would score every input NaN: never "not anomalous".
-    bad = next((name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
-    if bad is not None:
-        raise UserError(f"{path}: weight {bad} holds NaN or inf values (a damaged or diverged model)")
-    return module.eval(), cfg
-
-
-def _model_path(run_or_file: str | Path, name: str) -> Path:
-    p = Path(run_or_file)
-    return p if p.suffix == ".safetensors" else p / name
-
-
-def load_generator(run_dir: str | Path) -> tuple[Generator, ModelConfig]:
-    """The generator exported by a pretrain run (``RUN/generator.safetensors`` or that file's path)."""
-    return load_model(_model_path(run_dir, GENERATOR_FILE), build_generator)
-
-
-def load_discriminator(run_dir: str | Path) -> tuple[LRCN, ModelConfig]:
-    """The discriminator LRCN exported by a pretrain run (``RUN/discriminator.safetensors`` or that file's path)."""
-    return load_model(_model_path(run_dir, DISCRIMINATOR_FILE), build_lrcn)

@@ -125,7 +125,8 @@ def test_pretrain_ranks_read_disjoint_shards(chain):
 def test_pretrain_replicas_identical_after_ddp_steps(chain):
     from safetensors.torch import load_file
 
-    from ddp_vad.models import build_lrcn, load_model_config
+    from ddp_vad.models import build_lrcn
+    from ddp_vad.weights import load_model_config
 
     gan = chain["gan"]
     hashes = [(gan / "debug" / f"weights_rank{r}.txt").read_text() for r in range(NPROC)]

@@ -176,7 +176,8 @@ def test_cli_missing_run_exits_2(tmp_path):
 
 def test_pretrain_run_figures(tiny_shards, tmp_path):
     from ddp_vad.data.shards import load_manifest
-    from ddp_vad.models import build_generator, model_config_for, save_model
+    from ddp_vad.models import build_generator, model_config_for
+    from ddp_vad.weights import save_model
 
     gan = tmp_path / "gan"
     gan.mkdir()
@@ -215,7 +216,8 @@ def test_figures_3_and_4_draw_the_run_s_curve_and_the_windows_its_gan_streamed(t
     from ddp_vad.data.reader import load_window_set
     from ddp_vad.data.shards import load_manifest
     from ddp_vad.data.stream import stream_windows
-    from ddp_vad.models import build_generator, model_config_for, save_model
+    from ddp_vad.models import build_generator, model_config_for
+    from ddp_vad.weights import save_model
 
     gan = tmp_path / "gan"
     gan.mkdir()

@@ -23,8 +23,9 @@ from PIL import Image  # noqa: E402
 from ddp_vad import Detector, UserError  # noqa: E402
 from ddp_vad.cli import cli  # noqa: E402
 from ddp_vad.data.sources.frames import frame_files, read_frame, resize_frame  # noqa: E402
-from ddp_vad.models import ModelConfig, build_lrcn, load_model  # noqa: E402
+from ddp_vad.models import ModelConfig, build_lrcn  # noqa: E402
 from ddp_vad.presets import PRESETS  # noqa: E402
+from ddp_vad.weights import load_model
 
 WINDOW, HEIGHT, WIDTH = 10, 120, 182  # the demo preset at the shards' default frame size
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: threads only contend on shared cores

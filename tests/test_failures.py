@@ -31,9 +31,10 @@ from ddp_vad.data.reader import load_window_set
 from ddp_vad.data.shards import ShardConfig, build_shards, load_manifest
 from ddp_vad.data.sources.frames import read_frame, read_rgb
 from ddp_vad.errors import UserError
-from ddp_vad.models import build_lrcn, model_config_for, save_model
+from ddp_vad.models import build_lrcn, model_config_for
 from ddp_vad.runlock import lock_path, run_lock
 from ddp_vad.train.checkpoint import checkpoint_problem, list_checkpoints, read_train_state
+from ddp_vad.weights import save_model
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.torch_threads

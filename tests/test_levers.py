@@ -133,8 +133,8 @@ def test_augment_needs_train_all_and_gan_architecture_is_not_overridden(tiny_sha
 
 
 def test_gan_carries_its_levers_into_transfer(tiny_shards, tmp_path):
-    from ddp_vad.models import load_discriminator
     from ddp_vad.train.pretrain import PretrainConfig, run_pretrain
+    from ddp_vad.weights import load_discriminator
 
     gan = run_pretrain(PretrainConfig(
         shards=str(tiny_shards), out=str(tmp_path / "gan"), preset="tiny", steps=3, batch_size=4, similarity_every=0,
@@ -223,3 +223,24 @@ def test_balanced_class_weights_are_in_the_loss_training_uses(tiny_shards, tmp_p
             torch.testing.assert_close(weight.cpu(), class_weights(labels))
     assert unequal  # some fold's classes are unequal: its weights are not plain cross-entropy's
     assert all(w is None for calls in seen["none"].values() for w, _ in calls)
+
+
+@pytest.mark.parametrize("source,train", [("random", "head"), ("scratch", "head+lstm")])
+def test_cells_pooling_trains_and_its_exported_model_reproduces_the_scores(tiny_shards, tmp_path, source, train):
+    """--pooling cells through transfer: the frozen per-cell cache, its standardisation folded into the head, and the
+    exported fold model scores its test windows exactly as the run did."""
+    from ddp_vad.data.reader import load_window_set
+    from ddp_vad.models import build_lrcn
+    from ddp_vad.train.metrics import read_oof_scores
+    from ddp_vad.weights import load_model
+
+    cfg = _cfg(tiny_shards, tmp_path / "run", epochs=1, input_mode="diff", pooling="cells", topk=1, train=train)
+    run = run_transfer(TransferConfig(**{**cfg.__dict__, "source": source}))
+    assert json.loads((run / "config.json").read_text())["model"]["pooling"] == "cells"
+    ws = load_window_set(tiny_shards)
+    oof = {r["key"]: r["score"] for r in read_oof_scores(run)}
+    model, _ = load_model(run / "folds" / "fold_01" / "model.safetensors", build_lrcn)
+    test = np.flatnonzero(ws.fold_window == 1)
+    with torch.no_grad():
+        scores = torch.softmax(model(torch.from_numpy(ws.frames[test]).unsqueeze(2).float() / 255), dim=1)[:, 1]
+    torch.testing.assert_close(scores, torch.tensor([oof[ws.keys[i]] for i in test]), rtol=0, atol=1e-5)

@@ -94,7 +94,8 @@ def test_a_changed_model_is_refused_naming_it(run, clip, tmp_path, damage):
 
 
 def test_a_model_from_another_run_is_refused_by_size(run, clip, tmp_path):
-    from ddp_vad.models import build_lrcn, load_model_config, save_model
+    from ddp_vad.models import build_lrcn
+    from ddp_vad.weights import load_model_config, save_model
 
     other = dataclasses.replace(load_model_config(fold_model_file(run, 2)), lstm_hidden=32)
     save_model(build_lrcn(other), fold_model_file(run, 2), other)

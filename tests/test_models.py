@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -16,14 +17,11 @@ from ddp_vad.models import (
     build_generator,
     build_lrcn,
     count_parameters,
-    load_discriminator,
-    load_generator,
-    load_model_config,
     model_config_for,
     real_fake_logit,
-    save_model,
 )
 from ddp_vad.presets import PRESETS
+from ddp_vad.weights import load_discriminator, load_generator, load_model_config, save_model
 
 PED1 = {"window": 10, "height": 120, "width": 182}
 TINY = {"window": 10, "height": 24, "width": 36}
@@ -267,3 +265,51 @@ def test_demo_preset_matches_its_table_row():
     assert (cfg.input_mode, cfg.pooling, cfg.topk, cfg.feature_map()) == ("diff", "topk", 4, (3, 5))
     counts = [count_parameters(m) for m in (build_generator(cfg), lrcn, lrcn.features.convs, lrcn.features.lstm)]
     assert counts == [2_876_362, 80_418, 1_376, 70_656]  # docs/models.md, "Parameter counts"
+
+
+def test_cells_pooling_scores_every_cell_and_keeps_the_top_cells():
+    """pooling=cells: the LSTM and head run per cell of the last conv map; the window's log-odds is the mean of the
+    topk largest cell log-odds (MIL style), and the cached head+lstm path is the full forward pass."""
+    from ddp_vad.train.classifier import lstm_from_frame_features
+
+    torch.manual_seed(0)
+    x = torch.rand(3, 10, 1, 24, 36)
+    for k in (1, 2):
+        cfg = model_config_for("tiny", TINY, input_mode="diff", pooling="cells", topk=k)
+        model = build_lrcn(cfg).eval()
+        with torch.no_grad():
+            y = model.features.frame_features(x)
+            feats = model.features(x)
+            cell = model.head.net(feats)
+            logit = real_fake_logit(model(x))
+            cached = model.head(lstm_from_frame_features(model.features, y))
+        assert y.shape == (3, 9, 4, 2) and feats.shape == (3, 2, cfg.lstm_hidden)  # tiny: 4 channels, 1 x 2 cells
+        for j in range(2):  # each cell is its own sequence through the shared LSTM
+            with torch.no_grad():
+                torch.testing.assert_close(feats[:, j], model.features.lstm(y[..., j])[0][:, -1])
+        odds = cell[..., 1] - cell[..., 0]
+        torch.testing.assert_close(logit, odds.max(1).values if k == 1 else odds.mean(1))
+        torch.testing.assert_close(cached, model(x))
+        assert cfg.frame_features == 4
+    same = model_config_for("tiny", TINY, pooling="cells")
+    assert count_parameters(build_lrcn(same)) == count_parameters(
+        build_lrcn(model_config_for("tiny", TINY, pooling="topk"))
+    )
+
+
+def test_cells_head_standardization_folds_exactly(tmp_path):
+    """--train head on per-cell features: one mean/std per feature over every cell, folded into the head exactly."""
+    from ddp_vad.train.classifier import feature_standardization, fold_standardization_into_head
+
+    torch.manual_seed(0)
+    cfg = model_config_for("tiny", TINY, input_mode="diff", pooling="cells", topk=1)
+    model = build_lrcn(cfg).eval()
+    x = torch.rand(6, 10, 1, 24, 36)
+    with torch.no_grad():
+        cache = model.features(x)
+        mean, std = feature_standardization(cache, np.arange(6))
+        assert mean.shape == (cfg.lstm_hidden,)
+        folded = fold_standardization_into_head(model, mean, std).eval()
+        torch.testing.assert_close(folded(x), model.head((cache - mean) / std), rtol=1e-4, atol=1e-4)
+    save_model(folded, tmp_path / "m.safetensors", cfg)
+    assert load_model_config(tmp_path / "m.safetensors").pooling == "cells"

@@ -18,12 +18,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 import ddp_vad.train.pretrain as pretrain
-from ddp_vad.models import ModelConfig, build_generator, build_lrcn, load_discriminator
+from ddp_vad.models import ModelConfig, build_generator, build_lrcn
 from ddp_vad.presets import PRESETS
 from ddp_vad.train import gan
 from ddp_vad.train.checkpoint import read_train_state, resolve_resume, save_checkpoint
 from ddp_vad.train.distributed import make_accelerator, seed_everything
 from ddp_vad.train.pretrain import PretrainConfig, run_pretrain
+from ddp_vad.weights import load_discriminator
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.torch_threads
 

@@ -15,8 +15,9 @@ from click.testing import CliRunner
 from ddp_vad.cli import cli
 from ddp_vad.data.sources.frames import read_frame, resize_frame
 from ddp_vad.eval.baselines import METHODS
-from ddp_vad.models import build_lrcn, load_model
+from ddp_vad.models import build_lrcn
 from ddp_vad.pipeline import PipelineConfig, run_pipeline
+from ddp_vad.weights import load_model
 
 
 @pytest.fixture(scope="module")

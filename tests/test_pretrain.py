@@ -25,11 +25,11 @@ from ddp_vad.cli import cli
 from ddp_vad.data.reader import load_window_set
 from ddp_vad.errors import NonFiniteLossError, UserError
 from ddp_vad.files import write_json_atomic
-from ddp_vad.models import load_discriminator, load_generator
 from ddp_vad.train.checkpoint import list_checkpoints, read_train_state
 from ddp_vad.train.distributed import check_process_group, check_shard_count, state_dict_sha256
 from ddp_vad.train.gan_monitor import sample_real_windows, window_similarity
 from ddp_vad.train.pretrain import PretrainConfig, run_pretrain
+from ddp_vad.weights import load_discriminator, load_generator
 
 REPO = Path(__file__).resolve().parents[1]
 SCALARS = {

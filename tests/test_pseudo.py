@@ -16,7 +16,6 @@ import ddp_vad.train.pretrain as pretrain
 from ddp_vad.cli import cli
 from ddp_vad.data.reader import load_train_clips, load_window_set
 from ddp_vad.errors import UserError
-from ddp_vad.models import load_discriminator
 from ddp_vad.train.pretrain import PretrainConfig, run_pretrain
 from ddp_vad.train.pseudo import (
     frozen_window,
@@ -27,6 +26,7 @@ from ddp_vad.train.pseudo import (
     sample_pseudo,
     skip_window,
 )
+from ddp_vad.weights import load_discriminator
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 T = 10
@@ -192,8 +192,9 @@ def test_phase2_resumes_bit_identically(tiny_shards, tmp_path):
 
 
 def test_the_pseudo_objective_trains_only_the_discriminator(tiny_shards, tmp_path):
-    from ddp_vad.models import build_generator, load_generator
+    from ddp_vad.models import build_generator
     from ddp_vad.train.distributed import seed_everything
+    from ddp_vad.weights import load_generator
 
     run = run_pretrain(config(tiny_shards, tmp_path / "ps", objective="pseudo", pseudo_anomalies=1.0))
     gen, model_cfg = load_generator(run)

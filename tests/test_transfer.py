@@ -23,12 +23,13 @@ from ddp_vad.data.reader import load_window_set
 from ddp_vad.data.shards import load_manifest
 from ddp_vad.errors import UserError
 from ddp_vad.files import file_record
-from ddp_vad.models import build_lrcn, load_model, model_config_for, save_model
+from ddp_vad.models import build_lrcn, model_config_for
 from ddp_vad.train import fold as fold_module
 from ddp_vad.train import transfer
 from ddp_vad.train.classifier import build_classifier, compute_cache, fold_seed, frozen_part, trainable_forward
 from ddp_vad.train.metrics import OOF_HEADER, read_oof_scores
 from ddp_vad.train.transfer import TransferConfig, run_transfer
+from ddp_vad.weights import load_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 TYPES = {"Test001": ["biker"], "Test002": ["cart"], "Test004": ["biker", "skater"]}

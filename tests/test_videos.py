@@ -24,8 +24,9 @@ from ddp_vad.data.sources.ucsd import parse_gt_file
 from ddp_vad.data.sources.video import frame_times, iter_gray, iter_rgb, write_video
 from ddp_vad.data.synth import SynthConfig, run_synth
 from ddp_vad.infer.scoring import frame_scores, stream_scores, window_scores
-from ddp_vad.models import ModelConfig, build_lrcn, save_model
+from ddp_vad.models import ModelConfig, build_lrcn
 from ddp_vad.presets import PRESETS
+from ddp_vad.weights import save_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: more threads only contend
 
@@ -90,7 +91,7 @@ def run(tmp_path_factory) -> Path:
 
 
 def _models(run: Path) -> list[torch.nn.Module]:
-    from ddp_vad.models import load_model
+    from ddp_vad.weights import load_model
 
     return [load_model(p, build_lrcn)[0] for p in sorted(run.glob("folds/*/model.safetensors"))]
 

@@ -156,7 +156,7 @@ def fake_windows(run_dir: Path, n: int, seed: int = 0) -> np.ndarray:
     """``n`` generated windows (float [n, T, H, W] in [0, 1]) from the run's exported generator."""
     import torch
 
-    from ddp_vad.models import load_generator
+    from ddp_vad.weights import load_generator
 
     generator, model_cfg = load_generator(run_dir)
     generator.eval()

@@ -87,7 +87,8 @@ class Detector:
             det.files = [path]
         else:
             from ddp_vad.infer.scoring import TorchScorer
-            from ddp_vad.models import build_lrcn, load_model
+            from ddp_vad.models import build_lrcn
+            from ddp_vad.weights import load_model
 
             files = model_files(path, fold)
             loaded = [load_model(f, build_lrcn) for f in files]

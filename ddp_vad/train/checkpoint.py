@@ -9,7 +9,7 @@ weights into one flat buffer and the parameters become views of it. safetensors 
 accelerate's save drops all but one of them (with a warning) and its load fails ("None is covering the entire
 storage"), so a GPU run could not resume. ``torch.save`` stores the shared buffer once and ``load_state_dict`` copies
 into the packed parameters; accelerate loads the file with ``weights_only=True``, so no pickled code runs. Exported
-weights (``generator.safetensors`` ...) stay safetensors: :func:`ddp_vad.models.save_model` writes each tensor on its
+weights (``generator.safetensors`` ...) stay safetensors: :func:`ddp_vad.weights.save_model` writes each tensor on its
 own and they load into a freshly built (not yet packed) model.
 
 Every process writes into a hidden ``.tmp-step_...`` folder; once all are done the main process adds

@@ -25,16 +25,9 @@ import torch
 
 from ddp_vad.data.reader import frames_to_float
 from ddp_vad.errors import UserError
-from ddp_vad.models import (
-    DISCRIMINATOR_FILE,
-    LRCN,
-    FeatureExtractor,
-    ModelConfig,
-    build_lrcn,
-    load_model,
-    load_model_config,
-)
+from ddp_vad.models import DISCRIMINATOR_FILE, LRCN, FeatureExtractor, ModelConfig, build_lrcn
 from ddp_vad.train.distributed import all_gather_objects
+from ddp_vad.weights import load_model, load_model_config
 
 SCRATCH = "scratch"
 RANDOM = "random"  # the control of GAN+LRCN: the same head on a frozen, randomly initialised LRCN
@@ -143,6 +136,7 @@ def trainable_forward(model: LRCN, train: str) -> Callable[[torch.Tensor], torch
 def feature_standardization(cache: torch.Tensor, train_idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std per feature over the fold's training windows (constant features keep std 1)."""
     x = cache[torch.from_numpy(train_idx).to(cache.device)].double()
+    x = x.reshape(-1, x.shape[-1])  # per-cell features ([N, n, F], pooling cells): one mean/std over every cell
     mean, std = x.mean(0), x.std(0, unbiased=False)
     std = torch.where(std < 1e-6, torch.ones_like(std), std)
     return mean.float(), std.float()

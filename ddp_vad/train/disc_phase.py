@@ -19,9 +19,10 @@ import torch.nn.functional as F
 
 from ddp_vad.data.reader import frames_to_float, load_train_clips
 from ddp_vad.errors import UserError
-from ddp_vad.models import ModelConfig, load_generator, real_fake_logit, save_model
+from ddp_vad.models import ModelConfig, real_fake_logit
 from ddp_vad.train.gan import _grad_norm, generate_windows
 from ddp_vad.train.pseudo import parse_kinds, pseudo_count, sample_pseudo, step_rng
+from ddp_vad.weights import load_generator, save_model
 
 EARLY_GENERATOR_FILE = "generator_early.safetensors"
 EARLY_FRACTION = 0.1  # the "old" generator of phase 2: a snapshot after this share of the GAN steps

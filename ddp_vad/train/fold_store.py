@@ -14,7 +14,7 @@ from typing import Any
 
 from ddp_vad.errors import UserError
 from ddp_vad.files import file_record, read_json_object, sha256_file, write_json_atomic
-from ddp_vad.models import ModelConfig, save_model
+from ddp_vad.models import ModelConfig
 from ddp_vad.runfiles import (
     MODEL_RECORD,
     RESULT_FILE,
@@ -27,6 +27,7 @@ from ddp_vad.runfiles import (
 from ddp_vad.train.checkpoint import list_fold_checkpoints, load_fold_checkpoint, remove_partial_fold_saves
 from ddp_vad.train.classifier import RANDOM, SCRATCH, discriminator_file
 from ddp_vad.warn import warn
+from ddp_vad.weights import save_model
 
 FINGERPRINT_KEYS = ("train", "protocol", "epochs", "batch_size", "lr", "seed", "holdout_type", "labelled_fraction")
 # Training levers: in a fingerprint only where they differ from training before the levers existed (plain CE, no

@@ -9,10 +9,11 @@ import torch
 
 from ddp_vad.config import write_resolved_config
 from ddp_vad.errors import UserError, error_message
-from ddp_vad.models import DISCRIMINATOR_FILE, GENERATOR_FILE, ModelConfig, save_model
+from ddp_vad.models import DISCRIMINATOR_FILE, GENERATOR_FILE, ModelConfig
 from ddp_vad.train.checkpoint import read_train_state
 from ddp_vad.train.distributed import broadcast_buffers, object_group, print_main, raise_agreed, state_dict_sha256
 from ddp_vad.train.pretrain_config import PretrainConfig
+from ddp_vad.weights import save_model
 
 
 def resume_state(accelerator, resume_from: Path, model_cfg: ModelConfig, preset: str) -> tuple[int, int, int, dict]:
