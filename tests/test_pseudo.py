@@ -175,9 +175,11 @@ def test_gan_with_pseudo_anomalies_and_phase2_records_itself_and_transfers(tiny_
 
     from ddp_vad.eval.runs import pretrain_health
 
-    assert pretrain_health(run)["pretraining"] == (
+    described = pretrain_health(run)
+    assert described["pretraining"] == (
         "GAN + pseudo-anomalies 0.5 per real window (skip,patch) + phase 2: 4 D-only steps (OGNet)"
     )
+    assert described["stabilisers"] == "none"  # not "the method's plain GAN": it is not
 
 
 def test_phase2_resumes_bit_identically(tiny_shards, tmp_path):

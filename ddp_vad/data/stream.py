@@ -179,9 +179,8 @@ _HOLDS: dict[tuple[str, str], bool] = {}
 
 
 def _holds(shard_dir: str | Path, entry: dict, manifest: dict, select: str) -> bool:
-    """Whether a shard holds windows of ``select``: from the manifest for ``kept``, else from its blocks' metadata
-    (no pixels), read once per process. A shard that cannot be read counts as holding: it is dealt, and reported
-    and skipped when read, as before."""
+    """Whether a shard holds ``select`` windows: the manifest says for ``kept``, else its blocks' metadata (read once
+    per process, no pixels). An unreadable shard counts as holding: dealt, then reported and skipped as before."""
     if select == "kept":
         return int(entry["samples"]) > 0
     key = (f"{Path(shard_dir) / entry['name']}@{entry['sha256']}", select)

@@ -308,7 +308,7 @@ def pretrain_health(run_dir: Path) -> dict:
     """``{"health": gan_health.json, "stabilisers": "...", "pretraining": "..."}`` of a pretrain run (the
     pretraining variant: :func:`ddp_vad.train.pretrain_config.describe_pretraining`); empty when it has no health
     file."""
-    from ddp_vad.train.pretrain_config import describe_pretraining
+    from ddp_vad.train.pretrain_config import PLAIN_GAN, describe_pretraining
 
     path = run_dir / "gan_health.json"
     if not path.is_file():
@@ -319,5 +319,6 @@ def pretrain_health(run_dir: Path) -> dict:
     except (OSError, UserError):
         cfg = {}
     used = [f"{k.replace('_', ' ')} {cfg[k]:g}" for k in ("label_smoothing", "instance_noise") if cfg.get(k)]
-    stabilisers = ", ".join(used) or "none (the method's plain GAN)"
-    return {"health": health, "stabilisers": stabilisers, "pretraining": describe_pretraining(cfg)}
+    variant = describe_pretraining(cfg)
+    stabilisers = ", ".join(used) or ("none (the method's plain GAN)" if variant == PLAIN_GAN else "none")
+    return {"health": health, "stabilisers": stabilisers, "pretraining": variant}

@@ -15,6 +15,7 @@ from ddp_vad.train.distributed import PRECISIONS
 from ddp_vad.train.pseudo import DEFAULT_KINDS, KINDS, parse_kinds
 
 OBJECTIVES = ("gan", "pseudo")
+PLAIN_GAN = "the method's plain GAN"  # how the report names a run without variant
 
 
 @dataclass
@@ -175,7 +176,7 @@ def describe_pretraining(cfg: dict) -> str:
         return f"no generator: D learns normal windows vs {pseudo}"
     parts = [pseudo] if v["pseudo_anomalies"] > 0 else []
     parts += [f"phase 2: {v['phase2_steps']} D-only steps (OGNet)"] if v["phase2_steps"] else []
-    return "GAN + " + " + ".join(parts) if parts else "the method's plain GAN"
+    return "GAN + " + " + ".join(parts) if parts else PLAIN_GAN
 
 
 def gan_windows(protocol: str, manifest: dict, shards: str) -> str:
