@@ -147,7 +147,8 @@ def _comparisons(report: dict[str, Any]) -> list[str]:
             verdict = "borderline (an interval end within bootstrap noise of zero)"
         if pooled_only(c):
             verdict += " (pooled only: not fold by fold)"
-        per_fold = _pm(c.get("per_fold_mean"), c.get("per_fold_std"))
+        m, sd = c.get("per_fold_mean"), c.get("per_fold_std")
+        per_fold = "n/a" if m is None else f"{m:+.3f} ± {sd:.3f}"  # a difference: signed, as the interval
         out.append(f"| {c['a']} | {c['b']} | {c['fraction']:g} | {_num(c.get('a_value'))} | {_num(c.get('b_value'))} "
                    f"| {c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] | {per_fold} | {verdict} |")  # fmt: skip
     return [*out, ""]
