@@ -209,8 +209,9 @@ def interval_ends(boots: np.ndarray) -> dict[str, float | list[float]]:
 
 
 def _bootstrap(diff, n_clips: int, n_boot: int | None, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """Draws of ``diff`` (weights per clip [draws, clips] -> [draws]) over resamples of clips with replacement, and
-    their :func:`interval_ends`: ``n_boot`` draws, or (None) N_BOOTSTRAP doubled until both ends have settled."""
+    """Defined draws of ``diff`` (weights per clip [draws, clips] -> [draws], NaN where undefined) over resamples of
+    clips with replacement, and their :func:`interval_ends` with ``n_boot`` (resamples drawn) and ``settled``:
+    ``n_boot`` resamples, or (None) N_BOOTSTRAP doubled until both ends have settled."""
     rng = np.random.default_rng([abs(int(seed)), 0xB007])
     parts: list[np.ndarray] = []
     drawn, target = 0, n_boot or N_BOOTSTRAP
@@ -228,7 +229,7 @@ def _bootstrap(diff, n_clips: int, n_boot: int | None, seed: int) -> tuple[np.nd
             for e in ("low", "high")
         )
         if n_boot is not None or ends["settled"] or not boots.size or target >= MAX_BOOTSTRAP:
-            return boots, ends
+            return boots, {**ends, "n_boot": drawn}
         target *= 2
 
 
@@ -274,7 +275,7 @@ def paired_difference(
         "diff": point,
         **ends,
         "borderline": any(lo < 0 < hi for lo, hi in ranges),
-        "n_boot": int(boots.size),
+        "n_undefined": int(ends["n_boot"] - boots.size),  # resamples with one class only: left out
         "n_clips": int(clips.size),
         "repeats": len(pairs),
         "per_fold_mean": float(np.mean(per_fold)) if per_fold else None,
