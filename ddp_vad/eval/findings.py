@@ -198,7 +198,16 @@ def paired_verdict(comparisons: list[dict], protocol: str) -> str:
     if not comparisons:
         return "No verdict: the report needs a GAN+LRCN run and a run to compare it with, with frame-level scores."
     c0 = comparisons[0]
-    resamples = f" ({c0['n_boot']:,} resamples)" if c0.get("n_boot") else ""
+    drawn, resamples = sorted({c["n_boot"] for c in comparisons if c.get("n_boot")}), ""
+    if drawn:
+        span = f"{drawn[0]:,}" + (f" to {drawn[-1]:,}" if len(drawn) > 1 else "")
+        settled = all(c.get("settled") for c in comparisons)
+        tail = (
+            "enough for every interval end to settle within ±0.0005"
+            if settled
+            else "not every interval end settled within ±0.0005"
+        )
+        resamples = f" ({span} resamples, {tail})"
     text = [f"Under the {protocol} protocol, frame AUROC pooled over every frame of the {c0['n_clips']} labelled "
             f"clips ({c0['repeats']} repeat(s) of the cross-validation); differences are paired (the same frames, "
             f"the same folds) with a 95% bootstrap interval over clips{resamples}, and a "

@@ -34,7 +34,10 @@ PUBLISHED_FRAME_AUROC = {
     "UCSD Ped1": {"MDT (Mahadevan et al., 2010)": 0.818, "future frame prediction (Liu et al., 2018)": 0.831},
     "UCSD Ped2": {"future frame prediction (Liu et al., 2018)": 0.954, "MNAD (Park et al., 2020)": 0.970},
 }
-N_BOOTSTRAP = 20000  # interval ends then move by < 0.001 between seeds (docs/run-folders.md); a draw costs ~0.1 ms
+# The paired bootstrap draws N_BOOTSTRAP resamples, then doubles them (up to MAX_BOOTSTRAP) until each interval end
+# lies within END_TOLERANCE of where unlimited resamples would put it (95%), so that two seeds agree to 0.001
+# (docs/run-folders.md has the measurement).
+N_BOOTSTRAP, MAX_BOOTSTRAP, END_TOLERANCE = 20_000, 1_280_000, 0.0005
 _CELLS = 1 << 22  # at most this many (score, clip) cells in memory at once while the bootstrap's matrix is built
 
 
@@ -206,14 +209,41 @@ def interval_ends(boots: np.ndarray) -> dict[str, float | list[float]]:
     return out
 
 
+def _bootstrap(diff, n_clips: int, n_boot: int | None, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Defined draws of ``diff`` (weights per clip [draws, clips] -> [draws], NaN where undefined) over resamples of
+    clips with replacement, and their :func:`interval_ends` with ``n_boot`` (resamples drawn) and ``settled``:
+    ``n_boot`` resamples, or (None) N_BOOTSTRAP doubled until both ends have settled."""
+    rng = np.random.default_rng([abs(int(seed)), 0xB007])
+    parts: list[np.ndarray] = []
+    drawn, target = 0, n_boot or N_BOOTSTRAP
+    while True:
+        while drawn < target:  # 4096 resamples at a time: bounded memory
+            n = min(4096, target - drawn)
+            draws = rng.integers(0, n_clips, (n, n_clips)) + n_clips * np.arange(n)[:, None]
+            parts.append(diff(np.bincount(draws.ravel(), minlength=n * n_clips).reshape(n, n_clips)))
+            drawn += n
+        boots = np.concatenate(parts)
+        boots = boots[~np.isnan(boots)]
+        ends = interval_ends(boots) if boots.size else {"low": math.nan, "high": math.nan}
+        ends["settled"] = bool(boots.size) and all(
+            max(ends[e] - ends[f"{e}_range"][0], ends[f"{e}_range"][1] - ends[e]) <= END_TOLERANCE
+            for e in ("low", "high")
+        )
+        if n_boot is not None or ends["settled"] or not boots.size or target >= MAX_BOOTSTRAP:
+            return boots, {**ends, "n_boot": drawn}
+        target *= 2
+
+
 def paired_difference(
-    a: dict[int, RepeatFrames], b: dict[int, RepeatFrames], n_boot: int = N_BOOTSTRAP, seed: int = 0
+    a: dict[int, RepeatFrames], b: dict[int, RepeatFrames], n_boot: int | None = None, seed: int = 0
 ) -> dict[str, Any] | None:
     """Pooled frame AUROC of ``a`` minus that of ``b`` on the frames both scored (mean over shared repeats), with a
     95% percentile interval from a bootstrap that resamples clips with replacement (the same clips for both runs
-    and every repeat). ``low_range``/``high_range``: where each end would fall with other draws (95%);
-    ``borderline``: zero lies inside one of them, so the interval's verdict rests on bootstrap noise. Also the
-    per-(repeat, fold) paired differences. None when there is nothing to pair."""
+    and every repeat): ``n_boot`` resamples, or by default as many as it takes (N_BOOTSTRAP doubled, up to
+    MAX_BOOTSTRAP) for both ends to lie within END_TOLERANCE of their limit (``settled``). ``low_range`` /
+    ``high_range``: where each end would fall with other draws (95%); ``borderline``: zero lies inside one of them,
+    so the interval's verdict rests on bootstrap noise. Also the per-(repeat, fold) paired differences. None when
+    there is nothing to pair."""
     pairs = _aligned(a, b)
     if not pairs:
         return None
@@ -233,11 +263,7 @@ def paired_difference(
     point = float(diff(np.ones(clips.size))[0])
     if math.isnan(point):
         return None
-    rng = np.random.default_rng([abs(int(seed)), 0xB007])
-    draws = rng.integers(0, clips.size, (n_boot, clips.size)) + clips.size * np.arange(n_boot)[:, None]
-    weights = np.bincount(draws.ravel(), minlength=n_boot * clips.size).reshape(n_boot, clips.size)
-    boots = np.concatenate([diff(weights[i : i + 4096]) for i in range(0, n_boot, 4096)])
-    boots = boots[~np.isnan(boots)]
+    boots, ends = _bootstrap(diff, clips.size, n_boot, seed)
     per_fold = []
     for rf, sb in pairs:
         for fold in np.unique(rf.folds).tolist():
@@ -245,13 +271,12 @@ def paired_difference(
             da, db = auroc(rf.labels[sel], rf.scores[sel]), auroc(rf.labels[sel], sb[sel])
             if da is not None and db is not None:
                 per_fold.append(da - db)
-    ends = interval_ends(boots) if boots.size else {"low": math.nan, "high": math.nan}
     ranges = [ends[k] for k in ("low_range", "high_range") if k in ends]
     return {
         "diff": point,
         **ends,
         "borderline": any(lo < 0 < hi for lo, hi in ranges),
-        "n_boot": int(boots.size),
+        "n_undefined": int(ends["n_boot"] - boots.size),  # resamples with one class only: left out
         "n_clips": int(clips.size),
         "repeats": len(pairs),
         "per_fold_mean": float(np.mean(per_fold)) if per_fold else None,

@@ -63,12 +63,13 @@ def markdown_table(report: dict[str, Any]) -> str:
 def _setup(report: dict[str, Any]) -> list[str]:
     out = ["## Setup", ""]
     for data in report.get("data", []):
-        c = data.get("counts") or {}
+        raw = data.get("counts") or {}
+        c = {k: f"{v:,}" if isinstance(v, int) else v for k, v in raw.items()}  # 2,292 as the headline writes it
         line = (f"- Data: `{data.get('path')}` ({data.get('dataset')}): {c.get('clips', '?')} clips "
                 f"({c.get('train_clips', '?')} train, {c.get('test_clips', '?')} test), {c.get('windows', '?')} "
                 f"windows; the method's balanced set {c.get('kept', '?')} windows")  # fmt: skip
         if "leakfree_kept" in c:
-            line += (f"; leak-free labelled set {c['leakfree_kept']} windows of the test clips "
+            line += (f"; leak-free labelled set: every one of the {c['leakfree_kept']} windows of the test clips "
                      f"({c.get('leakfree_anomalous', '?')} anomalous), the GAN's "
                      f"{c.get('train_windows', '?')} windows of the train clips")  # fmt: skip
         out.append(line + ".")
@@ -147,7 +148,8 @@ def _comparisons(report: dict[str, Any]) -> list[str]:
             verdict = "borderline (an interval end within bootstrap noise of zero)"
         if pooled_only(c):
             verdict += " (pooled only: not fold by fold)"
-        per_fold = _pm(c.get("per_fold_mean"), c.get("per_fold_std"))
+        m, sd = c.get("per_fold_mean"), c.get("per_fold_std")
+        per_fold = "n/a" if m is None else f"{m:+.3f} ± {sd:.3f}"  # a difference: signed, as the interval
         out.append(f"| {c['a']} | {c['b']} | {c['fraction']:g} | {_num(c.get('a_value'))} | {_num(c.get('b_value'))} "
                    f"| {c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] | {per_fold} | {verdict} |")  # fmt: skip
     return [*out, ""]
