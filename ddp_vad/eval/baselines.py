@@ -54,6 +54,9 @@ class Baseline:
     # The estimator's own predict is argmax(predict_proba) (forests, uniform k-NN): one pass gives both, where
     # predict + predict_proba would walk every tree / compute every distance twice.
     predict_from_proba: bool = False
+    # The estimator spreads its work over n_jobs threads (forests, k-NN): the fold plan sets it. Others leave it
+    # alone (LogisticRegression warns that its n_jobs does nothing; BLAS and OpenMP are limited instead).
+    uses_n_jobs: bool = False
 
 
 def _sk(name: str):
@@ -65,8 +68,9 @@ def _sk(name: str):
 
 
 # Add a baseline here: a name, its features and its estimator (every estimator keeps float32 input as it is; the
-# fold plan sets n_jobs). Classes are weighted where the estimator allows it: the leak-free labelled set is every
-# window of the labelled clips, not a balanced subset, and the learned models weigh their loss the same way.
+# fold plan sets n_jobs where uses_n_jobs says so). Classes are weighted where the estimator allows it: the
+# leak-free labelled set is every window of the labelled clips, not a balanced subset, and the learned models weigh
+# their loss the same way.
 BASELINES: dict[str, Baseline] = {
     "logreg": Baseline("pixels", lambda c: _sk("linear_model.LogisticRegression")(
         C=1.0, max_iter=300, class_weight="balanced", random_state=c.seed)),
@@ -75,9 +79,9 @@ BASELINES: dict[str, Baseline] = {
         loss="hinge", alpha=1e-3, max_iter=50, tol=1e-3, class_weight="balanced", random_state=c.seed)),
     "rf": Baseline("pixels", lambda c: _sk("ensemble.RandomForestClassifier")(
         n_estimators=c.rf_trees, max_depth=c.rf_max_depth, max_features="sqrt", min_samples_leaf=2,
-        class_weight="balanced", random_state=c.seed), predict_from_proba=True),
+        class_weight="balanced", random_state=c.seed), predict_from_proba=True, uses_n_jobs=True),
     "knn": Baseline("pixels", lambda c: _sk("neighbors.KNeighborsClassifier")(
-        n_neighbors=5, algorithm="brute"), predict_from_proba=True),
+        n_neighbors=5, algorithm="brute"), predict_from_proba=True, uses_n_jobs=True),
     "nb": Baseline("pixels", lambda c: _sk("naive_bayes.GaussianNB")()),
     "motion-logreg": Baseline("motion", lambda c: _sk("linear_model.LogisticRegression")(
         C=1.0, max_iter=1000, class_weight="balanced", random_state=c.seed)),
@@ -88,11 +92,11 @@ METHODS = tuple(BASELINES)
 
 
 def make_estimator(method: str, cfg: BaselinesConfig, threads: int | None = None):
-    """A fresh scikit-learn classifier for a baseline name; ``threads`` sets its ``n_jobs`` where it has one."""
+    """A fresh scikit-learn classifier for a baseline name; ``threads`` sets its ``n_jobs`` where it uses one."""
     if method not in BASELINES:
         raise ValueError(f"unknown baseline {method!r}")
     model = BASELINES[method].make(cfg)
-    if threads is not None and hasattr(model, "get_params") and "n_jobs" in model.get_params():
+    if threads is not None and BASELINES[method].uses_n_jobs:
         model.set_params(n_jobs=int(threads))
     return model
 
