@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from ddp_vad.cli import cli
 from ddp_vad.data.reader import load_window_set
 from ddp_vad.errors import UserError
-from ddp_vad.eval.baselines import BaselinesConfig, run_baselines
+from ddp_vad.eval.baselines import BaselinesConfig, make_estimator, run_baselines
 from ddp_vad.eval.features import feature_size, motion_features, window_features
 from ddp_vad.eval.metrics import read_oof_scores
 
@@ -342,3 +342,11 @@ def test_fold_plan_shares_the_cores_and_respects_memory():
     assert fold_plan(8, 10, gib, int(2.5 * gib)) == (2, 4)  # 80% of 2.5 GiB holds two 1 GiB folds
     assert fold_plan(8, 10, 4 * gib, gib) == (1, 8)  # not even one: still one fold at a time
     assert fold_plan(None, 100, 1, None)[0] == fold_plan(-1, 100, 1, None)[0] == cores(None) >= 1
+
+
+def test_the_forest_size_is_named_where_the_run_is_described(window_run, synth_shards):
+    # 50 trees since issue 22's budget (100 before): config.json and metrics.json say which forest scored.
+    cfg = BaselinesConfig(shards=str(synth_shards), out="unused")
+    assert cfg.rf_trees == 50 and "n_estimators=50" in repr(make_estimator("rf", cfg))
+    metrics = json.loads((window_run / "rf" / "metrics.json").read_text())
+    assert "n_estimators=20" in metrics["estimator"]  # window_run asks for 20
