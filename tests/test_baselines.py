@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from click.testing import CliRunner
 from ddp_vad.cli import cli
 from ddp_vad.data.reader import load_window_set
 from ddp_vad.errors import UserError
-from ddp_vad.eval.baselines import BaselinesConfig, run_baselines
+from ddp_vad.eval.baselines import BaselinesConfig, make_estimator, run_baselines
 from ddp_vad.eval.features import feature_size, motion_features, window_features
 from ddp_vad.train.metrics import read_oof_scores
 
@@ -33,9 +34,9 @@ def synth_shards(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def window_run(synth_shards, tmp_path_factory):
-    """All five methods once, protocol window."""
+    """Every method once, protocol window, two folds at a time (one thread per estimator)."""
     out = tmp_path_factory.mktemp("baselines") / "bl"
-    run_baselines(BaselinesConfig(shards=str(synth_shards), out=str(out), rf_trees=20, protocol="window"))
+    run_baselines(BaselinesConfig(shards=str(synth_shards), out=str(out), rf_trees=20, protocol="window", n_jobs=2))
     return out
 
 
@@ -178,18 +179,21 @@ def _run_fraction(shards, out, fraction):
 
 
 class _Spy:
-    """An estimator that records what it was fitted on and asked to score (and predicts the training prior)."""
+    """An estimator that records what it was fitted on and asked to score (and predicts the training prior).
+    Folds run in threads: each instance keeps its own data and files one record when it scores."""
 
     calls: list[dict] = []
 
     def fit(self, x, y):
         self.classes_ = np.unique(y)
         self.prior = float(np.mean(y))
-        _Spy.calls.append({"x_train": x.copy(), "y_train": np.asarray(y).copy()})
+        self.seen = {"x_train": x.copy(), "y_train": np.asarray(y).copy()}
+        time.sleep(0.2)  # long enough for the other fold thread to prepare its own fold meanwhile
+        self.seen["intact"] = np.array_equal(x, self.seen["x_train"])  # nobody wrote into this fold's rows
         return self
 
     def predict(self, x):
-        _Spy.calls[-1]["x_test"] = x.copy()
+        _Spy.calls.append({**self.seen, "x_test": x.copy()})
         return np.full(len(x), int(self.prior > 0.5))
 
     def predict_proba(self, x):
@@ -205,21 +209,32 @@ def test_each_fold_trains_and_standardises_on_its_training_folds_only(synth_shar
     monkeypatch.setitem(bl.BASELINES, "spy", Baseline("pixels", lambda c: _Spy()))
     monkeypatch.setattr(bl, "METHODS", (*bl.METHODS, "spy"))
     monkeypatch.setattr(_Spy, "calls", [])
-    run_baselines(BaselinesConfig(shards=str(synth_shards), out=str(tmp_path), methods="spy", protocol=protocol))
-    cv = CVWindows.from_window_set(load_window_set(synth_shards, select=window_selection(protocol)), protocol)
+    cfg = BaselinesConfig(shards=str(synth_shards), out=str(tmp_path), methods="spy", protocol=protocol, n_jobs=2)
+    run_baselines(cfg)
+    ws = load_window_set(synth_shards, select=window_selection(protocol))
+    cv = CVWindows.from_window_set(ws, protocol)
+    x = window_features(ws.frames, 24, 36)  # the shards' size: the features are the pixels in [0, 1]
     folds = sorted(set(cv.fold_of[cv.fold_of >= 0].tolist()))
     assert len(_Spy.calls) == len(folds) >= 2
-    for k, call in zip(folds, _Spy.calls, strict=True):
+    for k in folds:
         train = (cv.fold_of != k) & (cv.fold_of >= 0)
-        assert len(call["x_train"]) == int(train.sum()) and len(call["x_test"]) == int((cv.fold_of == k).sum())
+        # The fold's test rows, standardised with its training rows' statistics (constant pixels left centred).
+        mean, std = x[train].mean(axis=0), x[train].std(axis=0)
+        expected = (x[cv.fold_of == k] - mean) / np.where(std < 1e-6, 1.0, std)
+        (call,) = [
+            c
+            for c in _Spy.calls
+            if c["x_test"].shape == expected.shape and np.allclose(c["x_test"], expected, atol=1e-4)
+        ]
+        assert len(call["x_train"]) == int(train.sum()) and call["intact"]
         assert sorted(call["y_train"].tolist()) == sorted(cv.labels[train].tolist())
         # No scored window is among the training rows (both went through the same standardisation).
         fitted = {row.tobytes() for row in call["x_train"]}
         assert not any(row.tobytes() in fitted for row in call["x_test"])
         # Standardised with the training rows' own statistics: mean 0 and std 1 (or 0, constant pixels) per column.
-        x = call["x_train"].astype(np.float64)
-        assert np.abs(x.mean(axis=0)).max() < 1e-3
-        std = x.std(axis=0)
+        xt = call["x_train"].astype(np.float64)
+        assert np.abs(xt.mean(axis=0)).max() < 1e-3
+        std = xt.std(axis=0)
         assert np.all((np.abs(std - 1) < 1e-3) | (std < 1e-3))
 
 
@@ -242,5 +257,96 @@ def test_a_fold_trained_on_one_class_predicts_it_with_a_note(monkeypatch, synth_
 
     cfg = BaselinesConfig(shards=str(synth_shards), out=str(tmp_path), methods="knn")
     y = np.zeros(3, np.int64)
-    score, pred, note = bl._fit_predict("knn", cfg, np.zeros((3, 4), np.float32), y, np.ones((2, 4), np.float32), {})
+    score, pred, note = bl._fit_predict("knn", cfg, np.zeros((3, 4), np.float32), y, np.ones((2, 4), np.float32), 1)
     assert score.tolist() == [0.0, 0.0] and pred.tolist() == [0, 0] and "class 0 only" in note
+
+
+def test_folds_in_parallel_score_exactly_what_folds_one_by_one_score(window_run, synth_shards, tmp_path):
+    # One fold at a time, one thread per estimator as in window_run: nothing may differ but the fold plan.
+    cfg = BaselinesConfig(shards=str(synth_shards), out=str(tmp_path), rf_trees=20, protocol="window", n_jobs=1)
+    run_baselines(cfg)
+    for method in cfg.method_list:
+        serial = json.loads((tmp_path / method / "metrics.json").read_text())
+        parallel = json.loads((window_run / method / "metrics.json").read_text())
+        assert (serial["fold_jobs"], parallel["fold_jobs"]) == (1, 2), method
+        assert serial["threads_per_fold"] == parallel["threads_per_fold"] == 1
+        assert read_oof_scores(tmp_path / method) == read_oof_scores(window_run / method), method  # bit for bit
+        drop = {"seconds"}
+        assert [{k: v for k, v in f.items() if k not in drop} for f in serial["folds"]] == [
+            {k: v for k, v in f.items() if k not in drop} for f in parallel["folds"]
+        ], method
+        assert serial["warnings"] == parallel["warnings"], method
+        assert not any("n_jobs" in w for w in parallel["warnings"]), method  # set only where the estimator uses it
+    # Warnings raised in the fold threads are collected (SGD stops at max_iter on this data).
+    assert any(
+        "ConvergenceWarning" in w for w in json.loads((window_run / "svm" / "metrics.json").read_text())["warnings"]
+    )
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("method", ["svm", "knn", "nb"])
+def test_scores_are_those_of_the_plain_serial_loop(window_run, synth_shards, method):
+    """The computation before folds ran in threads: per fold, standardise on the training rows, fit, then predict and
+    score separately (k-NN's predict and predict_proba each computing the distances). Same scores, bit for bit."""
+    from ddp_vad.eval.baselines import anomaly_scores, make_estimator
+    from ddp_vad.eval.features import mean_std, standardise_
+    from ddp_vad.train.crossval import CVWindows, fold_split
+
+    ws = load_window_set(synth_shards)
+    cv = CVWindows.from_window_set(ws, "window")
+    x = window_features(ws.frames, 24, 36)
+    cfg = BaselinesConfig(shards=str(synth_shards), out="unused", protocol="window")
+    oof = {r["key"]: r for r in read_oof_scores(window_run / method)}
+    folds = json.loads((window_run / method / "metrics.json").read_text())["folds"]
+    for k in range(cv.n_units):
+        train, test, _ = fold_split(cv, k)
+        x_train, x_test = x[train], x[test]
+        mean, std = mean_std(x_train)
+        standardise_(x_train, mean, std)
+        standardise_(x_test, mean, std)
+        model = make_estimator(method, cfg).fit(x_train, cv.labels[train])
+        pred = model.predict(x_test)
+        assert [oof[cv.keys[i]]["score"] for i in test] == anomaly_scores(model, x_test).tolist()
+        assert folds[k]["tp"] == int(((pred == 1) & (cv.labels[test] == 1)).sum())
+        assert folds[k]["fp"] == int(((pred == 1) & (cv.labels[test] == 0)).sum())
+
+
+@pytest.mark.parametrize("method", ["rf", "knn"])
+def test_one_pass_predicts_what_the_estimators_predict_says_ties_included(synth_shards, monkeypatch, method):
+    # rf and knn take scores and classes from one predict_proba; the classes must be the estimator's own predict.
+    from ddp_vad.eval import baselines as bl
+
+    if method == "knn":  # an even k: 2-2 votes are ties, which predict gives to class 0 (the first of the argmax)
+        knn4 = lambda c: bl._sk("neighbors.KNeighborsClassifier")(n_neighbors=4, algorithm="brute")  # noqa: E731
+        monkeypatch.setitem(bl.BASELINES, "knn", bl.Baseline("pixels", knn4, predict_from_proba=True))
+    assert bl.BASELINES[method].predict_from_proba
+    cfg = BaselinesConfig(shards=str(synth_shards), out="unused", rf_trees=7)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 3, (40, 6)).astype(np.float32)
+    y = (rng.random(40) < 0.5).astype(np.int64)
+    x_test = rng.integers(0, 3, (200, 6)).astype(np.float32)
+    score, pred, _ = bl._fit_predict(method, cfg, x, y, x_test, 1)
+    model = bl.make_estimator(method, cfg, 1).fit(x, y)
+    assert pred.tolist() == model.predict(x_test).tolist()
+    assert score.tolist() == model.predict_proba(x_test)[:, 1].tolist()
+    assert method == "rf" or (score == 0.5).any()  # k-NN's ties are there
+
+
+def test_fold_plan_shares_the_cores_and_respects_memory():
+    from ddp_vad.eval.fold_threads import cores, fold_plan
+
+    gib = 2**30
+    assert fold_plan(2, 5, gib, None) == (2, 1)  # 2 cores, 5 folds: two folds at once, one thread each
+    assert fold_plan(8, 2, gib, None) == (2, 4)  # more cores than folds: the rest go to the estimators
+    assert fold_plan(1, 5, gib, None) == (1, 1)
+    assert fold_plan(8, 10, gib, int(2.5 * gib)) == (2, 4)  # 80% of 2.5 GiB holds two 1 GiB folds
+    assert fold_plan(8, 10, 4 * gib, gib) == (1, 8)  # not even one: still one fold at a time
+    assert fold_plan(None, 100, 1, None)[0] == fold_plan(-1, 100, 1, None)[0] == cores(None) >= 1
+
+
+def test_the_forest_size_is_named_where_the_run_is_described(window_run, synth_shards):
+    # 50 trees since issue 22's budget (100 before): config.json and metrics.json say which forest scored.
+    cfg = BaselinesConfig(shards=str(synth_shards), out="unused")
+    assert cfg.rf_trees == 50 and "n_estimators=50" in repr(make_estimator("rf", cfg))
+    metrics = json.loads((window_run / "rf" / "metrics.json").read_text())
+    assert "n_estimators=20" in metrics["estimator"]  # window_run asks for 20
