@@ -234,3 +234,14 @@ def torchrun(args: list[str], cwd: Path, *, nproc: int = 2, timeout: float = 240
         out, err = proc.communicate()
         pytest.fail(f"{' '.join(args[:4])} did not finish within {timeout}s (hang?)\n{err[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def error_line(result, code: int, *needles: str) -> str:
+    """The one ``error:`` line of a CLI result with exit status ``code``; every needle must be in it."""
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]

@@ -22,6 +22,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import TINY_CLIPS, torchrun, write_ucsd
+from conftest import error_line as _error_line
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -38,17 +39,6 @@ from ddp_vad.weights import save_model
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.torch_threads
-
-
-def _error_line(result, code: int, *needles: str) -> str:
-    """The one ``error:`` line of a CLI result with exit status ``code``; every needle must be in it."""
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output, result.output
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def _pretrain_args(shards: Path, out: Path, steps: int, *extra: str) -> list[str]:

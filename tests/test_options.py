@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
+from conftest import error_line as _error_line
 
 from ddp_vad.cli import cli
 from ddp_vad.clispec import STAGE_CONFIGS, live_specs
@@ -25,17 +26,6 @@ from ddp_vad.runlock import lock_path
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.torch_threads
-
-
-def _error_line(result, code: int, *needles: str) -> str:
-    """The one ``error:`` line of a CLI result with exit status ``code``; every needle must be in it."""
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output, result.output
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def _never_runs(*_args, **_kw):
