@@ -73,6 +73,8 @@ def _sk(name: str):
 # leak-free labelled set is every window of the labelled clips, not a balanced subset, and the learned models weigh
 # their loss the same way.
 BASELINES: dict[str, Baseline] = {
+    # lbfgs stops where BLAS's summation order (its thread count) leads it: scores differ by up to 0.5 on Ped2
+    # between 1 and 2 BLAS threads (benchmarks/results/baselines.json); metrics.json names the count (threads_per_fold).
     "logreg": Baseline("pixels", lambda c: _sk("linear_model.LogisticRegression")(
         C=1.0, max_iter=300, class_weight="balanced", random_state=c.seed)),
     # Linear SVM (hinge loss) by SGD: float32-native, where LinearSVC would copy to float64.
