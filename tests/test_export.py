@@ -171,7 +171,9 @@ def test_onnx_and_pytorch_detectors_score_the_same_frames_alike(tiny_run, tiny_e
 
 def test_the_sidecar_records_a_tight_parity_check_that_can_see_a_scale_slip(tiny_export):
     check = json.loads(tiny_export.with_suffix(".json").read_text())["check"]
-    assert check["max_abs_diff_vs_pytorch"] <= check["tolerance"] == 1e-6
+    # 1e-6, or 1% of the slip's effect for calibrated models, whose log-odds (and float32 rounding) are amplified
+    assert check["tolerance"] == max(1e-6, 0.01 * check["scale_sensitivity"])
+    assert check["max_abs_diff_vs_pytorch"] <= check["tolerance"]
     assert check["scale_sensitivity"] > 10 * check["tolerance"]  # 1/256 for 1/255 would be seen
 
 

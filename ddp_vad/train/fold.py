@@ -26,6 +26,7 @@ from ddp_vad.errors import NonFiniteLossError, UserError
 from ddp_vad.models import LRCN, ModelConfig
 from ddp_vad.runfiles import fold_checkpoint_dir, fold_tb_dir
 from ddp_vad.train.augment import augment_windows, epoch_generator, parse_augment
+from ddp_vad.train.calibration import REFERENCE_WINDOWS, calibrate
 from ddp_vad.train.checkpoint import list_fold_checkpoints, save_fold_checkpoint
 from ddp_vad.train.classifier import (
     CHUNK,
@@ -58,6 +59,7 @@ class FoldRun:
     model_cfg: ModelConfig
     features_state: dict[str, torch.Tensor] | None
     shared_cache: torch.Tensor | None  # frozen output of every window when it is the same for every fold
+    reference: np.ndarray | None  # normal windows (train clips) every fold is calibrated on; None: none / not asked
     fingerprint: dict
     accelerator: Any
     scaler_needed: bool
@@ -256,7 +258,12 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
     if best:  # keep the epoch chosen on the validation clips, not the last one
         model.load_state_dict(best["model"])
         last = None
-    if last is None:  # resumed from the final epoch's checkpoint, or the chosen epoch's weights
+    export = model if norm is None else fold_standardization_into_head(model, *norm)
+    calibration = None
+    if getattr(cfg, "calibrate", "none") == "normal":
+        export, calibration = _calibrate(run, export, fit_idx, notes)
+        last = predict(export, export, _frames_input(run), test_idx, acc.autocast)  # the saved model's own scores
+    elif last is None:  # resumed from the final epoch's checkpoint, or the chosen epoch's weights
         last = predict(model, forward, get_inputs, test_idx, acc.autocast)
     scores, preds = last
     extra = {"n_train": int(fit_idx.size)}
@@ -276,7 +283,30 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
         "seconds": round(time.perf_counter() - t0, 3),
         "rank": int(acc.process_index),
     }
-    return _save_fold(run, k, model, norm, result)
+    if calibration is not None:
+        result["calibration"] = calibration
+    return save_finished_fold(run.run_dir, k, export, run.model_cfg, result)
+
+
+def _frames_input(run: FoldRun) -> Callable:
+    """``get_inputs(idx)`` of the whole model: the windows' frames as floats on the device."""
+    return lambda idx: frames_to_float(torch.from_numpy(run.ws.frames[idx]).to(run.accelerator.device))
+
+
+def _calibrate(run: FoldRun, model: LRCN, fit_idx: np.ndarray, notes: list[str]) -> tuple[LRCN, dict]:
+    """``model`` calibrated on the run's normal footage (see :mod:`ddp_vad.train.calibration`), or, for shards
+    without train clips, on up to REFERENCE_WINDOWS of the fold's own normal training windows (noted)."""
+    reference, source = run.reference, "train clips"
+    if reference is None:
+        normal = fit_idx[run.cv.labels[fit_idx] == 0]
+        pick = np.random.default_rng([abs(run.cfg.seed), 0xCA1B]).permutation(normal)[:REFERENCE_WINDOWS]
+        reference, source = run.ws.frames[np.sort(pick)], "the fold's normal training windows"
+        notes.append(f"calibrated on {source}: the shards hold no train clips")
+    if not len(reference):
+        notes.append("not calibrated: no normal window to calibrate on")
+        return model, {"source": "none"}
+    model, record = calibrate(model, reference, run.accelerator.device, run.accelerator.autocast)
+    return model, {"source": source, **record}
 
 
 def _fold_model(run: FoldRun, k: int, resume_state: dict | None) -> tuple:
@@ -308,10 +338,3 @@ def _validate(run: FoldRun, model, forward, get_inputs, val_idx, epoch: int, bes
         best = {"epoch": epoch, "auroc": val_auroc,
                 "model": {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}}  # fmt: skip
     return {"val_auroc": val_auroc}, best
-
-
-def _save_fold(run: FoldRun, k: int, model, norm, result: dict) -> dict:
-    """The fold's model (standardisation folded into the head) then its result with the model's record, last: its
-    presence marks the fold finished."""
-    export = model if norm is None else fold_standardization_into_head(model, *norm)
-    return save_finished_fold(run.run_dir, k, export, run.model_cfg, result)

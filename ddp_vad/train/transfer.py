@@ -45,6 +45,7 @@ from ddp_vad.models import INPUT_MODES, POOLINGS, build_lrcn
 from ddp_vad.options import option
 from ddp_vad.presets import PRESET_NAMES
 from ddp_vad.train.augment import parse_augment
+from ddp_vad.train.calibration import CALIBRATIONS, reference_windows
 from ddp_vad.train.classifier import (
     RANDOM,
     SCRATCH,
@@ -166,6 +167,13 @@ class TransferConfig:
         "(0 = train on every training clip, keep the last epoch). Never the test fold.",
     )
     weight_decay: float = option(0.0, "Decoupled weight decay (AdamW); 0 = the method's plain Adam.")
+    calibrate: str = option(
+        "normal",
+        "Per-fold score calibration: normal (each fold's log-odds standardised on the same normal footage, the train "
+        "clips' windows, so fold models share one scale; folded into the saved model) or none (the method's raw "
+        "scores).",
+        choices=CALIBRATIONS,
+    )
     # False: check the values only, not that --shards and a GAN --from exist (the pipeline checks every stage's
     # options before an earlier stage has made them).
     check_paths: InitVar[bool] = True
@@ -212,6 +220,8 @@ class TransferConfig:
             )
         if self.class_weight not in ("none", "balanced"):
             raise UserError(f"--class-weight {self.class_weight}: choose none or balanced")
+        if self.calibrate not in CALIBRATIONS:
+            raise UserError(f"--calibrate {self.calibrate}: choose {' or '.join(CALIBRATIONS)}")
         if int(self.val_clips) < 0:
             raise UserError(f"--val-clips must be >= 0, got {self.val_clips}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
@@ -367,12 +377,15 @@ def _cross_validate(cfg: TransferConfig, acc, manifest: dict, n_folds: int, mode
             f"{cfg.epochs} epochs",
             flush=True,
         )
-    cache, cache_seconds = (None, 0.0)
+    cache, cache_seconds, reference = (None, 0.0, None)
     if pre["todo_anywhere"]:
         cache, cache_seconds = _shared_cache(cfg, model_cfg, features_state, ws, acc, group)
+        if cfg.calibrate == "normal":  # the same normal windows for every fold (each process draws them alike)
+            reference = reference_windows(cfg.shards, cfg.seed)
     run = FoldRun(
         cfg=cfg, run_dir=run_dir, ws=ws, cv=cv, held_out=held_out, model_cfg=model_cfg, features_state=features_state,
-        shared_cache=cache, fingerprint=fp, accelerator=acc, scaler_needed=str(acc.mixed_precision) == "fp16",
+        shared_cache=cache, reference=reference, fingerprint=fp, accelerator=acc,
+        scaler_needed=str(acc.mixed_precision) == "fp16",
     )  # fmt: skip
     pbar = tqdm(
         total=len(pre["mine"]) * cfg.epochs, desc="transfer (main process's folds)" if world > 1 else "transfer",

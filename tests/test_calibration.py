@@ -1,0 +1,113 @@
+"""Per-fold calibration on normal footage (``transfer --calibrate normal``, the default): the map folded into the
+head, each saved fold model standardised on the train clips' windows, the out-of-fold scores the saved model's own,
+training untouched, and the fallback for shards without train clips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import torch_threads, write_ucsd
+
+from ddp_vad.data.reader import load_window_set
+from ddp_vad.models import build_lrcn, model_config_for
+from ddp_vad.train.calibration import QUANTILE, fold_calibration_into_head, reference_windows, window_log_odds
+from ddp_vad.train.metrics import read_oof_scores
+from ddp_vad.train.transfer import TransferConfig, run_transfer
+from ddp_vad.weights import load_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+CPU = torch.device("cpu")
+
+
+def no_autocast():
+    return torch.autocast("cpu", enabled=False)
+
+
+def _log_odds(model, frames: np.ndarray) -> np.ndarray:
+    return window_log_odds(model, frames, CPU, no_autocast)
+
+
+@pytest.mark.parametrize("pooling", ["topk", "cells", "flatten"])
+def test_folded_map_is_the_affine_calibration(pooling):
+    cfg = model_config_for("tiny", {"window": 10, "height": 24, "width": 36}, pooling=pooling, topk=2)
+    torch.manual_seed(0)
+    model = build_lrcn(cfg).eval()
+    frames = np.random.default_rng(0).integers(0, 256, (6, cfg.window, 24, 36), dtype=np.uint8)
+    before = _log_odds(model, frames)
+    after = _log_odds(fold_calibration_into_head(model, shift=0.3, scale=0.05), frames)
+    np.testing.assert_allclose(after, (before - 0.3) / 0.05, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(_log_odds(model, frames), before)  # the original is left as it was
+
+
+def _run(shards: Path, out: Path, calibrate: str) -> Path:
+    cfg = TransferConfig(
+        shards=str(shards), out=str(out), source="scratch", preset="tiny", epochs=1, batch_size=8, protocol="window",
+        progress=False, calibrate=calibrate,
+    )  # fmt: skip
+    with torch_threads(1):
+        return run_transfer(cfg)
+
+
+def _fold_models(run: Path) -> dict[int, torch.nn.Module]:
+    return {
+        int(f.parent.name.split("_")[1]): load_model(f, build_lrcn)[0].eval()
+        for f in sorted((run / "folds").glob("fold_*/model.safetensors"))
+    }
+
+
+def test_each_fold_is_standardised_on_the_train_clips(tiny_run, tiny_shards):
+    reference = reference_windows(tiny_shards, seed=0)
+    assert reference is not None and len(reference) == 44 - 2 * 9  # every window of Train001 and Train002
+    models = _fold_models(tiny_run)
+    assert len(models) == 4
+    for k, model in models.items():
+        d = _log_odds(model, reference)
+        # the normal footage's 99th percentile sits at P = 0.5 and its spread is 1, in every fold
+        assert abs(np.quantile(d, QUANTILE)) < 1e-3 and abs(d.std() - 1) < 1e-3, k
+        record = json.loads((tiny_run / "folds" / f"fold_{k:02d}" / "result.json").read_text())["calibration"]
+        assert record["source"] == "train clips" and record["windows"] == len(reference) and record["scale"] > 0
+
+
+def test_oof_scores_are_the_saved_models_scores(tiny_run, tiny_shards):
+    ws = load_window_set(tiny_shards)  # protocol window: the kept windows
+    index = {key: i for i, key in enumerate(ws.keys)}
+    models = _fold_models(tiny_run)
+    rows = read_oof_scores(tiny_run)
+    for k, model in models.items():
+        mine = [r for r in rows if int(r["fold"]) == k]
+        frames = ws.frames[[index[r["key"]] for r in mine]]
+        expected = 1 / (1 + np.exp(-_log_odds(model, frames)))
+        np.testing.assert_allclose([r["score"] for r in mine], expected, atol=1e-5)
+
+
+def test_calibration_changes_the_scale_only(tiny_run, tiny_shards, tmp_path):
+    raw = _run(tiny_shards, tmp_path / "raw", "none")
+    assert "calibration" not in json.loads((raw / "folds" / "fold_00" / "result.json").read_text())
+    frames = load_window_set(tiny_shards).frames
+    for k, (calibrated, plain) in enumerate(
+        zip(_fold_models(tiny_run).values(), _fold_models(raw).values(), strict=True)
+    ):
+        record = json.loads((tiny_run / "folds" / f"fold_{k:02d}" / "result.json").read_text())["calibration"]
+        expected = (_log_odds(plain, frames) - record["shift"]) / record["scale"]
+        np.testing.assert_allclose(_log_odds(calibrated, frames), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_shards_without_train_clips_calibrate_on_the_folds_normal_windows(tmp_path):
+    from ddp_vad.data.shards import ShardConfig, build_shards
+
+    clips = {"Test001": (24, [(8, 20)]), "Test002": (22, [(1, 6), (15, 22)]), "Test004": (26, [(10, 26)]),
+             "Test005": (24, [(2, 9)])}  # fmt: skip
+    data = write_ucsd(tmp_path / "data", clips)
+    shards = build_shards(
+        ShardConfig(data=str(data), out=str(tmp_path / "shards"), height=24, width=36, folds=2, workers=1),
+        show_progress=False,
+    )
+    assert reference_windows(shards, seed=0) is None
+    run = _run(shards, tmp_path / "run", "normal")
+    result = json.loads((run / "folds" / "fold_00" / "result.json").read_text())
+    assert result["calibration"]["source"] == "the fold's normal training windows"
+    assert any("no train clips" in note for note in result["notes"])
