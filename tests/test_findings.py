@@ -66,11 +66,11 @@ def test_published_frame_aurocs_are_those_of_the_dataset_at_hand():
         assert published_dataset(name) is None and published_frame_auroc(name) == {}
 
 
-def _write_run(run, method, fraction, accs):
+def _write_run(run, method, fraction, accs, **extra):
     run.mkdir(parents=True)
     folds = [{"fold": k, "recall": a, "precision": a, "accuracy": a, "f1": a, "n_test": 4} for k, a in enumerate(accs)]
     payload = {"method": method, "protocol": "window", "folds": folds, "mean": {}, "std": {},
-               "labelled_fraction": fraction, "epochs": 3, "batch_size": 8, "train": "head"}  # fmt: skip
+               "labelled_fraction": fraction, "epochs": 3, "batch_size": 8, "train": "head", **extra}  # fmt: skip
     (run / "metrics.json").write_text(json.dumps(payload))
 
 
@@ -79,7 +79,7 @@ def test_report_has_the_curve_figure_table_verdict_and_budgets(tmp_path):
     for fraction, (gan, lrcn) in {0.25: ([0.9, 0.8], [0.6, 0.7]), 1.0: ([0.9, 0.9], [0.8, 0.9])}.items():
         for method, accs in (("GAN+LRCN", gan), ("LRCN", lrcn)):
             run = tmp_path / f"f{fraction}" / method
-            _write_run(run, method, fraction, accs)
+            _write_run(run, method, fraction, accs, **({"calibrate": "normal"} if method == "LRCN" else {}))
             runs.append(str(run))
     report = run_evaluate(EvaluateConfig(runs=tuple(runs), out=str(tmp_path / "report")))
     assert set(report["methods"]) == {"GAN+LRCN", "LRCN"}  # Table 5: the runs with all labels
@@ -87,5 +87,7 @@ def test_report_has_the_curve_figure_table_verdict_and_budgets(tmp_path):
     assert "helps at 2 of 2 labelled fractions" in report["verdict"]
     md = (tmp_path / "report" / "report.md").read_text()
     assert md.index("## Label efficiency") < md.index("## Verdict") < md.index("## Table 5")
-    assert "LEAKY" in md and "3 epochs, batch 8, trains head (labelled fractions 0.25, 1)" in md
+    assert "LEAKY" in md and "- GAN+LRCN: 3 epochs, batch 8, trains head (labelled fractions 0.25, 1)" in md
+    calibrated = "- LRCN: 3 epochs, batch 8, trains head, each fold's scores calibrated on normal footage"
+    assert calibrated in md
     assert (tmp_path / "report" / "fig1_label_efficiency.png").read_bytes()[:4] == b"\x89PNG"

@@ -256,7 +256,17 @@ def summarise_run(
         "data": run_data(run_dir),
         "extra": {
             k: data[k]
-            for k in ("source", "train", "holdout", "seconds", "features", "epochs", "batch_size", "model_preset")
+            for k in (
+                "source",
+                "train",
+                "holdout",
+                "seconds",
+                "features",
+                "epochs",
+                "batch_size",
+                "model_preset",
+                "calibrate",
+            )
             if k in data
         },
     }

@@ -401,7 +401,7 @@ def _cross_validate(cfg: TransferConfig, acc, manifest: dict, n_folds: int, mode
     if is_main:
         extra = {
             "source": cfg.source, "train": cfg.train, "n_folds": n_folds, "repeats": cfg.repeats, "epochs": cfg.epochs,
-            "batch_size": cfg.batch_size, "labelled_fraction": float(cfg.labelled_fraction),
+            "batch_size": cfg.batch_size, "labelled_fraction": float(cfg.labelled_fraction), "calibrate": cfg.calibrate,
             "model_preset": model_cfg.preset, "world_size": world, "parameters": counts,
             "frozen_feature_seconds": cache_seconds, "seconds": round(time.perf_counter() - t_start, 2),
         }  # fmt: skip
