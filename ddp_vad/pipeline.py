@@ -26,6 +26,7 @@ from ddp_vad.eval.baselines import METHODS
 from ddp_vad.options import option
 from ddp_vad.presets import PRESET_NAMES, PRESETS
 from ddp_vad.runfiles import metrics_file
+from ddp_vad.train.calibration import CALIBRATIONS
 from ddp_vad.train.classifier import TRAIN_SCOPES
 from ddp_vad.train.crossval import PROTOCOL_HELP, PROTOCOLS, check_fraction, check_repeats
 from ddp_vad.train.distributed import patient_barrier, print_main, process_state
@@ -61,6 +62,19 @@ class PipelineConfig:
     )
     train: str = option("head", "What GAN+LRCN fine-tunes (the scratch LRCN trains everything).", choices=TRAIN_SCOPES)
     steps: int | None = option(None, "GAN steps (default: the preset's).")
+    pretraining: str = option(
+        "gan",
+        "What GAN+LRCN's feature extractor pretrains on: gan (the method's GAN) or pseudo (no generator: the "
+        "discriminator learns the train clips' normal windows against pseudo-anomalies made from them, one per "
+        "window; `pretrain --objective pseudo --pseudo-anomalies 1`).",
+        choices=("gan", "pseudo"),
+    )
+    calibrate: str = option(
+        "normal",
+        "Per-fold score calibration of the learned runs (`transfer --calibrate`): normal (on the train clips' "
+        "normal windows) or none.",
+        choices=CALIBRATIONS,
+    )
     epochs: int | None = option(None, "Fine-tuning epochs per fold.")
     batch_size: int | None = option(None, "GAN batch size per process.")
     methods: str = option(",".join(METHODS), "Classic ML baselines to run.")
@@ -152,7 +166,8 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Callable[[bool], Any]]:
     builders["pretrain"] = lambda _: PretrainConfig(
         shards=shards, out=str(dirs["gan"]), preset=cfg.preset, steps=plan["steps"], batch_size=plan["batch_size"],
         seed=seed, resume="auto", similarity_every=plan["similarity_every"], checkpoint_every=plan["checkpoint_every"],
-        image_every=plan["checkpoint_every"], protocol=protocol,
+        image_every=plan["checkpoint_every"], protocol=protocol, objective=cfg.pretraining,
+        pseudo_anomalies=1.0 if cfg.pretraining == "pseudo" else 0.0,
     )  # fmt: skip
     for f in cfg.fractions:
         for name, source, train in learned_runs(cfg, dirs):
@@ -160,7 +175,7 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Callable[[bool], Any]]:
                 TransferConfig(
                     shards=shards, out=out, source=s, train=t, folds=plan["folds"], protocol=protocol,
                     epochs=plan["epochs"], preset=cfg.preset, seed=seed, resume="auto", labelled_fraction=f,
-                    repeats=plan["repeats"], check_paths=check,
+                    repeats=plan["repeats"], calibrate=cfg.calibrate, check_paths=check,
                 )
             )  # fmt: skip
         builders[f"baselines@{f:g}"] = lambda check, out=str(dirs[f"baselines@{f:g}"]), f=f: BaselinesConfig(

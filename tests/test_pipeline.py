@@ -132,3 +132,17 @@ def test_predict_without_a_model_is_a_one_line_error(pipeline_dir, tmp_path):
     result = CliRunner().invoke(cli, ["predict", str(clip), "--model", str(tmp_path / "nope")])
     assert result.exit_code == 2
     assert result.output.strip().startswith("error:") and "nope" in result.output
+
+
+def test_pretraining_and_calibration_reach_their_stages(tmp_path):
+    from ddp_vad.pipeline import stage_configs
+
+    default = stage_configs(PipelineConfig(out=str(tmp_path / "a"), preset="tiny"))
+    assert default["pretrain"](False).objective == "gan" and default["pretrain"](False).pseudo_anomalies == 0
+    assert {default[f"{run}@1"](False).calibrate for run in ("lrcn-gan", "lrcn-scratch", "lrcn-random")} == {"normal"}
+    chosen = stage_configs(
+        PipelineConfig(out=str(tmp_path / "b"), preset="tiny", pretraining="pseudo", calibrate="none")
+    )
+    pretrain = chosen["pretrain"](False)
+    assert pretrain.objective == "pseudo" and pretrain.pseudo_anomalies == 1.0
+    assert {chosen[f"{run}@0.1"](False).calibrate for run in ("lrcn-gan", "lrcn-scratch", "lrcn-random")} == {"none"}
