@@ -8,12 +8,15 @@ frames at 0.84 AUROC within its folds and 0.65 pooled.
 
 The fix needs no label and no test clip: every fold scores the same normal footage (windows of the shards' train
 clips, which the leak-free protocol never labels or tests on) and its window log-odds ``d = l1 - l0`` are mapped to
-``(d - m) / s - Z99``, where ``m`` and ``s`` are the mean and standard deviation of ``d`` on that footage. The map is
-folded into the head's last Linear layer, so the saved model, its out-of-fold scores, its thresholds, ``predict`` and
-an ONNX export all give the calibrated score, and P(anomalous) = 0.5 sits Z99 = 2.33 spreads above normal footage's
-mean (its 99th percentile, were it Gaussian). Within a fold the ranking is unchanged (the map is increasing). The
-mean and spread, not the empirical 99th percentile, because they move less with the draw of normal windows (Ped2 at
-10% labels, pooled frame AUROC over four draws: 0.742-0.750 against 0.736-0.764; benchmarks/results/levers3.md).
+``((d - m) / s - Z99) / T``, where ``m`` and ``s`` are the mean and standard deviation of ``d`` on that footage.
+The map is folded into the head's last Linear layer, so the saved model, its out-of-fold scores, its thresholds,
+``predict`` and an ONNX export all give the calibrated score, and P(anomalous) = 0.5 sits Z99 = 2.33 spreads above
+normal footage's mean (its 99th percentile, were it Gaussian). Within a fold the ranking is unchanged (the map is
+increasing). T = 4, the same for every fold, keeps the scores off the float limits: a barely trained fold can have a
+normal spread of 1e-3, and a window 60 spreads above normal would otherwise get P = 1.0 exactly, tied with every
+other such window. The mean and spread, not the empirical 99th percentile, because they move less with the draw of
+normal windows (Ped2 at 10% labels, pooled frame AUROC over four draws: 0.742-0.750 against 0.736-0.764;
+benchmarks/results/levers3.md).
 
 Shards without train clips (a user's folder with no normal-only split) fall back to the fold's own normal training
 windows, with a note.
@@ -34,6 +37,7 @@ from ddp_vad.models import LRCN
 CALIBRATIONS = ("normal", "none")
 REFERENCE_WINDOWS = 2048  # normal windows each fold scores, at most (~0.45 GB of uint8 at the demo's 120 x 182)
 Z99 = 2.326  # P = 0.5 this many normal spreads above the normal mean (the Gaussian 99th percentile)
+TEMPERATURE = 4.0  # calibrated log-odds per normal spread: 1/4 (the same for every fold, so the ranking is kept)
 MIN_SCALE = 1e-6  # a fold model that gives every normal window the same score keeps its spread of 1e-6
 
 
@@ -72,10 +76,10 @@ def fold_calibration_into_head(model: LRCN, shift: float, scale: float) -> LRCN:
     return out
 
 
-def calibrate(model: LRCN, reference: np.ndarray, device: torch.device, autocast) -> tuple[LRCN, dict]:
-    """``model`` calibrated on the normal windows ``reference`` (see the module docstring), and the record of it."""
-    d = window_log_odds(model, reference, device, autocast)
-    scale = max(float(d.std()), MIN_SCALE)
-    shift = float(d.mean()) + Z99 * scale
-    record = {"windows": int(len(d)), "mean": float(d.mean()), "shift": shift, "scale": scale}
+def calibrate_from_log_odds(model: LRCN, d: np.ndarray, source: str) -> tuple[LRCN, dict]:
+    """``model`` calibrated on the log-odds ``d`` it gives normal windows (see the module docstring), and the record
+    of it (``source``: where the windows came from)."""
+    spread = max(float(d.std()), MIN_SCALE)
+    shift, scale = float(d.mean()) + Z99 * spread, TEMPERATURE * spread
+    record = {"source": source, "windows": int(len(d)), "mean": float(d.mean()), "shift": shift, "scale": scale}
     return fold_calibration_into_head(model, shift, scale), record

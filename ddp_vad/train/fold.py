@@ -26,7 +26,7 @@ from ddp_vad.errors import NonFiniteLossError, UserError
 from ddp_vad.models import LRCN, ModelConfig
 from ddp_vad.runfiles import fold_checkpoint_dir, fold_tb_dir
 from ddp_vad.train.augment import augment_windows, epoch_generator, parse_augment
-from ddp_vad.train.calibration import REFERENCE_WINDOWS, calibrate
+from ddp_vad.train.calibration import REFERENCE_WINDOWS, calibrate_from_log_odds, window_log_odds
 from ddp_vad.train.checkpoint import list_fold_checkpoints, save_fold_checkpoint
 from ddp_vad.train.classifier import (
     CHUNK,
@@ -60,24 +60,29 @@ class FoldRun:
     features_state: dict[str, torch.Tensor] | None
     shared_cache: torch.Tensor | None  # frozen output of every window when it is the same for every fold
     reference: np.ndarray | None  # normal windows (train clips) every fold is calibrated on; None: none / not asked
+    reference_cache: torch.Tensor | None  # their frozen-part output where it is the same for every fold
     fingerprint: dict
     accelerator: Any
     scaler_needed: bool
 
 
 @torch.no_grad()
-def predict(model: LRCN, forward, get_inputs, idx: np.ndarray, autocast) -> tuple[np.ndarray, np.ndarray]:
-    """Anomaly probabilities (float64) and predicted classes of the windows ``idx`` (eval mode)."""
+def predict(model: LRCN, forward, get_inputs, idx: np.ndarray, autocast) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Anomaly probabilities, predicted classes and log-odds ``l1 - l0`` (float64) of the windows ``idx`` (eval
+    mode). The probability is the sigmoid of the log-odds in float64 (the softmax of the two logits)."""
     model.eval()
-    scores, preds = [], []
+    log_odds = []
     for lo in range(0, len(idx), CHUNK):
         with autocast():
             logits = forward(get_inputs(idx[lo : lo + CHUNK])).float()
-        scores.append(torch.softmax(logits, dim=1)[:, 1].double().cpu())
-        preds.append(logits.argmax(dim=1).cpu())
-    if not scores:
-        return np.zeros(0, np.float64), np.zeros(0, np.int64)
-    return torch.cat(scores).numpy(), torch.cat(preds).numpy().astype(np.int64)
+        log_odds.append((logits[:, 1] - logits[:, 0]).double().cpu())
+    d = torch.cat(log_odds).numpy() if log_odds else np.zeros(0, np.float64)
+    return _outputs(d)
+
+
+def _outputs(d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(P(anomalous), argmax class, log-odds) of log-odds ``d``."""
+    return torch.sigmoid(torch.from_numpy(d)).numpy(), (d > 0).astype(np.int64), d
 
 
 def inner_validation_split(
@@ -258,14 +263,15 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
     if best:  # keep the epoch chosen on the validation clips, not the last one
         model.load_state_dict(best["model"])
         last = None
+    if last is None:  # resumed from the final epoch's checkpoint, or the chosen epoch's weights
+        last = predict(model, forward, get_inputs, test_idx, acc.autocast)
     export = model if norm is None else fold_standardization_into_head(model, *norm)
     calibration = None
     if getattr(cfg, "calibrate", "none") == "normal":
-        export, calibration = _calibrate(run, export, fit_idx, notes)
-        last = predict(export, export, _frames_input(run), test_idx, acc.autocast)  # the saved model's own scores
-    elif last is None:  # resumed from the final epoch's checkpoint, or the chosen epoch's weights
-        last = predict(model, forward, get_inputs, test_idx, acc.autocast)
-    scores, preds = last
+        export, calibration = _calibrate(run, model, export, forward, norm, fit_idx, notes)
+        if "shift" in calibration:  # the saved (calibrated) model's own scores: the same map of the log-odds
+            last = _outputs((last[2] - calibration["shift"]) / calibration["scale"])
+    scores, preds, _ = last
     extra = {"n_train": int(fit_idx.size)}
     if best:
         extra.update(n_validation=int(val_idx.size), chosen_epoch=int(best["epoch"]), validation_auroc=best["auroc"])
@@ -288,14 +294,19 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
     return save_finished_fold(run.run_dir, k, export, run.model_cfg, result)
 
 
-def _frames_input(run: FoldRun) -> Callable:
-    """``get_inputs(idx)`` of the whole model: the windows' frames as floats on the device."""
-    return lambda idx: frames_to_float(torch.from_numpy(run.ws.frames[idx]).to(run.accelerator.device))
-
-
-def _calibrate(run: FoldRun, model: LRCN, fit_idx: np.ndarray, notes: list[str]) -> tuple[LRCN, dict]:
-    """``model`` calibrated on the run's normal footage (see :mod:`ddp_vad.train.calibration`), or, for shards
-    without train clips, on up to REFERENCE_WINDOWS of the fold's own normal training windows (noted)."""
+def _calibrate(
+    run: FoldRun, model: LRCN, export: LRCN, forward, norm, fit_idx: np.ndarray, notes: list[str]
+) -> tuple[LRCN, dict]:
+    """``export`` calibrated on the run's normal footage (see :mod:`ddp_vad.train.calibration`), or, for shards
+    without train clips, on up to REFERENCE_WINDOWS of the fold's own normal training windows (noted). Where the
+    frozen part's output of the footage was computed once for every fold (``reference_cache``), only the trained
+    part runs on it."""
+    acc = run.accelerator
+    if run.reference_cache is not None:
+        x = run.reference_cache if norm is None else (run.reference_cache.to(norm[0].device) - norm[0]) / norm[1]
+        d = predict(model, forward, lambda idx: x[torch.from_numpy(idx).to(x.device)].to(acc.device),
+                    np.arange(len(x)), acc.autocast)[2]  # fmt: skip
+        return calibrate_from_log_odds(export, d, "train clips")
     reference, source = run.reference, "train clips"
     if reference is None:
         normal = fit_idx[run.cv.labels[fit_idx] == 0]
@@ -304,9 +315,8 @@ def _calibrate(run: FoldRun, model: LRCN, fit_idx: np.ndarray, notes: list[str])
         notes.append(f"calibrated on {source}: the shards hold no train clips")
     if not len(reference):
         notes.append("not calibrated: no normal window to calibrate on")
-        return model, {"source": "none"}
-    model, record = calibrate(model, reference, run.accelerator.device, run.accelerator.autocast)
-    return model, {"source": source, **record}
+        return export, {"source": "none"}
+    return calibrate_from_log_odds(export, window_log_odds(export, reference, acc.device, acc.autocast), source)
 
 
 def _fold_model(run: FoldRun, k: int, resume_state: dict | None) -> tuple:

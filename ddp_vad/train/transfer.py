@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from ddp_vad.config import hparams_values, write_resolved_config
-from ddp_vad.data.reader import WindowSet, load_window_set
+from ddp_vad.data.reader import load_window_set
 from ddp_vad.data.shards import fold_count, load_manifest
 from ddp_vad.errors import UserError
 from ddp_vad.models import INPUT_MODES, POOLINGS, build_lrcn
@@ -279,17 +279,17 @@ def _write_run_config(cfg, run_dir, model_cfg, manifest, n_folds, world, acc, co
     })  # fmt: skip
 
 
-def _shared_cache(cfg, model_cfg, features_state, ws: WindowSet, acc, group) -> tuple[torch.Tensor | None, float]:
-    """The GAN's frozen output of every window (the same for every fold: computed once), or None."""
+def _shared_cache(cfg, model_cfg, features_state, frames: np.ndarray, acc, group) -> tuple[torch.Tensor | None, float]:
+    """The GAN's frozen output of every window of ``frames`` (the same for every fold: computed once), or None."""
     if features_state is None or cfg.train == "all":
         return None, 0.0
     t0 = time.perf_counter()
     encoder = build_classifier(model_cfg, cfg.train, 0, features_state).to(acc.device).eval()
     split = cfg.train == "head"  # small features: split the work; conv maps are big, each process computes its own
     rank, world = (acc.process_index, acc.num_processes) if split else (0, 1)
-    cache = compute_cache(frozen_part(encoder, cfg.train), ws.frames, acc.device, acc.autocast, group, rank, world)
+    cache = compute_cache(frozen_part(encoder, cfg.train), frames, acc.device, acc.autocast, group, rank, world)
     seconds = round(time.perf_counter() - t0, 3)
-    print_main(acc.is_main_process, f"transfer: frozen features of {len(ws)} windows in {seconds:.1f}s")
+    print_main(acc.is_main_process, f"transfer: frozen features of {len(frames)} windows in {seconds:.1f}s")
     return cache, seconds
 
 
@@ -377,14 +377,16 @@ def _cross_validate(cfg: TransferConfig, acc, manifest: dict, n_folds: int, mode
             f"{cfg.epochs} epochs",
             flush=True,
         )
-    cache, cache_seconds, reference = (None, 0.0, None)
+    cache, cache_seconds, reference, reference_cache = (None, 0.0, None, None)
     if pre["todo_anywhere"]:
-        cache, cache_seconds = _shared_cache(cfg, model_cfg, features_state, ws, acc, group)
         if cfg.calibrate == "normal":  # the same normal windows for every fold (each process draws them alike)
             reference = reference_windows(cfg.shards, cfg.seed)
+        cache, cache_seconds = _shared_cache(cfg, model_cfg, features_state, ws.frames, acc, group)
+        if cache is not None and reference is not None:
+            reference_cache = _shared_cache(cfg, model_cfg, features_state, reference, acc, group)[0]
     run = FoldRun(
         cfg=cfg, run_dir=run_dir, ws=ws, cv=cv, held_out=held_out, model_cfg=model_cfg, features_state=features_state,
-        shared_cache=cache, reference=reference, fingerprint=fp, accelerator=acc,
+        shared_cache=cache, reference=reference, reference_cache=reference_cache, fingerprint=fp, accelerator=acc,
         scaler_needed=str(acc.mixed_precision) == "fp16",
     )  # fmt: skip
     pbar = tqdm(
