@@ -110,6 +110,8 @@ ROUND2: dict[str, tuple[list[str], dict]] = {
     "raw-s1": (["--calibrate", "none", "--seed", "1"], {}),
     "default-s2": (["--seed", "2"], {}),
     "raw-s2": (["--calibrate", "none", "--seed", "2"], {}),
+    "normals": (["--normal-footage", "train"], {}),  # the train clips' windows as extra normal training windows
+    "normals-s1": (["--normal-footage", "train", "--seed", "1"], {}),
 }
 
 

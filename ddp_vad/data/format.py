@@ -33,7 +33,7 @@ FORMAT = "ddp_vad-shards/2"
 MANIFEST = "manifest.json"
 FRAMES, META = "frames.npy", "json"
 WINDOW_FIELDS = ("start", "label", "kept", "fold_window", "fold_clip", "fold_leakfree")
-SELECTIONS = ("kept", "leakfree", "train")  # which windows a reader yields: see Block.positions
+SELECTIONS = ("kept", "leakfree", "train", "leakfree+train")  # which windows a reader yields: see Block.positions
 
 
 # ----------------------------------------------------------------------------------------------- blocks
@@ -64,13 +64,15 @@ class Block:
     def positions(self, select: str = "kept") -> np.ndarray:
         """Positions of the windows a stage reads: ``kept`` (the method's balanced set, used by the window and clip
         protocols), ``leakfree`` (the leak-free protocol's labelled set, test clips only) or ``train`` (every window
-        of a train clip: the unlabelled normal footage the leak-free GAN pretrains on)."""
+        of a train clip: the unlabelled normal footage the leak-free GAN pretrains on) or ``leakfree+train`` (both)."""
         if select == "kept":
             return np.flatnonzero(self.kept)
         if select == "leakfree":
             return np.flatnonzero(self.fold_leakfree >= 0)
         if select == "train":
             return np.arange(len(self.start)) if self.split == "train" else np.zeros(0, np.int64)
+        if select == "leakfree+train":  # both, in block order (a train clip's windows are never in the labelled set)
+            return np.arange(len(self.start)) if self.split == "train" else np.flatnonzero(self.fold_leakfree >= 0)
         raise ValueError(f"unknown window selection {select!r} (one of {', '.join(SELECTIONS)})")
 
     def window_key(self, j: int) -> str:

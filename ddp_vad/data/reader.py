@@ -163,7 +163,7 @@ def load_window_set(
     """
     manifest = load_manifest(shard_dir)
     leakfree = manifest.get("protocols", {}).get("leakfree", {})
-    if select == "leakfree" and not leakfree.get("available"):
+    if select in ("leakfree", "leakfree+train") and not leakfree.get("available"):
         raise UserError(
             f"protocol 'leakfree' is not available for {shard_dir}: it needs at least {manifest['folds']} test clips "
             f"holding windows of both classes (these shards: {manifest['counts']['test_clips']} test clips); use "
@@ -209,6 +209,8 @@ def _per_shard_counts(shard_dir: str | Path, manifest: dict, select: str, on_dam
 def _selected_count(manifest: dict, select: str) -> int:
     """How many windows ``select`` yields, from the manifest's counts."""
     counts = manifest["counts"]
+    if select == "leakfree+train":
+        return _selected_count(manifest, "leakfree") + _selected_count(manifest, "train")
     key = {"kept": "kept", "leakfree": "leakfree_kept", "train": "train_windows"}.get(select)
     if key is None:
         raise UserError(f"unknown window selection {select!r}")

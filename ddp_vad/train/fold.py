@@ -39,7 +39,7 @@ from ddp_vad.train.classifier import (
     train_mode,
     trainable_forward,
 )
-from ddp_vad.train.crossval import CVWindows, fold_split, score_fold
+from ddp_vad.train.crossval import CVWindows, fold_split, labelled_subset, score_fold
 from ddp_vad.train.fold_store import save_finished_fold
 from ddp_vad.train.holdout import holdout_part
 from ddp_vad.train.metrics import auroc
@@ -64,6 +64,7 @@ class FoldRun:
     fingerprint: dict
     accelerator: Any
     scaler_needed: bool
+    extra_normal: np.ndarray | None = None  # windows every fold also trains on as normal (--normal-footage train)
 
 
 @torch.no_grad()
@@ -226,6 +227,9 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
     cfg, acc = run.cfg, run.accelerator
     t0 = time.perf_counter()
     train_idx, test_idx, excluded = fold_split(run.cv, k, run.held_out, cfg.labelled_fraction, cfg.seed)
+    if run.extra_normal is not None and run.extra_normal.size:  # the labelled fraction of them, drawn per fold
+        extra = labelled_subset(run.extra_normal, run.cv.labels, cfg.labelled_fraction, cfg.seed, k)
+        train_idx = np.sort(np.concatenate([train_idx, extra]))
     if train_idx.size == 0:
         raise UserError(f"fold {k} has no training windows (too few windows, or --holdout-type removed them all)")
     notes = (

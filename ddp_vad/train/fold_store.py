@@ -32,7 +32,14 @@ from ddp_vad.weights import save_model
 FINGERPRINT_KEYS = ("train", "protocol", "epochs", "batch_size", "lr", "seed", "holdout_type", "labelled_fraction")
 # Training levers: in a fingerprint only where they differ from training before the levers existed (plain CE, no
 # augmentation, ...), so such runs still resume, and runs that differ in them are refused.
-LEVER_DEFAULTS = {"augment": "none", "class_weight": "none", "val_clips": 0, "weight_decay": 0.0, "calibrate": "none"}
+LEVER_DEFAULTS = {
+    "augment": "none",
+    "class_weight": "none",
+    "val_clips": 0,
+    "weight_decay": 0.0,
+    "calibrate": "none",
+    "normal_footage": "none",
+}
 
 
 def fingerprint(cfg: Any, manifest: dict, model_cfg: ModelConfig, mixed_precision: str) -> dict:

@@ -84,6 +84,7 @@ from ddp_vad.train.holdout import holdout_mask, holdout_summary
 from ddp_vad.train.source import FRESH, resolve_model
 
 METHOD_GAN, METHOD_SCRATCH, METHOD_RANDOM = "GAN+LRCN", "LRCN", "Random+LRCN"
+NORMAL_FOOTAGE = ("none", "train")  # --normal-footage
 
 
 @dataclass
@@ -167,6 +168,12 @@ class TransferConfig:
         "(0 = train on every training clip, keep the last epoch). Never the test fold.",
     )
     weight_decay: float = option(0.0, "Decoupled weight decay (AdamW); 0 = the method's plain Adam.")
+    normal_footage: str = option(
+        "none",
+        "train: add the shards' train clips (normal-only footage, never tested on) to every fold's training windows as "
+        "normal, the labelled fraction of them (seeded); leakfree protocol only. none: the labelled clips only.",
+        choices=NORMAL_FOOTAGE,
+    )
     calibrate: str = option(
         "normal",
         "Per-fold score calibration: normal (each fold's log-odds standardised on the same normal footage, the train "
@@ -220,6 +227,11 @@ class TransferConfig:
             )
         if self.class_weight not in ("none", "balanced"):
             raise UserError(f"--class-weight {self.class_weight}: choose none or balanced")
+        if self.normal_footage not in NORMAL_FOOTAGE:
+            raise UserError(f"--normal-footage {self.normal_footage}: choose {' or '.join(NORMAL_FOOTAGE)}")
+        if self.normal_footage == "train" and self.protocol != "leakfree":
+            raise UserError(f"--normal-footage train needs --protocol leakfree (the {self.protocol} protocol's set "
+                            "already holds the train clips' windows)")  # fmt: skip
         if self.calibrate not in CALIBRATIONS:
             raise UserError(f"--calibrate {self.calibrate}: choose {' or '.join(CALIBRATIONS)}")
         if int(self.val_clips) < 0:
@@ -359,7 +371,8 @@ def _cross_validate(cfg: TransferConfig, acc, manifest: dict, n_folds: int, mode
     for note in notes:
         print_main(is_main, f"transfer: note: {note}")
 
-    ws = load_window_set(cfg.shards, show_progress=is_main and cfg.progress, select=window_selection(cfg.protocol))
+    select = "leakfree+train" if cfg.normal_footage == "train" else window_selection(cfg.protocol)
+    ws = load_window_set(cfg.shards, show_progress=is_main and cfg.progress, select=select)
     if len(ws) == 0:
         raise UserError(f"--shards {cfg.shards}: no windows")
     cv, held_out = CVWindows.from_window_set(ws, cfg.protocol, n_folds, cfg.repeats), holdout_mask(ws, cfg.holdout_type)
@@ -377,6 +390,9 @@ def _cross_validate(cfg: TransferConfig, acc, manifest: dict, n_folds: int, mode
             f"{cfg.epochs} epochs",
             flush=True,
         )
+    # Train-clip windows (--normal-footage train): fold -1 under leakfree, so never tested; added to every fold's
+    # training windows as normal.
+    extra_normal = np.flatnonzero(np.asarray(ws.splits) == "train") if select == "leakfree+train" else None
     cache, cache_seconds, reference, reference_cache = (None, 0.0, None, None)
     if pre["todo_anywhere"]:
         if cfg.calibrate == "normal":  # the same normal windows for every fold (each process draws them alike)
@@ -387,6 +403,7 @@ def _cross_validate(cfg: TransferConfig, acc, manifest: dict, n_folds: int, mode
     run = FoldRun(
         cfg=cfg, run_dir=run_dir, ws=ws, cv=cv, held_out=held_out, model_cfg=model_cfg, features_state=features_state,
         shared_cache=cache, reference=reference, reference_cache=reference_cache, fingerprint=fp, accelerator=acc,
+        extra_normal=extra_normal,
         scaler_needed=str(acc.mixed_precision) == "fp16",
     )  # fmt: skip
     pbar = tqdm(
