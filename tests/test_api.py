@@ -72,7 +72,9 @@ def test_frames_video_and_stream_give_the_same_scores(example):
     streamed = list(detector.stream(clip))  # batch 1: the same numbers up to float rounding
     assert [s.frame for s in streamed] == list(range(1, 41))
     assert [s.name for s in streamed] == [p.name for p in sorted(clip.glob("*.tif"))]
-    np.testing.assert_allclose([s.score for s in streamed], from_video, atol=1e-6)
+    # 1e-5: calibrated fold models (the default) multiply float32 rounding, which differs with the batch size, by
+    # 1 / (4 x their spread on normal footage): 2e-6 seen here
+    np.testing.assert_allclose([s.score for s in streamed], from_video, atol=1e-5)
     assert [s.anomalous for s in streamed] == [s.score >= detector.threshold for s in streamed]
     # floats in [0, 1] are the model's scale: the same frames (at the model's size) give the same scores
     small = np.stack([np.asarray(Image.fromarray(f).resize((detector.width, detector.height))) for f in frames])
