@@ -160,14 +160,22 @@ def test_ctrl_c_is_exit_130_and_one_line_for_every_command(monkeypatch, stop):
             assert result.stderr.splitlines() == ["interrupted"], (args, result.output)
 
 
+def _plain_sigint() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_during_a_real_run_exits_130(tiny_shards, tmp_path):
     run = tmp_path / "gan"
     args = ["pretrain", "--shards", str(tiny_shards), "--out", str(run), "--preset", "tiny", "--steps", "100000",
             "--batch-size", "4", "--checkpoint-every", "0", "--similarity-every", "0", "--image-every", "0",
             "--workers", "0", "--no-progress", "--protocol", "window"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # The child gets SIGINT as a shell would deliver it: unblocked, default disposition. A child inherits its
+    # parent's blocked-signal mask and ignored signals, and earlier tests in the same pytest process can leave
+    # SIGINT blocked there (the full suite timed out here while the test alone passed).
     proc = subprocess.Popen([sys.executable, "-m", "ddp_vad", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_plain_sigint)  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while not lock_path(run).exists():  # the stage holds its folder: the run is under way
@@ -175,7 +183,12 @@ def test_sigint_during_a_real_run_exits_130(tiny_shards, tmp_path):
             time.sleep(0.1)
         time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        state = f"pytest's SIGINT: blocked {signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])}, " \
+                f"handler {signal.getsignal(signal.SIGINT)}"  # fmt: skip
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"no exit 60 s after SIGINT ({state})")
     finally:
         proc.kill()
     assert proc.returncode == 130, err
