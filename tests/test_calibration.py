@@ -12,21 +12,20 @@ import pytest
 import torch
 from conftest import torch_threads, write_ucsd
 
-from ddp_vad.data.reader import load_window_set
+from ddp_vad.data.reader import frames_to_float, load_window_set
 from ddp_vad.models import build_lrcn, model_config_for
 from ddp_vad.train.calibration import (
     TEMPERATURE,
     Z99,
     fold_calibration_into_head,
     reference_windows,
-    window_log_odds,
 )
+from ddp_vad.train.fold import predict
 from ddp_vad.train.metrics import read_oof_scores
 from ddp_vad.train.transfer import TransferConfig, run_transfer
 from ddp_vad.weights import load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-CPU = torch.device("cpu")
 
 
 def no_autocast():
@@ -34,7 +33,8 @@ def no_autocast():
 
 
 def _log_odds(model, frames: np.ndarray) -> np.ndarray:
-    return window_log_odds(model, frames, CPU, no_autocast)
+    inputs = lambda idx: frames_to_float(torch.from_numpy(frames[idx]))  # noqa: E731
+    return predict(model, model, inputs, np.arange(len(frames)), no_autocast)[2]
 
 
 @pytest.mark.parametrize("pooling", ["topk", "cells", "flatten"])

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddp_vad.data.reader import frames_to_float, load_window_set
+from ddp_vad.data.reader import load_window_set
 from ddp_vad.data.shards import load_manifest
 from ddp_vad.models import LRCN
 
@@ -46,19 +46,6 @@ def reference_windows(shards: Any, seed: int, n: int = REFERENCE_WINDOWS) -> np.
     if not int(load_manifest(shards)["counts"].get("train_windows", 0)):
         return None
     return load_window_set(shards, n=n, seed=[abs(int(seed)), 0xCA1B], on_damage="skip", select="train").frames
-
-
-@torch.no_grad()
-def window_log_odds(model: LRCN, frames: np.ndarray, device: torch.device, autocast, chunk: int = 64) -> np.ndarray:
-    """Log-odds ``l1 - l0`` (float64) of uint8 windows [N, T, H, W] through the whole model, in eval mode."""
-    model.eval()
-    out = []
-    for lo in range(0, len(frames), chunk):
-        x = frames_to_float(torch.from_numpy(frames[lo : lo + chunk]).to(device))
-        with autocast():
-            logits = model(x).float()
-        out.append((logits[:, 1] - logits[:, 0]).double().cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0, np.float64)
 
 
 def fold_calibration_into_head(model: LRCN, shift: float, scale: float) -> LRCN:

@@ -26,7 +26,7 @@ from ddp_vad.errors import NonFiniteLossError, UserError
 from ddp_vad.models import LRCN, ModelConfig
 from ddp_vad.runfiles import fold_checkpoint_dir, fold_tb_dir
 from ddp_vad.train.augment import augment_windows, epoch_generator, parse_augment
-from ddp_vad.train.calibration import REFERENCE_WINDOWS, calibrate_from_log_odds, window_log_odds
+from ddp_vad.train.calibration import REFERENCE_WINDOWS, calibrate_from_log_odds
 from ddp_vad.train.checkpoint import list_fold_checkpoints, save_fold_checkpoint
 from ddp_vad.train.classifier import (
     CHUNK,
@@ -320,7 +320,9 @@ def _calibrate(
     if not len(reference):
         notes.append("not calibrated: no normal window to calibrate on")
         return export, {"source": "none"}
-    return calibrate_from_log_odds(export, window_log_odds(export, reference, acc.device, acc.autocast), source)
+    frames_in = lambda idx: frames_to_float(torch.from_numpy(reference[idx]).to(acc.device))  # noqa: E731
+    d = predict(export, export, frames_in, np.arange(len(reference)), acc.autocast)[2]
+    return calibrate_from_log_odds(export, d, source)
 
 
 def _fold_model(run: FoldRun, k: int, resume_state: dict | None) -> tuple:
