@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ddp_vad.errors import UserError
+from ddp_vad.motion import MotionPrior
 from ddp_vad.presets import PRESET_NAMES, PRESETS
 from ddp_vad.warn import warn
 
@@ -64,6 +65,9 @@ class ModelConfig:
     # cells: no spatial pooling, the LSTM and head run per cell of the last conv map and the window's logit is the
     # mean of the topk largest cell logits (multiple-instance style: one small unusual object can decide)
     topk: int = 8  # pooling=topk: mean of the k largest positions per channel; pooling=cells: of the k largest cells
+    # The motion prior (ddp_vad.motion): the window's motion energy, standardised on normal footage at calibration,
+    # added to the log-odds. Its buffers are part of the weights; False for the method and every discriminator.
+    motion_prior: bool = False
 
     def __post_init__(self) -> None:
         self.gen_channels = tuple(int(c) for c in self.gen_channels)
@@ -89,6 +93,9 @@ class ModelConfig:
             raise UserError(f"model config: pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.input_mode != "frames" and self.window < 2:
             raise UserError(f"model config: input_mode {self.input_mode} needs windows of >= 2 frames")
+        if self.motion_prior and (self.window < 2 or self.num_classes != 2):
+            raise UserError(f"model config: motion_prior needs windows of >= 2 frames and 2 classes, got window "
+                            f"{self.window}, num_classes {self.num_classes}")  # fmt: skip
         if self.pooling == "cells" and self.num_classes != 2:
             raise UserError(f"model config: pooling cells needs 2 classes, got num_classes={self.num_classes}")
         if self.topk < 1:
@@ -324,16 +331,21 @@ class Head(nn.Module):
 
 
 class LRCN(nn.Module):
-    """``features`` (CNN + LSTM) followed by ``head``; input [B, T, 1, H, W] in [0, 1], output logits [B, 2]."""
+    """``features`` (CNN + LSTM) followed by ``head``; input [B, T, 1, H, W] in [0, 1], output logits [B, 2]. With
+    ``motion_prior`` the window's standardised motion energy is added to the log-odds (:class:`MotionPrior`; zero
+    until calibration sets it)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.features = FeatureExtractor(cfg)
         self.head = Head(cfg.lstm_hidden, cfg.dense, cfg.num_classes, cfg.dropout, cfg.topk)
+        self.prior = MotionPrior() if cfg.motion_prior else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        logits = self.head(self.features(x))
+        # Training never sees the prior (calibration sets it after training; until then it adds 0): skip its cost.
+        return logits if self.prior is None or self.training else self.prior(x, logits)
 
 
 def real_fake_logit(logits: torch.Tensor) -> torch.Tensor:

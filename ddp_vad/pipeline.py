@@ -23,6 +23,7 @@ from ddp_vad.config import write_resolved_config
 from ddp_vad.data.sources import FORMATS
 from ddp_vad.errors import UserError
 from ddp_vad.eval.baselines import METHODS
+from ddp_vad.motion import MOTION_PRIORS
 from ddp_vad.options import option
 from ddp_vad.presets import PRESET_NAMES, PRESETS
 from ddp_vad.runfiles import metrics_file
@@ -74,6 +75,12 @@ class PipelineConfig:
         "Per-fold score calibration of the learned runs (`transfer --calibrate`): normal (on the train clips' "
         "normal windows) or none.",
         choices=CALIBRATIONS,
+    )
+    motion_prior: str | None = option(
+        None,
+        "The learned runs' motion prior (`transfer --motion-prior`): energy (the default with --calibrate normal) or "
+        "none.",
+        choices=MOTION_PRIORS,
     )
     epochs: int | None = option(None, "Fine-tuning epochs per fold.")
     batch_size: int | None = option(None, "GAN batch size per process.")
@@ -175,7 +182,8 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Callable[[bool], Any]]:
                 TransferConfig(
                     shards=shards, out=out, source=s, train=t, folds=plan["folds"], protocol=protocol,
                     epochs=plan["epochs"], preset=cfg.preset, seed=seed, resume="auto", labelled_fraction=f,
-                    repeats=plan["repeats"], calibrate=cfg.calibrate, check_paths=check,
+                    repeats=plan["repeats"], calibrate=cfg.calibrate, motion_prior=cfg.motion_prior,
+                    check_paths=check,
                 )
             )  # fmt: skip
         builders[f"baselines@{f:g}"] = lambda check, out=str(dirs[f"baselines@{f:g}"]), f=f: BaselinesConfig(

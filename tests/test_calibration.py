@@ -1,5 +1,6 @@
 """Per-fold calibration on normal footage (``transfer --calibrate normal``, the default): the map folded into the
-head, each saved fold model standardised on the train clips' windows, the out-of-fold scores the saved model's own,
+head and the motion prior (``--motion-prior energy``, the default), each saved fold model standardised on the train
+clips' windows, the out-of-fold scores the saved model's own,
 training untouched, and the fallback for shards without train clips."""
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from conftest import torch_threads, write_ucsd
 
 from ddp_vad.data.reader import frames_to_float, load_window_set
 from ddp_vad.models import build_lrcn, model_config_for
+from ddp_vad.motion import window_energies
 from ddp_vad.train.calibration import (
+    MIN_ENERGY_SPREAD,
     TEMPERATURE,
     Z99,
+    calibrated_log_odds,
     fold_calibration_into_head,
     reference_windows,
 )
@@ -49,10 +53,10 @@ def test_folded_map_is_the_affine_calibration(pooling):
     np.testing.assert_array_equal(_log_odds(model, frames), before)  # the original is left as it was
 
 
-def _run(shards: Path, out: Path, calibrate: str) -> Path:
+def _run(shards: Path, out: Path, calibrate: str, motion_prior: str | None = None) -> Path:
     cfg = TransferConfig(
         shards=str(shards), out=str(out), source="scratch", preset="tiny", epochs=1, batch_size=8, protocol="window",
-        progress=False, calibrate=calibrate,
+        progress=False, calibrate=calibrate, motion_prior=motion_prior,
     )  # fmt: skip
     with torch_threads(1):
         return run_transfer(cfg)
@@ -93,16 +97,49 @@ def test_oof_scores_are_the_saved_models_scores(tiny_run, tiny_shards):
         np.testing.assert_allclose(oof * record["scale"], saved * record["scale"], atol=1e-5)
 
 
-def test_calibration_changes_the_scale_only(tiny_run, tiny_shards, tmp_path):
+def test_calibration_is_the_affine_map_plus_the_motion_prior(tiny_run, tiny_shards, tmp_path):
+    """The same training without calibration (and so without the prior): the calibrated model's log-odds are the raw
+    ones mapped affinely, plus the prior's weight times the window's motion energy above normal footage's mean."""
     raw = _run(tiny_shards, tmp_path / "raw", "none")
     assert "calibration" not in json.loads((raw / "folds" / "fold_00" / "result.json").read_text())
     frames = load_window_set(tiny_shards).frames
+    energies = window_energies(frames)
     for k, (calibrated, plain) in enumerate(
         zip(_fold_models(tiny_run).values(), _fold_models(raw).values(), strict=True)
     ):
+        assert plain.prior is None and calibrated.prior is not None
         record = json.loads((tiny_run / "folds" / f"fold_{k:02d}" / "result.json").read_text())["calibration"]
-        expected = (_log_odds(plain, frames) - record["shift"]) / record["scale"]
+        expected = calibrated_log_odds(_log_odds(plain, frames), record, energies)
         np.testing.assert_allclose(_log_odds(calibrated, frames), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_the_prior_and_the_classifier_weigh_alike_on_normal_footage(tiny_run, tiny_shards):
+    """Two z-scores summed: on the normal footage the classifier's part of the calibrated log-odds has spread
+    1 / (T s), s the spread of the sum, and the prior's weight is 1 / (T s) per spread of log energy (floored at
+    MIN_ENERGY_SPREAD: the tiny clips' energies barely vary)."""
+    reference = reference_windows(tiny_shards, seed=0)
+    energies = window_energies(reference)
+    for k, model in _fold_models(tiny_run).items():
+        record = json.loads((tiny_run / "folds" / f"fold_{k:02d}" / "result.json").read_text())["calibration"]
+        motion = record["motion"]
+        per_spread = 1 / (TEMPERATURE * motion["sum_spread"])
+        assert motion["spread"] == pytest.approx(max(energies.std(), MIN_ENERGY_SPREAD))
+        assert motion["mean"] == pytest.approx(energies.mean())
+        assert motion["weight"] * motion["spread"] == pytest.approx(per_spread)
+        classifier_part = _log_odds(model, reference) - motion["weight"] * (energies - motion["mean"])
+        assert abs(classifier_part.std() - per_spread) < 1e-2 * per_spread, k
+
+
+def test_without_the_prior_calibration_changes_the_scale_only(tiny_shards, tmp_path):
+    calibrated = _run(tiny_shards, tmp_path / "calibrated", "normal", motion_prior="none")
+    raw = _run(tiny_shards, tmp_path / "raw", "none")
+    frames = load_window_set(tiny_shards).frames
+    for k, (model, plain) in enumerate(zip(_fold_models(calibrated).values(), _fold_models(raw).values(), strict=True)):
+        assert model.prior is None
+        record = json.loads((calibrated / "folds" / f"fold_{k:02d}" / "result.json").read_text())["calibration"]
+        assert "motion" not in record
+        expected = (_log_odds(plain, frames) - record["shift"]) / record["scale"]
+        np.testing.assert_allclose(_log_odds(model, frames), expected, rtol=1e-4, atol=1e-3)
 
 
 def test_shards_without_train_clips_calibrate_on_the_folds_normal_windows(tmp_path):

@@ -25,7 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "ddp_vad"
 
-UTILITIES = {"errors", "files", "config", "options", "warn", "presets", "models", "weights", "runlock", "runfiles"}
+UTILITIES = {
+    "errors", "files", "config", "options", "warn", "presets", "models", "motion", "weights", "runlock", "runfiles",
+}  # fmt: skip
 TOP = {"ddp_vad", "__main__", "cli", "api", "pipeline", "clispec"}
 LAYERS = {"data": 1, "train": 2, "eval": 3, "infer": 3}
 ROOT_CONSTANTS = {"__version__"}

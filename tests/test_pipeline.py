@@ -134,15 +134,22 @@ def test_predict_without_a_model_is_a_one_line_error(pipeline_dir, tmp_path):
     assert result.output.strip().startswith("error:") and "nope" in result.output
 
 
-def test_pretraining_and_calibration_reach_their_stages(tmp_path):
+def test_pretraining_calibration_and_prior_reach_their_stages(tmp_path):
     from ddp_vad.pipeline import stage_configs
 
     default = stage_configs(PipelineConfig(out=str(tmp_path / "a"), preset="tiny"))
     assert default["pretrain"](False).objective == "gan" and default["pretrain"](False).pseudo_anomalies == 0
-    assert {default[f"{run}@1"](False).calibrate for run in ("lrcn-gan", "lrcn-scratch", "lrcn-random")} == {"normal"}
+    runs = ("lrcn-gan", "lrcn-scratch", "lrcn-random")
+    assert {(default[f"{run}@1"](False).calibrate, default[f"{run}@1"](False).motion_prior) for run in runs} == {
+        ("normal", "energy")
+    }
+    no_prior = stage_configs(PipelineConfig(out=str(tmp_path / "c"), preset="tiny", motion_prior="none"))
+    assert {no_prior[f"{run}@1"](False).motion_prior for run in runs} == {"none"}
     chosen = stage_configs(
         PipelineConfig(out=str(tmp_path / "b"), preset="tiny", pretraining="pseudo", calibrate="none")
     )
     pretrain = chosen["pretrain"](False)
     assert pretrain.objective == "pseudo" and pretrain.pseudo_anomalies == 1.0
-    assert {chosen[f"{run}@0.1"](False).calibrate for run in ("lrcn-gan", "lrcn-scratch", "lrcn-random")} == {"none"}
+    assert {(chosen[f"{run}@0.1"](False).calibrate, chosen[f"{run}@0.1"](False).motion_prior) for run in runs} == {
+        ("none", "none")
+    }

@@ -18,6 +18,11 @@ other such window. The mean and spread, not the empirical 99th percentile, becau
 normal windows (Ped2 at 10% labels, pooled frame AUROC over four draws: 0.742-0.750 against 0.736-0.764;
 benchmarks/results/levers3.md).
 
+With the motion prior (``transfer --motion-prior energy``, :mod:`ddp_vad.motion`) the same footage standardises the
+windows' motion energy ``e`` as well, and the calibrated log-odds are ``((z_d + z_e) / s - Z99) / T``, ``z_d`` and
+``z_e`` the two z-scores and ``s`` the spread of their sum on that footage: the head's last Linear takes the ``z_d``
+part and the model's :class:`ddp_vad.motion.MotionPrior` the ``z_e`` part.
+
 Shards without train clips (a user's folder with no normal-only split) fall back to the fold's own normal training
 windows, with a note.
 """
@@ -39,6 +44,8 @@ REFERENCE_WINDOWS = 2048  # normal windows each fold scores, at most (~0.45 GB o
 Z99 = 2.326  # P = 0.5 this many normal spreads above the normal mean (the Gaussian 99th percentile)
 TEMPERATURE = 4.0  # calibrated log-odds per normal spread: 1/4 (the same for every fold, so the ranking is kept)
 MIN_SCALE = 1e-6  # a fold model that gives every normal window the same score keeps its spread of 1e-6
+MIN_ENERGY_SPREAD = 0.05  # log motion energy: footage whose windows all move alike (the tests' tiny clips) does not
+# blow the prior up; real footage spreads 0.14 (Ped2) to 0.47 (the synthetic data)
 
 
 def reference_windows(shards: Any, seed: int, n: int = REFERENCE_WINDOWS) -> np.ndarray | None:
@@ -63,10 +70,34 @@ def fold_calibration_into_head(model: LRCN, shift: float, scale: float) -> LRCN:
     return out
 
 
-def calibrate_from_log_odds(model: LRCN, d: np.ndarray, source: str) -> tuple[LRCN, dict]:
+def calibrate_from_log_odds(
+    model: LRCN, d: np.ndarray, source: str, energies: np.ndarray | None = None
+) -> tuple[LRCN, dict]:
     """``model`` calibrated on the log-odds ``d`` it gives normal windows (see the module docstring), and the record
-    of it (``source``: where the windows came from)."""
+    of it (``source``: where the windows came from). With a motion prior on the model, ``energies`` are the same
+    windows' log motion energies, and the prior is set from them."""
     spread = max(float(d.std()), MIN_SCALE)
-    shift, scale = float(d.mean()) + Z99 * spread, TEMPERATURE * spread
-    record = {"source": source, "windows": int(len(d)), "mean": float(d.mean()), "shift": shift, "scale": scale}
-    return fold_calibration_into_head(model, shift, scale), record
+    total = 1.0
+    record: dict = {"source": source, "windows": int(len(d)), "mean": float(d.mean())}
+    if model.prior is not None:
+        if energies is None or len(energies) != len(d):
+            raise ValueError("a model with a motion prior is calibrated with the normal windows' energies")
+        e_spread = max(float(energies.std()), MIN_ENERGY_SPREAD)
+        z = (d - d.mean()) / spread + (energies - energies.mean()) / e_spread
+        total = max(float(z.std()), MIN_SCALE)
+        weight = 1.0 / (TEMPERATURE * e_spread * total)
+        record["motion"] = {"mean": float(energies.mean()), "spread": e_spread, "sum_spread": total, "weight": weight}
+    record.update(shift=float(d.mean()) + Z99 * spread * total, scale=TEMPERATURE * spread * total)
+    out = fold_calibration_into_head(model, record["shift"], record["scale"])
+    if "motion" in record:
+        out.prior.set(record["motion"]["mean"], record["motion"]["weight"])
+    return out, record
+
+
+def calibrated_log_odds(d: np.ndarray, record: dict, energies: np.ndarray | None = None) -> np.ndarray:
+    """The calibrated model's log-odds of windows whose raw log-odds are ``d`` (and log motion energies
+    ``energies``, with a prior): the map :func:`calibrate_from_log_odds` folded into the model, applied in float64."""
+    out = (d - record["shift"]) / record["scale"]
+    if "motion" in record:
+        out = out + record["motion"]["weight"] * (energies - record["motion"]["mean"])
+    return out

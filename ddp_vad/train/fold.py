@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from ddp_vad.data.reader import WindowSet, frames_to_float
 from ddp_vad.errors import NonFiniteLossError, UserError
 from ddp_vad.models import LRCN, ModelConfig
+from ddp_vad.motion import window_energies
 from ddp_vad.runfiles import fold_checkpoint_dir, fold_tb_dir
 from ddp_vad.train.augment import augment_windows, epoch_generator, parse_augment
-from ddp_vad.train.calibration import REFERENCE_WINDOWS, calibrate_from_log_odds
+from ddp_vad.train.calibration import REFERENCE_WINDOWS, calibrate_from_log_odds, calibrated_log_odds
 from ddp_vad.train.checkpoint import list_fold_checkpoints, save_fold_checkpoint
 from ddp_vad.train.classifier import (
     CHUNK,
@@ -274,7 +275,8 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
     if getattr(cfg, "calibrate", "none") == "normal":
         export, calibration = _calibrate(run, model, export, forward, norm, fit_idx, notes)
         if "shift" in calibration:  # the saved (calibrated) model's own scores: the same map of the log-odds
-            last = _outputs((last[2] - calibration["shift"]) / calibration["scale"])
+            energies = window_energies(run.ws.frames[test_idx]) if "motion" in calibration else None
+            last = _outputs(calibrated_log_odds(last[2], calibration, energies))
     scores, preds, _ = last
     extra = {"n_train": int(fit_idx.size)}
     if best:
@@ -306,11 +308,12 @@ def _calibrate(
     frozen part's output of the footage was computed once for every fold (``reference_cache``), only the trained
     part runs on it."""
     acc = run.accelerator
+    energies = lambda frames: window_energies(frames) if export.prior is not None else None  # noqa: E731
     if run.reference_cache is not None:
         x = run.reference_cache if norm is None else (run.reference_cache.to(norm[0].device) - norm[0]) / norm[1]
         d = predict(model, forward, lambda idx: x[torch.from_numpy(idx).to(x.device)].to(acc.device),
                     np.arange(len(x)), acc.autocast)[2]  # fmt: skip
-        return calibrate_from_log_odds(export, d, "train clips")
+        return calibrate_from_log_odds(export, d, "train clips", energies(run.reference))
     reference, source = run.reference, "train clips"
     if reference is None:
         normal = fit_idx[run.cv.labels[fit_idx] == 0]
@@ -322,7 +325,7 @@ def _calibrate(
         return export, {"source": "none"}
     frames_in = lambda idx: frames_to_float(torch.from_numpy(reference[idx]).to(acc.device))  # noqa: E731
     d = predict(export, export, frames_in, np.arange(len(reference)), acc.autocast)[2]
-    return calibrate_from_log_odds(export, d, source)
+    return calibrate_from_log_odds(export, d, source, energies(reference))
 
 
 def _fold_model(run: FoldRun, k: int, resume_state: dict | None) -> tuple:

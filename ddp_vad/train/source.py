@@ -37,6 +37,7 @@ def resolve_model(cfg: Any, manifest: dict) -> tuple[ModelConfig, dict[str, torc
             cfg.preset or DEFAULT_PRESET, manifest,
             input_mode=cfg.input_mode, pooling=cfg.pooling, topk=cfg.topk, dropout=cfg.dropout,
         )  # fmt: skip
+        model_cfg = with_prior(model_cfg, cfg)
         if cfg.source == RANDOM:  # one random LRCN serves every fold, as one GAN does: its output is computed once
             state = build_lrcn_seeded(model_cfg, fold_seed(cfg.seed, RANDOM_INIT_FOLD)).features.state_dict()
             return model_cfg, {k: v.detach().clone() for k, v in state.items()}, notes
@@ -57,7 +58,13 @@ def resolve_model(cfg: Any, manifest: dict) -> tuple[ModelConfig, dict[str, torc
             )
     if cfg.dropout is not None:  # not an architecture change: the same weights, another dropout rate
         model_cfg = dataclasses.replace(model_cfg, dropout=cfg.dropout)
-    return model_cfg, state, notes
+    return with_prior(model_cfg, cfg), state, notes
+
+
+def with_prior(model_cfg: ModelConfig, cfg: Any) -> ModelConfig:
+    """The classifier's architecture with the motion prior asked (``--motion-prior``; a GAN's discriminator has none:
+    the prior's buffers sit outside the features it hands over)."""
+    return dataclasses.replace(model_cfg, motion_prior=getattr(cfg, "motion_prior", "none") == "energy")
 
 
 RANDOM_INIT_FOLD = 0x5A4D  # the random control's seed stream: no real fold has this index

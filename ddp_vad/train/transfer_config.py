@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ddp_vad.errors import UserError
 from ddp_vad.models import INPUT_MODES, POOLINGS
+from ddp_vad.motion import MOTION_PRIORS
 from ddp_vad.options import option
 from ddp_vad.presets import PRESET_NAMES
 from ddp_vad.train.augment import parse_augment
@@ -128,6 +129,13 @@ class TransferConfig:
         "scores).",
         choices=CALIBRATIONS,
     )
+    motion_prior: str | None = option(
+        None,
+        "energy: add each window's motion energy (the top cells of |frame difference|), standardised on the same "
+        "normal footage, to the calibrated log-odds (needs --calibrate normal; the default with it); none: the "
+        "classifier's score alone (the default with --calibrate none).",
+        choices=MOTION_PRIORS,
+    )
     # False: check the values only, not that --shards and a GAN --from exist (the pipeline checks every stage's
     # options before an earlier stage has made them).
     check_paths: InitVar[bool] = True
@@ -181,6 +189,13 @@ class TransferConfig:
                             "already holds the train clips' windows)")  # fmt: skip
         if self.calibrate not in CALIBRATIONS:
             raise UserError(f"--calibrate {self.calibrate}: choose {' or '.join(CALIBRATIONS)}")
+        if self.motion_prior is None:
+            self.motion_prior = "energy" if self.calibrate == "normal" else "none"
+        if self.motion_prior not in MOTION_PRIORS:
+            raise UserError(f"--motion-prior {self.motion_prior}: choose {' or '.join(MOTION_PRIORS)}")
+        if self.motion_prior == "energy" and self.calibrate != "normal":
+            raise UserError("--motion-prior energy needs --calibrate normal (the prior is standardised on the same "
+                            "normal footage); give --motion-prior none with --calibrate none")  # fmt: skip
         if int(self.val_clips) < 0:
             raise UserError(f"--val-clips must be >= 0, got {self.val_clips}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
