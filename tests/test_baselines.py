@@ -15,6 +15,7 @@ from ddp_vad.data.reader import load_window_set
 from ddp_vad.errors import UserError
 from ddp_vad.eval.baselines import BaselinesConfig, make_estimator, run_baselines
 from ddp_vad.eval.features import feature_size, motion_features, window_features
+from ddp_vad.motion import window_energies
 from ddp_vad.train.metrics import read_oof_scores
 
 METHODS = ["logreg", "svm", "rf", "knn", "nb"]
@@ -130,6 +131,20 @@ def test_motion_methods_run_on_frame_difference_energy(window_run, synth_shards)
         metrics = json.loads((window_run / method / "metrics.json").read_text())
         assert metrics["features"]["kind"] == "motion" and metrics["features"]["n_features"] == 9 + 2 * 24
         assert sum(f["n_test"] for f in metrics["folds"]) == len(load_window_set(synth_shards))
+
+
+def test_motion_energy_scores_follow_the_windows_energy(window_run, synth_shards):
+    # One feature, a logistic fit per fold: within a fold the scores rank the windows exactly as their energy does.
+    metrics = json.loads((window_run / "motion-energy" / "metrics.json").read_text())
+    assert metrics["features"]["kind"] == "energy" and metrics["features"]["n_features"] == 1
+    ws = load_window_set(synth_shards)
+    energy = dict(zip(ws.keys, window_energies(ws.frames).tolist(), strict=True))
+    rows = read_oof_scores(window_run / "motion-energy")
+    assert len(rows) == len(ws)
+    for fold in {int(r["fold"]) for r in rows}:
+        mine = sorted((r for r in rows if int(r["fold"]) == fold), key=lambda r: energy[r["key"]])
+        scores = [r["score"] for r in mine]
+        assert scores == sorted(scores) or scores == sorted(scores, reverse=True), fold
 
 
 def test_motion_features_measure_frame_differences():

@@ -1,5 +1,7 @@
 """Classic ML baselines (scikit-learn) on the same folds as ``transfer``: pixel methods on flattened 60x90 windows
-(the method's) and motion methods on frame-difference energy (:mod:`ddp_vad.eval.features`).
+(the method's), motion methods on frame-difference energy per cell of a coarse grid (:mod:`ddp_vad.eval.features`),
+and ``motion-energy`` on one number per window, the log motion energy of its most active cells wherever they are
+(:mod:`ddp_vad.motion`).
 
 For each method, ``OUT/<method>/`` gets ``config.json``, ``oof_scores.csv`` and ``metrics.json`` in the
 format of :mod:`ddp_vad.train.metrics`. A method whose ``metrics.json`` exists is skipped (resume).
@@ -31,6 +33,8 @@ from ddp_vad.config import write_resolved_config
 from ddp_vad.errors import UserError
 from ddp_vad.eval.features import MOTION_GRID, feature_size, motion_features, window_features
 from ddp_vad.eval.fold_threads import run_units
+from ddp_vad.motion import TOPK as MOTION_TOPK
+from ddp_vad.motion import cell_size, window_energies
 from ddp_vad.options import option
 from ddp_vad.runfiles import metrics_file
 from ddp_vad.train.crossval import (
@@ -50,7 +54,7 @@ from ddp_vad.train.metrics import read_cv_results
 class Baseline:
     """A classic method: which window features it reads and how to make a fresh estimator."""
 
-    features: str  # "pixels" | "motion" (ddp_vad.eval.features)
+    features: str  # "pixels" | "motion" (ddp_vad.eval.features) | "energy" (ddp_vad.motion)
     make: Callable[[BaselinesConfig], Any]
     # The estimator's own predict is argmax(predict_proba) (forests, uniform k-NN): one pass gives both, where
     # predict + predict_proba would walk every tree / compute every distance twice.
@@ -90,6 +94,10 @@ BASELINES: dict[str, Baseline] = {
         C=1.0, max_iter=1000, class_weight="balanced", random_state=c.seed)),
     "motion-gb": Baseline("motion", lambda c: _sk("ensemble.HistGradientBoostingClassifier")(
         max_iter=200, learning_rate=0.1, class_weight="balanced", random_state=c.seed)),
+    # One number per window, where it happens in the frame does not matter: the log motion energy of the most active
+    # cells (ddp_vad.motion, the learned runs' motion prior). On its own it ranks about as an unsupervised detector.
+    "motion-energy": Baseline("energy", lambda c: _sk("linear_model.LogisticRegression")(
+        C=1.0, max_iter=1000, class_weight="balanced", random_state=c.seed)),
 }  # fmt: skip
 METHODS = tuple(BASELINES)
 
@@ -220,6 +228,10 @@ def _run_method(
 def _features(kind: str, frames: np.ndarray, cfg: BaselinesConfig) -> tuple[np.ndarray, dict]:
     """The feature matrix of one kind and its description (for config.json / metrics.json)."""
     n, t_len, frame_h, frame_w = frames.shape
+    if kind == "energy":
+        x = window_energies(frames).astype(np.float32)[:, None]
+        return x, {"kind": "energy", "cell": cell_size(frame_h), "topk": MOTION_TOPK, "window": t_len,
+                   "n_features": 1, "standardise": "per fold, mean/std of the training rows"}  # fmt: skip
     if kind == "motion":
         x = motion_features(frames)
         return x, {"kind": "motion", "grid": list(MOTION_GRID), "window": t_len, "n_features": int(x.shape[1]),
