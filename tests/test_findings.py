@@ -79,7 +79,8 @@ def test_report_has_the_curve_figure_table_verdict_and_budgets(tmp_path):
     for fraction, (gan, lrcn) in {0.25: ([0.9, 0.8], [0.6, 0.7]), 1.0: ([0.9, 0.9], [0.8, 0.9])}.items():
         for method, accs in (("GAN+LRCN", gan), ("LRCN", lrcn)):
             run = tmp_path / f"f{fraction}" / method
-            _write_run(run, method, fraction, accs, **({"calibrate": "normal"} if method == "LRCN" else {}))
+            scored = {"calibrate": "normal", "motion_prior": "energy"} if method == "LRCN" else {}
+            _write_run(run, method, fraction, accs, **scored)
             runs.append(str(run))
     report = run_evaluate(EvaluateConfig(runs=tuple(runs), out=str(tmp_path / "report")))
     assert set(report["methods"]) == {"GAN+LRCN", "LRCN"}  # Table 5: the runs with all labels
@@ -88,6 +89,8 @@ def test_report_has_the_curve_figure_table_verdict_and_budgets(tmp_path):
     md = (tmp_path / "report" / "report.md").read_text()
     assert md.index("## Label efficiency") < md.index("## Verdict") < md.index("## Table 5")
     assert "LEAKY" in md and "- GAN+LRCN: 3 epochs, batch 8, trains head (labelled fractions 0.25, 1)" in md
-    calibrated = "- LRCN: 3 epochs, batch 8, trains head, each fold's scores calibrated on normal footage"
+    calibrated = (
+        "- LRCN: 3 epochs, batch 8, trains head, each fold's scores calibrated on normal footage with the motion prior"
+    )
     assert calibrated in md
     assert (tmp_path / "report" / "fig1_label_efficiency.png").read_bytes()[:4] == b"\x89PNG"

@@ -97,19 +97,24 @@ def verdict(by_method: dict[str, dict[float, dict]], protocol: str) -> str:
 
 def budgets(entries: list[dict]) -> list[str]:
     """Markdown lines: what each learned method was given (epochs, batch size, what was trained, whether its fold
-    scores were calibrated on normal footage), once per method and budget, with the labelled fractions it was run
-    at."""
+    scores were calibrated on normal footage and carry the motion prior), once per method and budget, with the
+    labelled fractions it was run at."""
     by_budget: dict[tuple, list[float]] = defaultdict(list)
     for e in entries:
         x = e.get("extra", {})
         if "epochs" in x:
-            key = (e["method"], x["epochs"], x.get("batch_size", "?"), x.get("train", "?"), x.get("calibrate", "none"))
+            key = (e["method"], x["epochs"], x.get("batch_size", "?"), x.get("train", "?"), x.get("calibrate", "none"),
+                   x.get("motion_prior", "none"))  # fmt: skip
             by_budget[key].append(float(e.get("labelled_fraction", 1.0)))
-    calibrated = ", each fold's scores calibrated on normal footage (`--calibrate normal`)"
+    scored = {
+        ("normal", "none"): ", each fold's scores calibrated on normal footage (`--calibrate normal`)",
+        ("normal", "energy"): ", each fold's scores calibrated on normal footage with the motion prior "
+        "(`--calibrate normal --motion-prior energy`)",
+    }
     return [
-        f"- {method}: {epochs} epochs, batch {batch}, trains {train}{calibrated if calibrate == 'normal' else ''} "
+        f"- {method}: {epochs} epochs, batch {batch}, trains {train}{scored.get((calibrate, prior), '')} "
         f"(labelled fractions {', '.join(f'{f:g}' for f in sorted(fractions))})"
-        for (method, epochs, batch, train, calibrate), fractions in sorted(by_budget.items())
+        for (method, epochs, batch, train, calibrate, prior), fractions in sorted(by_budget.items())
     ]
 
 

@@ -266,6 +266,7 @@ def summarise_run(
                 "batch_size",
                 "model_preset",
                 "calibrate",
+                "motion_prior",
             )
             if k in data
         },
