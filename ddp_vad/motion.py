@@ -40,13 +40,14 @@ def motion_energy(x: torch.Tensor) -> torch.Tensor:
     return torch.log(top.mean(dim=1) + EPS)
 
 
-def window_energies(frames: np.ndarray, chunk: int = 64) -> np.ndarray:
-    """uint8 windows [N, T, H, W] -> log motion energy [N] (float64), ``chunk`` windows at a time (64 of 120 x 182:
-    about 60 MB of float32 per step)."""
-    out = [
-        motion_energy(torch.from_numpy(np.ascontiguousarray(frames[lo : lo + chunk])).float().div_(255.0))
-        for lo in range(0, len(frames), chunk)
-    ]
+def window_energies(frames: np.ndarray, idx: np.ndarray | None = None, chunk: int = 64) -> np.ndarray:
+    """uint8 windows [N, T, H, W] (those at ``idx``, when given: gathered a chunk at a time, never all copied) ->
+    log motion energy (float64), ``chunk`` windows at a time (64 of 120 x 182: about 60 MB of float32 per step)."""
+    n = len(frames) if idx is None else len(idx)
+    out = []
+    for lo in range(0, n, chunk):
+        part = frames[lo : lo + chunk] if idx is None else frames[idx[lo : lo + chunk]]
+        out.append(motion_energy(torch.from_numpy(np.ascontiguousarray(part)).float().div_(255.0)))
     return torch.cat(out).double().numpy() if out else np.zeros(0, np.float64)
 
 

@@ -62,6 +62,7 @@ class FoldRun:
     shared_cache: torch.Tensor | None  # frozen output of every window when it is the same for every fold
     reference: np.ndarray | None  # normal windows (train clips) every fold is calibrated on; None: none / not asked
     reference_cache: torch.Tensor | None  # their frozen-part output where it is the same for every fold
+    reference_energies: np.ndarray | None  # their log motion energies (models with a motion prior), computed once
     fingerprint: dict
     accelerator: Any
     scaler_needed: bool
@@ -275,7 +276,7 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
     if getattr(cfg, "calibrate", "none") == "normal":
         export, calibration = _calibrate(run, model, export, forward, norm, fit_idx, notes)
         if "shift" in calibration:  # the saved (calibrated) model's own scores: the same map of the log-odds
-            energies = window_energies(run.ws.frames[test_idx]) if "motion" in calibration else None
+            energies = window_energies(run.ws.frames, test_idx) if "motion" in calibration else None
             last = _outputs(calibrated_log_odds(last[2], calibration, energies))
     scores, preds, _ = last
     extra = {"n_train": int(fit_idx.size)}
@@ -308,24 +309,24 @@ def _calibrate(
     frozen part's output of the footage was computed once for every fold (``reference_cache``), only the trained
     part runs on it."""
     acc = run.accelerator
-    energies = lambda frames: window_energies(frames) if export.prior is not None else None  # noqa: E731
     if run.reference_cache is not None:
         x = run.reference_cache if norm is None else (run.reference_cache.to(norm[0].device) - norm[0]) / norm[1]
         d = predict(model, forward, lambda idx: x[torch.from_numpy(idx).to(x.device)].to(acc.device),
                     np.arange(len(x)), acc.autocast)[2]  # fmt: skip
-        return calibrate_from_log_odds(export, d, "train clips", energies(run.reference))
-    reference, source = run.reference, "train clips"
+        return calibrate_from_log_odds(export, d, "train clips", run.reference_energies)
+    reference, source, energies = run.reference, "train clips", run.reference_energies
     if reference is None:
         normal = fit_idx[run.cv.labels[fit_idx] == 0]
         pick = np.random.default_rng([abs(run.cfg.seed), 0xCA1B]).permutation(normal)[:REFERENCE_WINDOWS]
         reference, source = run.ws.frames[np.sort(pick)], "the fold's normal training windows"
+        energies = window_energies(reference) if export.prior is not None else None
         notes.append(f"calibrated on {source}: the shards hold no train clips")
     if not len(reference):
         notes.append("not calibrated: no normal window to calibrate on")
         return export, {"source": "none"}
     frames_in = lambda idx: frames_to_float(torch.from_numpy(reference[idx]).to(acc.device))  # noqa: E731
     d = predict(export, export, frames_in, np.arange(len(reference)), acc.autocast)[2]
-    return calibrate_from_log_odds(export, d, source, energies(reference))
+    return calibrate_from_log_odds(export, d, source, energies)
 
 
 def _fold_model(run: FoldRun, k: int, resume_state: dict | None) -> tuple:

@@ -41,6 +41,7 @@ from ddp_vad.data.reader import load_window_set
 from ddp_vad.data.shards import fold_count, load_manifest
 from ddp_vad.errors import UserError
 from ddp_vad.models import build_lrcn
+from ddp_vad.motion import window_energies
 from ddp_vad.train.calibration import reference_windows
 from ddp_vad.train.classifier import (
     build_classifier,
@@ -226,16 +227,19 @@ def _cross_validate(cfg: TransferConfig, acc, manifest: dict, n_folds: int, mode
     # Train-clip windows (--normal-footage train): fold -1 under leakfree, so never tested; added to every fold's
     # training windows as normal.
     extra_normal = np.flatnonzero(np.asarray(ws.splits) == "train") if select == "leakfree+train" else None
-    cache, cache_seconds, reference, reference_cache = (None, 0.0, None, None)
+    cache, cache_seconds, reference, reference_cache, reference_energies = (None, 0.0, None, None, None)
     if pre["todo_anywhere"]:
         if cfg.calibrate == "normal":  # the same normal windows for every fold (each process draws them alike)
             reference = reference_windows(cfg.shards, cfg.seed)
         cache, cache_seconds = _shared_cache(cfg, model_cfg, features_state, ws.frames, acc, group)
         if cache is not None and reference is not None:
             reference_cache = _shared_cache(cfg, model_cfg, features_state, reference, acc, group)[0]
+        if reference is not None and model_cfg.motion_prior:  # the same footage for every fold: its energies once
+            reference_energies = window_energies(reference)
     run = FoldRun(
         cfg=cfg, run_dir=run_dir, ws=ws, cv=cv, held_out=held_out, model_cfg=model_cfg, features_state=features_state,
-        shared_cache=cache, reference=reference, reference_cache=reference_cache, fingerprint=fp, accelerator=acc,
+        shared_cache=cache, reference=reference, reference_cache=reference_cache,
+        reference_energies=reference_energies, fingerprint=fp, accelerator=acc,
         extra_normal=extra_normal,
         scaler_needed=str(acc.mixed_precision) == "fp16",
     )  # fmt: skip
