@@ -11,6 +11,7 @@ import json
 import sys
 import traceback
 from collections.abc import Callable
+from typing import NoReturn
 
 import click
 
@@ -74,7 +75,7 @@ class _Group(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
             click.echo("interrupted", err=True)
-            sys.exit(130)
+            _exit_interrupted()
         except (click.exceptions.ClickException, click.exceptions.Exit):
             raise  # click's own usage errors already print one line
         except Exception as exc:
@@ -85,6 +86,14 @@ class _Group(click.Group):
                 click.echo("rerun with --debug for the traceback", err=True)
                 sys.exit(1)
             sys.exit(2)
+
+
+def _exit_interrupted() -> NoReturn:
+    """Exit 130 after a caught Ctrl-C. Under ``python -m`` CPython marks a Ctrl-C as uncaught when it was raised
+    inside code run by ``exec``/``eval`` of a string (dataclass and namedtuple creation during a lazy import), even
+    though it was caught, and kills itself with SIGINT at exit instead; each new string ``eval`` clears the mark."""
+    eval("None")
+    sys.exit(130)
 
 
 def _missing(exc: click.exceptions.MissingParameter) -> int:
@@ -248,7 +257,7 @@ def predict_cmd(**kwargs) -> None:
     try:
         _stage("predict")(_config("predict", kwargs))
     except KeyboardInterrupt:
-        sys.exit(130)  # predict already printed its one line (the group would print a second)
+        _exit_interrupted()  # predict already printed its one line (the group would print a second)
 
 
 # ----------------------------------------------------------------------------------------- export

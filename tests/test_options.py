@@ -195,6 +195,27 @@ def test_sigint_during_a_real_run_exits_130(tiny_shards, tmp_path):
     assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err and "Aborted" not in err, err
 
 
+def test_ctrl_c_raised_inside_exec_still_exits_130(tmp_path):
+    # Under `python -m`, CPython kills itself with SIGINT at exit after a KeyboardInterrupt raised inside exec() of
+    # a string, even one the guard caught: a Ctrl-C landing in a dataclass being created by a lazy import (the real
+    # run above, under load, exited -2). Deterministic here: the command raises it from exec itself.
+    script = tmp_path / "boom.py"
+    script.write_text(
+        "import sys\n"
+        "from ddp_vad.cli import cli, main\n"
+        "@cli.command('boom')\n"
+        "def boom():\n"
+        "    exec('raise KeyboardInterrupt')\n"
+        "sys.argv = ['ddp_vad', 'boom']\n"
+        "main()\n"
+    )
+    # As `python -m ddp_vad` runs: only a module run checks that mark at exit (a script's SystemExit exits at once).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    proc = subprocess.run([sys.executable, "-m", "boom"], env=env, capture_output=True, text=True, timeout=120,
+                          preexec_fn=_plain_sigint)  # fmt: skip
+    assert (proc.returncode, proc.stderr.strip()) == (130, "interrupted")
+
+
 # ------------------------------------------------------------------------------------ full disk, torn rows
 def _full_disk(*_args, **_kw):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write to an open file: no file name
