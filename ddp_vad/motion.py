@@ -8,10 +8,6 @@ its own an unsupervised detector (frame AUROC 0.91 on UCSD Ped2, 0.84 on the Ped
 levers4.md), steady from clip to clip where the trained LRCN's scores are not. The prior has no trained weight: after
 calibration the saved model's log-odds are ``((z_lrcn + z_motion) / s - Z99) / T`` (the sum of two normal-footage
 z-scores, ``s`` the sum's spread on that footage), so every loader of the model gives that score.
-
-``--motion-prior trained`` puts the same standardised energy in the log-odds from the first training step instead
-(``train.fold.trained_prior``): the classifier learns what the energy misses, and the calibration maps the sum. Better
-on UCSD Ped2, worse on the Ped1 sample (benchmarks/results/levers5.md): an option, not the default.
 """
 
 from __future__ import annotations
@@ -21,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MOTION_PRIORS = ("energy", "trained", "none")  # transfer --motion-prior
+MOTION_PRIORS = ("energy", "none")  # transfer --motion-prior
 CELL_DIVISOR = 15  # cell side = frame height // 15: 8 px on 120-row frames
 TOPK = 4  # the most active cells averaged per step
 EPS = 1e-4  # inside the log: a still window (all differences 0) gets log(1e-4), not -inf

@@ -78,8 +78,8 @@ class PipelineConfig:
     )
     motion_prior: str | None = option(
         None,
-        "The learned runs' motion prior (`transfer --motion-prior`): energy (the default with --calibrate normal), "
-        "trained or none.",
+        "The learned runs' motion prior (`transfer --motion-prior`): energy (the default with --calibrate normal) or "
+        "none.",
         choices=MOTION_PRIORS,
     )
     epochs: int | None = option(None, "Fine-tuning epochs per fold.")

@@ -53,10 +53,10 @@ def test_folded_map_is_the_affine_calibration(pooling):
     np.testing.assert_array_equal(_log_odds(model, frames), before)  # the original is left as it was
 
 
-def _run(shards: Path, out: Path, calibrate: str, motion_prior: str | None = None, **kw) -> Path:
+def _run(shards: Path, out: Path, calibrate: str, motion_prior: str | None = None) -> Path:
     cfg = TransferConfig(
-        **{"source": "scratch", **kw}, shards=str(shards), out=str(out), preset="tiny", epochs=1, batch_size=8,
-        protocol="window", progress=False, calibrate=calibrate, motion_prior=motion_prior,
+        shards=str(shards), out=str(out), source="scratch", preset="tiny", epochs=1, batch_size=8, protocol="window",
+        progress=False, calibrate=calibrate, motion_prior=motion_prior,
     )  # fmt: skip
     with torch_threads(1):
         return run_transfer(cfg)
@@ -128,33 +128,6 @@ def test_the_prior_and_the_classifier_weigh_alike_on_normal_footage(tiny_run, ti
         assert motion["weight"] * motion["spread"] == pytest.approx(per_spread)
         classifier_part = _log_odds(model, reference) - motion["weight"] * (energies - motion["mean"])
         assert abs(classifier_part.std() - per_spread) < 1e-2 * per_spread, k
-
-
-@pytest.mark.parametrize("source, train", [("scratch", "all"), ("random", "head")])
-def test_a_trained_prior_is_trained_on_and_kept_in_the_saved_model(tiny_shards, tmp_path, source, train):
-    """``--motion-prior trained``: the prior is in the log-odds from the first step (the same seed's network then
-    learns differently), the calibration maps the sum, the saved model keeps the prior, and the out-of-fold scores
-    are the saved model's own; also for a head trained on frozen features (scored through the cache)."""
-    trained = _run(tiny_shards, tmp_path / "trained", "normal", motion_prior="trained", source=source, train=train)
-    added = _run(tiny_shards, tmp_path / "added", "normal", motion_prior="energy", source=source, train=train)
-    reference = reference_windows(tiny_shards, seed=0)
-    ws = load_window_set(tiny_shards)
-    index = {key: i for i, key in enumerate(ws.keys)}
-    rows = read_oof_scores(trained)
-    others = _fold_models(added)
-    for k, model in _fold_models(trained).items():
-        record = json.loads((trained / "folds" / f"fold_{k:02d}" / "result.json").read_text())["calibration"]
-        assert record["motion"]["trained"] and model.prior.weight.item() == pytest.approx(record["motion"]["weight"])
-        # trained on top of the prior: not the network the same seed gives when the prior is added afterwards
-        moved = "features.lstm.weight_ih_l0" if train == "all" else "head.net.1.weight"
-        assert not torch.allclose(model.state_dict()[moved], others[k].state_dict()[moved]), k
-        # the plain map of the sum: normal footage sits Z99 spreads below P = 0.5, a spread is 1 / T
-        d = _log_odds(model, reference)
-        assert abs(d.mean() * TEMPERATURE + Z99) < 1e-3 and abs(d.std() * TEMPERATURE - 1) < 1e-3, k
-        mine = [r for r in rows if int(r["fold"]) == k]
-        saved = _log_odds(model, ws.frames[[index[r["key"]] for r in mine]])
-        p = np.array([r["score"] for r in mine])
-        np.testing.assert_allclose((np.log(p) - np.log1p(-p)) * record["scale"], saved * record["scale"], atol=1e-4)
 
 
 def test_without_the_prior_calibration_changes_the_scale_only(tiny_shards, tmp_path):

@@ -110,8 +110,6 @@ def budgets(entries: list[dict]) -> list[str]:
         ("normal", "none"): ", each fold's scores calibrated on normal footage (`--calibrate normal`)",
         ("normal", "energy"): ", each fold's scores calibrated on normal footage with the motion prior "
         "(`--calibrate normal --motion-prior energy`)",
-        ("normal", "trained"): ", trained on top of the motion prior, each fold's scores calibrated on normal footage "
-        "(`--calibrate normal --motion-prior trained`)",
     }
     return [
         f"- {method}: {epochs} epochs, batch {batch}, trains {train}{scored.get((calibrate, prior), '')} "

@@ -21,9 +21,7 @@ benchmarks/results/levers3.md).
 With the motion prior (``transfer --motion-prior energy``, :mod:`ddp_vad.motion`) the same footage standardises the
 windows' motion energy ``e`` as well, and the calibrated log-odds are ``((z_d + z_e) / s - Z99) / T``, ``z_d`` and
 ``z_e`` the two z-scores and ``s`` the spread of their sum on that footage: the head's last Linear takes the ``z_d``
-part and the model's :class:`ddp_vad.motion.MotionPrior` the ``z_e`` part. With the prior trained in
-(``--motion-prior trained``) the footage's ``d`` already holds it, the plain map is applied to the sum, and the prior
-is kept in the model with its weight divided by the map's scale.
+part and the model's :class:`ddp_vad.motion.MotionPrior` the ``z_e`` part.
 
 Shards without train clips (a user's folder with no normal-only split) fall back to the fold's own normal training
 windows, with a note.
@@ -73,18 +71,15 @@ def fold_calibration_into_head(model: LRCN, shift: float, scale: float) -> LRCN:
 
 
 def calibrate_from_log_odds(
-    model: LRCN, d: np.ndarray, source: str, energies: np.ndarray | None = None,
-    trained_prior: tuple[float, float] | None = None,
-) -> tuple[LRCN, dict]:  # fmt: skip
+    model: LRCN, d: np.ndarray, source: str, energies: np.ndarray | None = None
+) -> tuple[LRCN, dict]:
     """``model`` calibrated on the log-odds ``d`` it gives normal windows (see the module docstring), and the record
     of it (``source``: where the windows came from). With a motion prior on the model, ``energies`` are the same
-    windows' log motion energies, and the prior is set from them. ``trained_prior``: (mean, weight) of a prior the
-    model was trained on top of (``--motion-prior trained``); ``d`` already holds it, the map is the plain one and
-    the prior is kept in the model, scaled with the rest."""
+    windows' log motion energies, and the prior is set from them."""
     spread = max(float(d.std()), MIN_SCALE)
     total = 1.0
     record: dict = {"source": source, "windows": int(len(d)), "mean": float(d.mean())}
-    if model.prior is not None and trained_prior is None:
+    if model.prior is not None:
         if energies is None or len(energies) != len(d):
             raise ValueError("a model with a motion prior is calibrated with the normal windows' energies")
         e_spread = max(float(energies.std()), MIN_ENERGY_SPREAD)
@@ -93,9 +88,6 @@ def calibrate_from_log_odds(
         weight = 1.0 / (TEMPERATURE * e_spread * total)
         record["motion"] = {"mean": float(energies.mean()), "spread": e_spread, "sum_spread": total, "weight": weight}
     record.update(shift=float(d.mean()) + Z99 * spread * total, scale=TEMPERATURE * spread * total)
-    if trained_prior is not None:
-        mean, weight = trained_prior
-        record["motion"] = {"mean": float(mean), "weight": float(weight) / record["scale"], "trained": True}
     out = fold_calibration_into_head(model, record["shift"], record["scale"])
     if "motion" in record:
         out.prior.set(record["motion"]["mean"], record["motion"]["weight"])
@@ -104,9 +96,8 @@ def calibrate_from_log_odds(
 
 def calibrated_log_odds(d: np.ndarray, record: dict, energies: np.ndarray | None = None) -> np.ndarray:
     """The calibrated model's log-odds of windows whose raw log-odds are ``d`` (and log motion energies
-    ``energies``, with a prior added after training; a trained-in prior is already in ``d``): the map
-    :func:`calibrate_from_log_odds` folded into the model, applied in float64."""
+    ``energies``, with a prior): the map :func:`calibrate_from_log_odds` folded into the model, applied in float64."""
     out = (d - record["shift"]) / record["scale"]
-    if "motion" in record and not record["motion"].get("trained"):
+    if "motion" in record:
         out = out + record["motion"]["weight"] * (energies - record["motion"]["mean"])
     return out

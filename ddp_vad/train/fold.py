@@ -27,13 +27,7 @@ from ddp_vad.models import LRCN, ModelConfig
 from ddp_vad.motion import window_energies
 from ddp_vad.runfiles import fold_checkpoint_dir, fold_tb_dir
 from ddp_vad.train.augment import augment_windows, epoch_generator, parse_augment
-from ddp_vad.train.calibration import (
-    MIN_ENERGY_SPREAD,
-    REFERENCE_WINDOWS,
-    Z99,
-    calibrate_from_log_odds,
-    calibrated_log_odds,
-)
+from ddp_vad.train.calibration import REFERENCE_WINDOWS, calibrate_from_log_odds, calibrated_log_odds
 from ddp_vad.train.checkpoint import list_fold_checkpoints, save_fold_checkpoint
 from ddp_vad.train.classifier import (
     CHUNK,
@@ -73,50 +67,20 @@ class FoldRun:
     accelerator: Any
     scaler_needed: bool
     extra_normal: np.ndarray | None = None  # windows every fold also trains on as normal (--normal-footage train)
-    energies: np.ndarray | None = None  # log motion energy of every window (--motion-prior trained), computed once
 
 
 @torch.no_grad()
-def predict(
-    model: LRCN, forward, get_inputs, idx: np.ndarray, autocast, offsets: torch.Tensor | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def predict(model: LRCN, forward, get_inputs, idx: np.ndarray, autocast) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Anomaly probabilities, predicted classes and log-odds ``l1 - l0`` (float64) of the windows ``idx`` (eval
-    mode; ``offsets``: a trained-in prior's log-odds per window, added). The probability is the sigmoid of the
-    log-odds in float64 (the softmax of the two logits)."""
+    mode). The probability is the sigmoid of the log-odds in float64 (the softmax of the two logits)."""
     model.eval()
     log_odds = []
     for lo in range(0, len(idx), CHUNK):
-        part = idx[lo : lo + CHUNK]
         with autocast():
-            logits = forward(get_inputs(part)).float()
-        logits = with_offsets(logits, offsets, part)
+            logits = forward(get_inputs(idx[lo : lo + CHUNK])).float()
         log_odds.append((logits[:, 1] - logits[:, 0]).double().cpu())
     d = torch.cat(log_odds).numpy() if log_odds else np.zeros(0, np.float64)
     return _outputs(d)
-
-
-def with_offsets(logits: torch.Tensor, offsets: torch.Tensor | None, idx: np.ndarray) -> torch.Tensor:
-    """2-way ``logits`` of the windows ``idx`` with ``offsets[idx]`` added to their log-odds (as ``[-o/2, +o/2]``);
-    unchanged when ``offsets`` is None."""
-    if offsets is None:
-        return logits
-    o = offsets[torch.from_numpy(np.asarray(idx))].to(logits.device, logits.dtype)
-    return logits + torch.stack([-o / 2, o / 2], dim=1)
-
-
-def trained_prior(run: FoldRun, fit_idx: np.ndarray) -> tuple[torch.Tensor, float, float]:
-    """``--motion-prior trained``: (log-odds offset of every window, its energy mean, its weight) with offset
-    ``(e - mean) * weight``, ``mean`` Z99 normal spreads above the normal footage's mean energy and ``weight`` one
-    over that spread. The classifier trains on top of it from the first step, so a scratch model starts at
-    P(anomalous) ~ 0.01 on normal footage and learns what motion energy misses. Normal footage: the run's (train
-    clips), else the fold's normal training windows."""
-    ref = run.reference_energies
-    if ref is None:
-        ref = run.energies[fit_idx[run.cv.labels[fit_idx] == 0]]
-    spread = max(float(ref.std()), MIN_ENERGY_SPREAD) if len(ref) else 1.0
-    mean = (float(ref.mean()) if len(ref) else 0.0) + Z99 * spread
-    offsets = torch.from_numpy((run.energies - mean) / spread).float()
-    return offsets, mean, 1.0 / spread
 
 
 def _outputs(d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -202,10 +166,9 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler)
 
 def _train_epoch(
     run: FoldRun, k: int, epoch: int, order: np.ndarray, model, forward, get_inputs, optimizer, scaler,
-    weight: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ):  # fmt: skip
-    """One pass over the fold's training windows; returns the mean loss. ``weight``: cross-entropy class weights;
-    ``offsets``: a trained-in prior's log-odds per window (:func:`trained_prior`), added to the logits.
+    """One pass over the fold's training windows; returns the mean loss. ``weight``: cross-entropy class weights.
 
     With ``--augment`` (``--train all`` only) each batch of frames is transformed with the epoch's own generator.
     """
@@ -224,7 +187,7 @@ def _train_epoch(
         with autocast():
             logits = forward(inputs)
         # Weighted mean over the batch (F.cross_entropy divides by the summed weights of the batch's labels).
-        loss = F.cross_entropy(with_offsets(logits.float(), offsets, b), labels[b].to(device), weight=weight)
+        loss = F.cross_entropy(logits.float(), labels[b].to(device), weight=weight)
         optimizer_step(loss, optimizer, scaler)
         total += loss.detach().double() * b.size
     epoch_loss = (total / order.size).item()
@@ -281,17 +244,15 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
     model, optimizer, scaler, (start_epoch, history, best) = _fold_model(run, k, resume_state)
     get_inputs, norm = _input_fn(run, model, fit_idx)
     forward = trainable_forward(model, cfg.train)
-    prior = trained_prior(run, fit_idx) if getattr(cfg, "motion_prior", "none") == "trained" else None
-    offsets = None if prior is None else prior[0]
 
     writer = SummaryWriter(str(fold_tb_dir(run.run_dir, k)), purge_step=start_epoch + 1 if start_epoch else None)
     last = None
     try:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
             order = fit_idx[np.random.default_rng([abs(cfg.seed), k, epoch]).permutation(fit_idx.size)]
-            loss = _train_epoch(run, k, epoch, order, model, forward, get_inputs, optimizer, scaler, weight, offsets)
-            record, best = _validate(run, model, forward, get_inputs, val_idx, epoch, best, writer, offsets)
-            last = predict(model, forward, get_inputs, test_idx, acc.autocast, offsets)
+            loss = _train_epoch(run, k, epoch, order, model, forward, get_inputs, optimizer, scaler, weight)
+            record, best = _validate(run, model, forward, get_inputs, val_idx, epoch, best, writer)
+            last = predict(model, forward, get_inputs, test_idx, acc.autocast)
             test_acc = float((last[1] == run.cv.labels[test_idx]).mean()) if test_idx.size else float("nan")
             # Logged for watching only: nothing (epoch, threshold) is chosen on the test fold; the tag says so.
             writer.add_scalar("loss/train", loss, epoch)
@@ -309,14 +270,13 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
         model.load_state_dict(best["model"])
         last = None
     if last is None:  # resumed from the final epoch's checkpoint, or the chosen epoch's weights
-        last = predict(model, forward, get_inputs, test_idx, acc.autocast, offsets)
+        last = predict(model, forward, get_inputs, test_idx, acc.autocast)
     export = model if norm is None else fold_standardization_into_head(model, *norm)
     calibration = None
     if getattr(cfg, "calibrate", "none") == "normal":
-        export, calibration = _calibrate(run, model, export, forward, norm, fit_idx, notes, prior)
+        export, calibration = _calibrate(run, model, export, forward, norm, fit_idx, notes)
         if "shift" in calibration:  # the saved (calibrated) model's own scores: the same map of the log-odds
-            added = "motion" in calibration and not calibration["motion"].get("trained")
-            energies = window_energies(run.ws.frames, test_idx) if added else None
+            energies = window_energies(run.ws.frames, test_idx) if "motion" in calibration else None
             last = _outputs(calibrated_log_odds(last[2], calibration, energies))
     scores, preds, _ = last
     extra = {"n_train": int(fit_idx.size)}
@@ -342,44 +302,31 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
 
 
 def _calibrate(
-    run: FoldRun, model: LRCN, export: LRCN, forward, norm, fit_idx: np.ndarray, notes: list[str],
-    prior: tuple | None = None,
-) -> tuple[LRCN, dict]:  # fmt: skip
+    run: FoldRun, model: LRCN, export: LRCN, forward, norm, fit_idx: np.ndarray, notes: list[str]
+) -> tuple[LRCN, dict]:
     """``export`` calibrated on the run's normal footage (see :mod:`ddp_vad.train.calibration`), or, for shards
     without train clips, on up to REFERENCE_WINDOWS of the fold's own normal training windows (noted). Where the
     frozen part's output of the footage was computed once for every fold (``reference_cache``), only the trained
-    part runs on it. ``prior``: a trained-in prior (:func:`trained_prior`), added to the footage's log-odds as in
-    training and kept in the model."""
+    part runs on it."""
     acc = run.accelerator
     if run.reference_cache is not None:
         x = run.reference_cache if norm is None else (run.reference_cache.to(norm[0].device) - norm[0]) / norm[1]
         d = predict(model, forward, lambda idx: x[torch.from_numpy(idx).to(x.device)].to(acc.device),
                     np.arange(len(x)), acc.autocast)[2]  # fmt: skip
-        return _calibrated(export, d, "train clips", run.reference_energies, prior)
+        return calibrate_from_log_odds(export, d, "train clips", run.reference_energies)
     reference, source, energies = run.reference, "train clips", run.reference_energies
     if reference is None:
         normal = fit_idx[run.cv.labels[fit_idx] == 0]
         pick = np.random.default_rng([abs(run.cfg.seed), 0xCA1B]).permutation(normal)[:REFERENCE_WINDOWS]
         reference, source = run.ws.frames[np.sort(pick)], "the fold's normal training windows"
         energies = window_energies(reference) if export.prior is not None else None
-        if prior is not None:
-            energies = run.energies[np.sort(pick)]
         notes.append(f"calibrated on {source}: the shards hold no train clips")
     if not len(reference):
         notes.append("not calibrated: no normal window to calibrate on")
         return export, {"source": "none"}
     frames_in = lambda idx: frames_to_float(torch.from_numpy(reference[idx]).to(acc.device))  # noqa: E731
     d = predict(export, export, frames_in, np.arange(len(reference)), acc.autocast)[2]
-    return _calibrated(export, d, source, energies, prior)
-
-
-def _calibrated(export: LRCN, d: np.ndarray, source: str, energies, prior: tuple | None) -> tuple[LRCN, dict]:
-    """:func:`calibrate_from_log_odds`, with a trained-in prior's log-odds first added to the footage's ``d`` (the
-    model's prior adds nothing before calibration: its weight is still 0)."""
-    if prior is None:
-        return calibrate_from_log_odds(export, d, source, energies)
-    _, mean, weight = prior
-    return calibrate_from_log_odds(export, d + weight * (energies - mean), source, trained_prior=(mean, weight))
+    return calibrate_from_log_odds(export, d, source, energies)
 
 
 def _fold_model(run: FoldRun, k: int, resume_state: dict | None) -> tuple:
@@ -398,15 +345,13 @@ def _fold_model(run: FoldRun, k: int, resume_state: dict | None) -> tuple:
     return model, optimizer, scaler, start
 
 
-def _validate(
-    run: FoldRun, model, forward, get_inputs, val_idx, epoch: int, best: dict, writer, offsets=None
-) -> tuple[dict, dict]:
+def _validate(run: FoldRun, model, forward, get_inputs, val_idx, epoch: int, best: dict, writer) -> tuple[dict, dict]:
     """Model selection (--val-clips): AUROC on the inner validation clips after ``epoch`` (the history record) and
     the best epoch so far, with its weights. Strictly better only: ties keep the earlier epoch; an undefined AUROC
     never replaces one."""
     if not val_idx.size:
         return {}, best
-    val_scores = predict(model, forward, get_inputs, val_idx, run.accelerator.autocast, offsets)[0]
+    val_scores = predict(model, forward, get_inputs, val_idx, run.accelerator.autocast)[0]
     val_auroc = auroc(run.cv.labels[val_idx], val_scores)
     writer.add_scalar("validation/auroc", math.nan if val_auroc is None else val_auroc, epoch)
     if not best or (val_auroc is not None and (best["auroc"] is None or val_auroc > best["auroc"])):

@@ -64,7 +64,7 @@ def resolve_model(cfg: Any, manifest: dict) -> tuple[ModelConfig, dict[str, torc
 def with_prior(model_cfg: ModelConfig, cfg: Any) -> ModelConfig:
     """The classifier's architecture with the motion prior asked (``--motion-prior``; a GAN's discriminator has none:
     the prior's buffers sit outside the features it hands over)."""
-    return dataclasses.replace(model_cfg, motion_prior=getattr(cfg, "motion_prior", "none") in ("energy", "trained"))
+    return dataclasses.replace(model_cfg, motion_prior=getattr(cfg, "motion_prior", "none") == "energy")
 
 
 RANDOM_INIT_FOLD = 0x5A4D  # the random control's seed stream: no real fold has this index

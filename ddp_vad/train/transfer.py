@@ -227,7 +227,7 @@ def _cross_validate(cfg: TransferConfig, acc, manifest: dict, n_folds: int, mode
     # Train-clip windows (--normal-footage train): fold -1 under leakfree, so never tested; added to every fold's
     # training windows as normal.
     extra_normal = np.flatnonzero(np.asarray(ws.splits) == "train") if select == "leakfree+train" else None
-    cache, cache_seconds, reference, reference_cache, reference_energies, energies = (None, 0.0, None, None, None, None)
+    cache, cache_seconds, reference, reference_cache, reference_energies = (None, 0.0, None, None, None)
     if pre["todo_anywhere"]:
         if cfg.calibrate == "normal":  # the same normal windows for every fold (each process draws them alike)
             reference = reference_windows(cfg.shards, cfg.seed)
@@ -236,13 +236,11 @@ def _cross_validate(cfg: TransferConfig, acc, manifest: dict, n_folds: int, mode
             reference_cache = _shared_cache(cfg, model_cfg, features_state, reference, acc, group)[0]
         if reference is not None and model_cfg.motion_prior:  # the same footage for every fold: its energies once
             reference_energies = window_energies(reference)
-        if cfg.motion_prior == "trained":  # every window's, once: the folds train on top of them
-            energies = window_energies(ws.frames)
     run = FoldRun(
         cfg=cfg, run_dir=run_dir, ws=ws, cv=cv, held_out=held_out, model_cfg=model_cfg, features_state=features_state,
         shared_cache=cache, reference=reference, reference_cache=reference_cache,
         reference_energies=reference_energies, fingerprint=fp, accelerator=acc,
-        extra_normal=extra_normal, energies=energies,
+        extra_normal=extra_normal,
         scaler_needed=str(acc.mixed_precision) == "fp16",
     )  # fmt: skip
     pbar = tqdm(

@@ -132,10 +132,8 @@ class TransferConfig:
     motion_prior: str | None = option(
         None,
         "energy: add each window's motion energy (the top cells of |frame difference|), standardised on the same "
-        "normal footage, to the calibrated log-odds (needs --calibrate normal; the default with it); trained: the "
-        "same prior in the log-odds from the first training step, so the classifier learns what motion energy misses "
-        "(needs --calibrate normal; better on UCSD Ped2, worse on the Ped1 sample); none: the classifier's score alone "
-        "(the default with --calibrate none).",
+        "normal footage, to the calibrated log-odds (needs --calibrate normal; the default with it); none: the "
+        "classifier's score alone (the default with --calibrate none).",
         choices=MOTION_PRIORS,
     )
     # False: check the values only, not that --shards and a GAN --from exist (the pipeline checks every stage's
@@ -195,9 +193,9 @@ class TransferConfig:
             self.motion_prior = "energy" if self.calibrate == "normal" else "none"
         if self.motion_prior not in MOTION_PRIORS:
             raise UserError(f"--motion-prior {self.motion_prior}: choose {' or '.join(MOTION_PRIORS)}")
-        if self.motion_prior != "none" and self.calibrate != "normal":
-            raise UserError(f"--motion-prior {self.motion_prior} needs --calibrate normal (the prior is standardised "
-                            "on the same normal footage); give --motion-prior none with --calibrate none")  # fmt: skip
+        if self.motion_prior == "energy" and self.calibrate != "normal":
+            raise UserError("--motion-prior energy needs --calibrate normal (the prior is standardised on the same "
+                            "normal footage); give --motion-prior none with --calibrate none")  # fmt: skip
         if int(self.val_clips) < 0:
             raise UserError(f"--val-clips must be >= 0, got {self.val_clips}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
