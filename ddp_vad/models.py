@@ -115,9 +115,11 @@ class ModelConfig:
             raise UserError(f"model config: dropout must be in [0, 1), got {self.dropout}")
         h, w = self.feature_map()
         if h < 1 or w < 1:
+            pooled = f" pooled {self.input_pool}x" if self.input_pool > 1 else ""
+            less_pooling = ", less --input-pool" if self.input_pool > 1 else ""
             raise UserError(
-                f"frames of {self.height}x{self.width} are too small for the '{self.preset}' preset's conv stack "
-                f"(kernels {self.conv_kernels}); use a smaller preset (tiny) or larger frames"
+                f"frames of {self.height}x{self.width}{pooled} are too small for the '{self.preset}' preset's conv "
+                f"stack (kernels {self.conv_kernels}); use a smaller preset (tiny){less_pooling} or larger frames"
             )
 
     @property
@@ -174,6 +176,12 @@ def model_config_for(preset: str, manifest: dict, **overrides) -> ModelConfig:
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r} (expected one of {', '.join(PRESET_NAMES)})")
     fields = {**PRESETS[preset].model, **{k: v for k, v in overrides.items() if v is not None}}
+    asked, kernels = overrides.get("conv_channels"), fields["conv_kernels"]
+    if asked is not None and len(asked) != len(kernels):
+        raise UserError(
+            f"--conv-channels {','.join(map(str, asked))}: the '{preset}' preset has {len(kernels)} conv layers "
+            f"(kernels {','.join(map(str, kernels))}); give one channel count per layer"
+        )
     cfg = ModelConfig(
         preset=preset,
         window=int(manifest["window"]),
@@ -183,6 +191,19 @@ def model_config_for(preset: str, manifest: dict, **overrides) -> ModelConfig:
     )
     check_topk(cfg, overrides.get("topk"))
     return cfg
+
+
+def parse_conv_channels(text: str | None, flag: str = "--conv-channels") -> tuple[int, ...] | None:
+    """``"16,16,16"`` -> ``(16, 16, 16)`` (None stays None); anything but positive integers is a one-line error."""
+    if text is None:
+        return None
+    try:
+        channels = tuple(int(c) for c in str(text).split(","))
+    except ValueError:
+        channels = ()
+    if not channels or min(channels) < 1:
+        raise UserError(f"{flag} {text}: give positive integers separated by commas, one per conv layer (e.g. 8,8,8)")
+    return channels
 
 
 def check_topk(cfg: ModelConfig, asked: int | None) -> None:

@@ -244,3 +244,49 @@ def test_cells_pooling_trains_and_its_exported_model_reproduces_the_scores(tiny_
     with torch.no_grad():
         scores = torch.softmax(model(torch.from_numpy(ws.frames[test]).unsqueeze(2).float() / 255), dim=1)[:, 1]
     torch.testing.assert_close(scores, torch.tensor([oof[ws.keys[i]] for i in test]), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- capacity: --input-pool, --conv-channels
+def test_conv_channels_and_input_pool_reach_the_lrcn_and_a_gan_keeps_its_own(tiny_shards, tmp_path):
+    from safetensors.torch import load_file
+
+    from ddp_vad.train.pretrain import PretrainConfig, run_pretrain
+    from ddp_vad.weights import load_discriminator
+
+    run = run_transfer(_cfg(tiny_shards, tmp_path / "narrow", epochs=1, conv_channels=" 6, 5,4"))
+    assert json.loads((run / "config.json").read_text())["model"]["conv_channels"] == [6, 5, 4]
+    weights = load_file(run / "folds" / "fold_00" / "model.safetensors")
+    assert [w.shape[0] for k, w in sorted(weights.items()) if k.endswith("convs.0.weight")] == [6]
+    # 24x36 frames pooled 2x leave no room for tiny's three conv stages: refused before any fold is written
+    with pytest.raises(UserError, match=r"frames of 24x36 pooled 2x are too small .* less --input-pool"):
+        run_transfer(_cfg(tiny_shards, tmp_path / "pooled", input_pool=2))
+    assert not (tmp_path / "pooled" / "folds").exists()
+    for bad in ("8,0,8", "8,,8", "wide"):
+        with pytest.raises(UserError, match=f"--conv-channels {bad}: give positive integers"):
+            _cfg(tiny_shards, tmp_path / "x", conv_channels=bad)
+    with pytest.raises(UserError, match=r"--conv-channels 8,8: the 'tiny' preset has 3 conv layers \(kernels 3,3,3\)"):
+        run_transfer(_cfg(tiny_shards, tmp_path / "x", conv_channels="8,8"))
+    with pytest.raises(UserError, match="--input-pool must be >= 1, got 0"):
+        _cfg(tiny_shards, tmp_path / "x", input_pool=0)
+
+    def pretrain(out, **kw):
+        return run_pretrain(PretrainConfig(
+            shards=str(tiny_shards), out=str(tmp_path / out), preset="tiny", steps=2, batch_size=4, similarity_every=0,
+            image_every=0, checkpoint_every=0, workers=0, progress=False, protocol="window", **kw,
+        ))  # fmt: skip
+
+    gan = pretrain("gan", conv_channels="6,5,4")
+    assert load_discriminator(gan)[1].conv_channels == (6, 5, 4)
+    with pytest.raises(UserError, match="pooled 2x are too small"):
+        pretrain("gan2", input_pool=2)
+
+    def transfer(out, **kw):
+        return run_transfer(TransferConfig(shards=str(tiny_shards), out=str(tmp_path / out), source=str(gan), epochs=1,
+                                           batch_size=8, progress=False, protocol="window", **kw))  # fmt: skip
+
+    head = transfer("head", conv_channels="6,5,4")  # asking for what the GAN has is fine
+    assert json.loads((head / "config.json").read_text())["model"]["conv_channels"] == [6, 5, 4]
+    with pytest.raises(UserError, match=r"--conv-channels 4,4,4: the GAN run .* pretrained with conv_channels 6,5,4"):
+        transfer("x", conv_channels="4,4,4")
+    with pytest.raises(UserError, match=r"--input-pool 2: the GAN run .* pretrained with input_pool 1"):
+        transfer("x", input_pool=2)

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from ddp_vad.errors import UserError
-from ddp_vad.models import INPUT_MODES, POOLINGS
+from ddp_vad.models import INPUT_MODES, POOLINGS, parse_conv_channels
 from ddp_vad.options import option
 from ddp_vad.presets import PRESET_NAMES
 from ddp_vad.train.crossval import PROTOCOLS
@@ -75,6 +75,12 @@ class PretrainConfig:
         choices=POOLINGS,
     )
     topk: int | None = option(None, "--pooling topk: positions averaged per channel (default: the preset's).")
+    input_pool: int | None = option(
+        None, "Discriminator: average-pool frames by this factor before the conv stack (default: the preset's)."
+    )
+    conv_channels: str | None = option(
+        None, "Discriminator: channels of each conv layer, comma-separated, one per layer (default: the preset's)."
+    )
     feature_matching: float = option(
         0.0,
         "Add this weight x feature-matching loss (D's features, real vs generated batch means) to G's loss; "
@@ -110,6 +116,10 @@ class PretrainConfig:
         for name in ("checkpoint_every", "keep_checkpoints", "similarity_every", "image_every", "workers"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0 (0 = off), got {getattr(self, name)}")
+        if self.input_pool is not None and self.input_pool < 1:
+            raise UserError(f"--input-pool must be >= 1, got {self.input_pool}")
+        if self.conv_channels is not None:
+            self.conv_channels = ",".join(map(str, parse_conv_channels(self.conv_channels)))
         for name in ("lr", "lr_d"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -152,8 +162,8 @@ class PretrainConfig:
 def hparams_of(cfg: PretrainConfig) -> dict:
     """The hyperparameters a pretrain run is compared by in TensorBoard's HParams dashboard."""
     keys = ("preset", "steps", "batch_size", "lr", "lr_d", "beta1", "seed", "label_smoothing", "instance_noise",
-            "feature_matching", "input_mode", "pooling", "topk", "objective", "pseudo_anomalies", "pseudo_kinds",
-            "phase2_steps", "mixed_precision", "shards")  # fmt: skip
+            "feature_matching", "input_mode", "pooling", "topk", "input_pool", "conv_channels", "objective",
+            "pseudo_anomalies", "pseudo_kinds", "phase2_steps", "mixed_precision", "shards")  # fmt: skip
     return {k: getattr(cfg, k) for k in keys}
 
 

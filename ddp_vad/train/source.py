@@ -15,7 +15,7 @@ import torch
 
 from ddp_vad.errors import UserError
 from ddp_vad.files import read_json_object
-from ddp_vad.models import ModelConfig, build_lrcn, model_config_for
+from ddp_vad.models import ModelConfig, build_lrcn, model_config_for, parse_conv_channels
 from ddp_vad.runfiles import config_file
 from ddp_vad.train.classifier import RANDOM, SCRATCH, discriminator_file, fold_seed, gan_features
 
@@ -36,6 +36,7 @@ def resolve_model(cfg: Any, manifest: dict) -> tuple[ModelConfig, dict[str, torc
         model_cfg = model_config_for(
             cfg.preset or DEFAULT_PRESET, manifest,
             input_mode=cfg.input_mode, pooling=cfg.pooling, topk=cfg.topk, dropout=cfg.dropout,
+            input_pool=cfg.input_pool, conv_channels=parse_conv_channels(cfg.conv_channels),
         )  # fmt: skip
         model_cfg = with_prior(model_cfg, cfg)
         if cfg.source == RANDOM:  # one random LRCN serves every fold, as one GAN does: its output is computed once
@@ -49,12 +50,14 @@ def resolve_model(cfg: Any, manifest: dict) -> tuple[ModelConfig, dict[str, torc
             f"--preset {cfg.preset}: the GAN run {cfg.source} brings its own architecture ({model_cfg.preset}); "
             "leave --preset out (it only picks the architecture for --from scratch)"
         )
-    for name in ("input_mode", "pooling", "topk"):
-        asked = getattr(cfg, name)
-        if asked is not None and asked != getattr(model_cfg, name):
+    for name in ("input_mode", "pooling", "topk", "input_pool", "conv_channels"):
+        asked, have = getattr(cfg, name), getattr(model_cfg, name)
+        if name == "conv_channels":  # the option is "16,16,16", the architecture a tuple
+            have = ",".join(map(str, have))
+        if asked is not None and asked != have:
             raise UserError(
-                f"--{name.replace('_', '-')} {asked}: the GAN run {cfg.source} was pretrained with "
-                f"{name} {getattr(model_cfg, name)} and brings its own architecture; pretrain with the option instead"
+                f"--{name.replace('_', '-')} {asked}: the GAN run {cfg.source} was pretrained with {name} {have} and "
+                "brings its own architecture; pretrain with the option instead"
             )
     if cfg.dropout is not None:  # not an architecture change: the same weights, another dropout rate
         model_cfg = dataclasses.replace(model_cfg, dropout=cfg.dropout)

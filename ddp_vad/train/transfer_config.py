@@ -8,7 +8,7 @@ from dataclasses import InitVar, dataclass
 from pathlib import Path
 
 from ddp_vad.errors import UserError
-from ddp_vad.models import INPUT_MODES, POOLINGS
+from ddp_vad.models import INPUT_MODES, POOLINGS, parse_conv_channels
 from ddp_vad.motion import MOTION_PRIORS
 from ddp_vad.options import option
 from ddp_vad.presets import PRESET_NAMES
@@ -98,6 +98,12 @@ class TransferConfig:
         choices=POOLINGS,
     )
     topk: int | None = option(None, "--pooling topk: positions averaged per channel (default: the preset's).")
+    input_pool: int | None = option(
+        None, "LRCN: average-pool frames by this factor before the conv stack (default: the preset's; demo 3)."
+    )
+    conv_channels: str | None = option(
+        None, "LRCN: channels of each conv layer, comma-separated, one per layer (default: the preset's; demo 8,8,8)."
+    )
     dropout: float | None = option(None, "Dropout of the LRCN before its LSTM and head (default: the preset's, 0.5).")
     augment: str = option(
         "none",
@@ -200,6 +206,10 @@ class TransferConfig:
             raise UserError(f"--val-clips must be >= 0, got {self.val_clips}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise UserError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.input_pool is not None and int(self.input_pool) < 1:
+            raise UserError(f"--input-pool must be >= 1, got {self.input_pool}")
+        if self.conv_channels is not None:
+            self.conv_channels = ",".join(map(str, parse_conv_channels(self.conv_channels)))
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.method is None:
