@@ -82,6 +82,16 @@ class PipelineConfig:
         "none.",
         choices=MOTION_PRIORS,
     )
+    input_pool: int | None = option(
+        None,
+        "The LRCN's frame pooling in every learned run and the GAN's discriminator (`transfer`/`pretrain` "
+        "--input-pool; default: the preset's).",
+    )
+    conv_channels: str | None = option(
+        None,
+        "The LRCN's conv channels, one per layer, in every learned run and the GAN's discriminator (`transfer`/"
+        "`pretrain` --conv-channels; default: the preset's).",
+    )
     epochs: int | None = option(None, "Fine-tuning epochs per fold.")
     batch_size: int | None = option(None, "GAN batch size per process.")
     methods: str = option(",".join(METHODS), "Classic ML baselines to run.")
@@ -113,8 +123,16 @@ class PipelineConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= {2 if name == 'folds' else 1}, got {value}")
         if self.data is None and self.format not in (None, "ucsd", "videos"):
             raise UserError(f"--format {self.format} needs --data (synthetic data is written as ucsd or videos)")
-        for check_options in stage_configs(self).values():  # every stage's options, before the first stage runs
+        builders = stage_configs(self)
+        for check_options in builders.values():  # every stage's options, before the first stage runs
             check_options(False)
+        if self.input_pool is not None or self.conv_channels is not None:  # the LRCN must fit the shards' frames
+            from ddp_vad.models import model_config_for, parse_conv_channels
+
+            shard = builders["shard build"](False)
+            frames = {"window": shard.window, "height": shard.height, "width": shard.width}
+            channels = parse_conv_channels(self.conv_channels)
+            model_config_for(self.preset, frames, input_pool=self.input_pool, conv_channels=channels)
 
     def plan(self) -> dict:
         """The preset's run sizes with explicit options on top."""
@@ -174,7 +192,8 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Callable[[bool], Any]]:
         shards=shards, out=str(dirs["gan"]), preset=cfg.preset, steps=plan["steps"], batch_size=plan["batch_size"],
         seed=seed, resume="auto", similarity_every=plan["similarity_every"], checkpoint_every=plan["checkpoint_every"],
         image_every=plan["checkpoint_every"], protocol=protocol, objective=cfg.pretraining,
-        pseudo_anomalies=1.0 if cfg.pretraining == "pseudo" else 0.0,
+        pseudo_anomalies=1.0 if cfg.pretraining == "pseudo" else 0.0, input_pool=cfg.input_pool,
+        conv_channels=cfg.conv_channels,
     )  # fmt: skip
     for f in cfg.fractions:
         for name, source, train in learned_runs(cfg, dirs):
@@ -183,7 +202,7 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Callable[[bool], Any]]:
                     shards=shards, out=out, source=s, train=t, folds=plan["folds"], protocol=protocol,
                     epochs=plan["epochs"], preset=cfg.preset, seed=seed, resume="auto", labelled_fraction=f,
                     repeats=plan["repeats"], calibrate=cfg.calibrate, motion_prior=cfg.motion_prior,
-                    check_paths=check,
+                    input_pool=cfg.input_pool, conv_channels=cfg.conv_channels, check_paths=check,
                 )
             )  # fmt: skip
         builders[f"baselines@{f:g}"] = lambda check, out=str(dirs[f"baselines@{f:g}"]), f=f: BaselinesConfig(

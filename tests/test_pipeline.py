@@ -153,3 +153,20 @@ def test_pretraining_calibration_and_prior_reach_their_stages(tmp_path):
     assert {(chosen[f"{run}@0.1"](False).calibrate, chosen[f"{run}@0.1"](False).motion_prior) for run in runs} == {
         ("none", "none")
     }
+
+
+def test_input_pool_and_conv_channels_reach_the_gan_and_every_learned_run(tmp_path):
+    from ddp_vad.errors import UserError
+    from ddp_vad.pipeline import stage_configs
+
+    wide = stage_configs(PipelineConfig(out=str(tmp_path / "a"), preset="demo", input_pool=2, conv_channels="16,16,16"))
+    stages = ["pretrain"] + [f"{run}@{f}" for run in ("lrcn-gan", "lrcn-scratch", "lrcn-random") for f in ("0.1", "1")]
+    assert {(wide[s](False).input_pool, wide[s](False).conv_channels) for s in stages} == {(2, "16,16,16")}
+    default = stage_configs(PipelineConfig(out=str(tmp_path / "b"), preset="demo"))
+    assert {(default[s](False).input_pool, default[s](False).conv_channels) for s in stages} == {(None, None)}
+    # checked against the shards' frame size before any stage: tiny's 24x36 frames pooled 2x are too small
+    with pytest.raises(UserError, match="pooled 2x are too small"):
+        PipelineConfig(out=str(tmp_path / "c"), preset="tiny", input_pool=2)
+    with pytest.raises(UserError, match="--conv-channels 8,8: the 'tiny' preset has 3 conv layers"):
+        PipelineConfig(out=str(tmp_path / "c"), preset="tiny", conv_channels="8,8")
+    assert not (tmp_path / "c").exists()
