@@ -31,7 +31,7 @@ from ddp_vad.data.reader import frames_to_float, infinite_batches
 from ddp_vad.data.shards import load_manifest
 from ddp_vad.data.stream import shards_holding
 from ddp_vad.errors import NonFiniteLossError, UserError
-from ddp_vad.models import ModelConfig, build_generator, build_lrcn, model_config_for, parse_conv_channels
+from ddp_vad.models import ModelConfig, architecture_overrides, build_generator, build_lrcn, model_config_for
 from ddp_vad.train.checkpoint import remove_partial, resolve_resume, save_checkpoint
 from ddp_vad.train.disc_phase import PseudoSource, disc_step, early_step, keep_early, load_early, phase2_windows
 from ddp_vad.train.distributed import (
@@ -144,10 +144,7 @@ def _train(cfg: PretrainConfig, accelerator, manifest: dict) -> Path:
     ckpt_dir = run_dir / "checkpoints"
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     group = object_group(world)
-    model_cfg = model_config_for(
-        cfg.preset, manifest, input_mode=cfg.input_mode, pooling=cfg.pooling, topk=cfg.topk,
-        input_pool=cfg.input_pool, conv_channels=parse_conv_channels(cfg.conv_channels),
-    )  # fmt: skip
+    model_cfg = model_config_for(cfg.preset, manifest, **architecture_overrides(cfg))
     select = gan_windows(cfg.protocol, manifest, cfg.shards)
     check_shard_count(len(shards_holding(cfg.shards, manifest, select)), world, cfg.workers, is_main)
     # Decided by the main process for all: nodes without a shared filesystem would each see their own checkpoints.

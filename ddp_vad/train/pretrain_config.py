@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from ddp_vad.errors import UserError
-from ddp_vad.models import INPUT_MODES, POOLINGS, parse_conv_channels
+from ddp_vad.models import INPUT_MODES, POOLINGS, checked_capacity_options
 from ddp_vad.options import option
 from ddp_vad.presets import PRESET_NAMES
 from ddp_vad.train.crossval import PROTOCOLS
@@ -116,10 +116,7 @@ class PretrainConfig:
         for name in ("checkpoint_every", "keep_checkpoints", "similarity_every", "image_every", "workers"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0 (0 = off), got {getattr(self, name)}")
-        if self.input_pool is not None and self.input_pool < 1:
-            raise UserError(f"--input-pool must be >= 1, got {self.input_pool}")
-        if self.conv_channels is not None:
-            self.conv_channels = ",".join(map(str, parse_conv_channels(self.conv_channels)))
+        self.conv_channels = checked_capacity_options(self.input_pool, self.conv_channels)
         for name in ("lr", "lr_d"):
             value = getattr(self, name)
             if value is not None and not value > 0:

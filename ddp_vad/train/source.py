@@ -15,7 +15,7 @@ import torch
 
 from ddp_vad.errors import UserError
 from ddp_vad.files import read_json_object
-from ddp_vad.models import ModelConfig, build_lrcn, model_config_for, parse_conv_channels
+from ddp_vad.models import ModelConfig, architecture_overrides, build_lrcn, model_config_for
 from ddp_vad.runfiles import config_file
 from ddp_vad.train.classifier import RANDOM, SCRATCH, discriminator_file, fold_seed, gan_features
 
@@ -34,10 +34,8 @@ def resolve_model(cfg: Any, manifest: dict) -> tuple[ModelConfig, dict[str, torc
                 "(the method's LRCN baseline trains everything: --train all)"
             )
         model_cfg = model_config_for(
-            cfg.preset or DEFAULT_PRESET, manifest,
-            input_mode=cfg.input_mode, pooling=cfg.pooling, topk=cfg.topk, dropout=cfg.dropout,
-            input_pool=cfg.input_pool, conv_channels=parse_conv_channels(cfg.conv_channels),
-        )  # fmt: skip
+            cfg.preset or DEFAULT_PRESET, manifest, dropout=cfg.dropout, **architecture_overrides(cfg)
+        )
         model_cfg = with_prior(model_cfg, cfg)
         if cfg.source == RANDOM:  # one random LRCN serves every fold, as one GAN does: its output is computed once
             state = build_lrcn_seeded(model_cfg, fold_seed(cfg.seed, RANDOM_INIT_FOLD)).features.state_dict()
@@ -50,14 +48,13 @@ def resolve_model(cfg: Any, manifest: dict) -> tuple[ModelConfig, dict[str, torc
             f"--preset {cfg.preset}: the GAN run {cfg.source} brings its own architecture ({model_cfg.preset}); "
             "leave --preset out (it only picks the architecture for --from scratch)"
         )
-    for name in ("input_mode", "pooling", "topk", "input_pool", "conv_channels"):
-        asked, have = getattr(cfg, name), getattr(model_cfg, name)
-        if name == "conv_channels":  # the option is "16,16,16", the architecture a tuple
-            have = ",".join(map(str, have))
+    for name, asked in architecture_overrides(cfg).items():
+        have = getattr(model_cfg, name)
         if asked is not None and asked != have:
+            shown = ",".join(map(str, have)) if isinstance(have, tuple) else have  # as the option spells it
             raise UserError(
-                f"--{name.replace('_', '-')} {asked}: the GAN run {cfg.source} was pretrained with {name} {have} and "
-                "brings its own architecture; pretrain with the option instead"
+                f"--{name.replace('_', '-')} {getattr(cfg, name)}: the GAN run {cfg.source} was pretrained with "
+                f"{name} {shown} and brings its own architecture; pretrain with the option instead"
             )
     if cfg.dropout is not None:  # not an architecture change: the same weights, another dropout rate
         model_cfg = dataclasses.replace(model_cfg, dropout=cfg.dropout)

@@ -8,7 +8,7 @@ from dataclasses import InitVar, dataclass
 from pathlib import Path
 
 from ddp_vad.errors import UserError
-from ddp_vad.models import INPUT_MODES, POOLINGS, parse_conv_channels
+from ddp_vad.models import INPUT_MODES, POOLINGS, checked_capacity_options
 from ddp_vad.motion import MOTION_PRIORS
 from ddp_vad.options import option
 from ddp_vad.presets import PRESET_NAMES
@@ -206,10 +206,7 @@ class TransferConfig:
             raise UserError(f"--val-clips must be >= 0, got {self.val_clips}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise UserError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if self.input_pool is not None and int(self.input_pool) < 1:
-            raise UserError(f"--input-pool must be >= 1, got {self.input_pool}")
-        if self.conv_channels is not None:
-            self.conv_channels = ",".join(map(str, parse_conv_channels(self.conv_channels)))
+        self.conv_channels = checked_capacity_options(self.input_pool, self.conv_channels)
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.method is None:
