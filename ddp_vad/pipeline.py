@@ -27,7 +27,7 @@ from ddp_vad.motion import MOTION_PRIORS
 from ddp_vad.options import option
 from ddp_vad.presets import PRESET_NAMES, PRESETS
 from ddp_vad.runfiles import metrics_file
-from ddp_vad.train.calibration import CALIBRATIONS
+from ddp_vad.train.calibration import CALIBRATIONS, EQUAL_SHARE
 from ddp_vad.train.classifier import TRAIN_SCOPES
 from ddp_vad.train.crossval import PROTOCOL_HELP, PROTOCOLS, check_fraction, check_repeats
 from ddp_vad.train.distributed import patient_barrier, print_main, process_state
@@ -81,6 +81,11 @@ class PipelineConfig:
         "The learned runs' motion prior (`transfer --motion-prior`): energy (the default with --calibrate normal) or "
         "none.",
         choices=MOTION_PRIORS,
+    )
+    prior_share: str = option(
+        str(EQUAL_SHARE),
+        "The motion prior's share against the classifier in every learned run (`transfer --prior-share`): a number "
+        "in [0, 1] (0.5: the plain sum) or nested (chosen per fold on inner folds of its training clips).",
     )
     input_pool: int | None = option(
         None,
@@ -202,6 +207,7 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Callable[[bool], Any]]:
                     shards=shards, out=out, source=s, train=t, folds=plan["folds"], protocol=protocol,
                     epochs=plan["epochs"], preset=cfg.preset, seed=seed, resume="auto", labelled_fraction=f,
                     repeats=plan["repeats"], calibrate=cfg.calibrate, motion_prior=cfg.motion_prior,
+                    prior_share=cfg.prior_share,
                     input_pool=cfg.input_pool, conv_channels=cfg.conv_channels, check_paths=check,
                 )
             )  # fmt: skip

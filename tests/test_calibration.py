@@ -48,8 +48,8 @@ def test_folded_map_is_the_affine_calibration(pooling):
     model = build_lrcn(cfg).eval()
     frames = np.random.default_rng(0).integers(0, 256, (6, cfg.window, 24, 36), dtype=np.uint8)
     before = _log_odds(model, frames)
-    after = _log_odds(fold_calibration_into_head(model, shift=0.3, scale=0.05), frames)
-    np.testing.assert_allclose(after, (before - 0.3) / 0.05, rtol=1e-4, atol=1e-4)
+    after = _log_odds(fold_calibration_into_head(model, gain=20.0, bias=-6.0), frames)
+    np.testing.assert_allclose(after, 20.0 * before - 6.0, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(_log_odds(model, frames), before)  # the original is left as it was
 
 
@@ -79,7 +79,7 @@ def test_each_fold_is_standardised_on_the_train_clips(tiny_run, tiny_shards):
         # in every fold the normal footage's mean sits Z99 spreads below P = 0.5 (log-odds 0), a spread is 1 / T
         assert abs(d.mean() * TEMPERATURE + Z99) < 1e-3 and abs(d.std() * TEMPERATURE - 1) < 1e-3, k
         record = json.loads((tiny_run / "folds" / f"fold_{k:02d}" / "result.json").read_text())["calibration"]
-        assert record["source"] == "train clips" and record["windows"] == len(reference) and record["scale"] > 0
+        assert record["source"] == "train clips" and record["windows"] == len(reference) and record["gain"] > 0
 
 
 def test_oof_scores_are_the_saved_models_scores(tiny_run, tiny_shards):
@@ -93,8 +93,8 @@ def test_oof_scores_are_the_saved_models_scores(tiny_run, tiny_shards):
         saved = _log_odds(model, ws.frames[[index[r["key"]] for r in mine]])
         p = np.array([r["score"] for r in mine])
         oof = np.log(p) - np.log1p(-p)
-        # compared on the raw model's scale: the calibration multiplies float32 rounding by 1 / scale (~1e3 here)
-        np.testing.assert_allclose(oof * record["scale"], saved * record["scale"], atol=1e-5)
+        # compared on the raw model's scale: the calibration multiplies float32 rounding by the gain (~1e3 here)
+        np.testing.assert_allclose(oof / record["gain"], saved / record["gain"], atol=1e-5)
 
 
 def test_calibration_is_the_affine_map_plus_the_motion_prior(tiny_run, tiny_shards, tmp_path):
@@ -113,21 +113,23 @@ def test_calibration_is_the_affine_map_plus_the_motion_prior(tiny_run, tiny_shar
         np.testing.assert_allclose(_log_odds(calibrated, frames), expected, rtol=1e-4, atol=1e-3)
 
 
-def test_the_prior_and_the_classifier_weigh_alike_on_normal_footage(tiny_run, tiny_shards):
-    """Two z-scores summed: on the normal footage the classifier's part of the calibrated log-odds has spread
-    1 / (T s), s the spread of the sum, and the prior's weight is 1 / (T s) per spread of log energy (floored at
-    MIN_ENERGY_SPREAD: the tiny clips' energies barely vary)."""
+def test_the_prior_and_the_classifier_weigh_by_the_share_on_normal_footage(tiny_run, tiny_shards):
+    """Two z-scores combined with the prior's share a: on the normal footage the classifier's part of the calibrated
+    log-odds has spread 2 (1 - a) / (T s), s the spread of the combination, and the prior's weight is 2 a / (T s) per
+    spread of log energy (floored at MIN_ENERGY_SPREAD: the tiny clips' energies barely vary)."""
     reference = reference_windows(tiny_shards, seed=0)
     energies = window_energies(reference)
     for k, model in _fold_models(tiny_run).items():
         record = json.loads((tiny_run / "folds" / f"fold_{k:02d}" / "result.json").read_text())["calibration"]
         motion = record["motion"]
+        share = motion["share"]
         per_spread = 1 / (TEMPERATURE * motion["sum_spread"])
         assert motion["spread"] == pytest.approx(max(energies.std(), MIN_ENERGY_SPREAD))
         assert motion["mean"] == pytest.approx(energies.mean())
-        assert motion["weight"] * motion["spread"] == pytest.approx(per_spread)
+        assert motion["weight"] * motion["spread"] == pytest.approx(2 * share * per_spread)
         classifier_part = _log_odds(model, reference) - motion["weight"] * (energies - motion["mean"])
-        assert abs(classifier_part.std() - per_spread) < 1e-2 * per_spread, k
+        expected = 2 * (1 - share) * per_spread
+        assert abs(classifier_part.std() - expected) < 1e-2 * per_spread, k
 
 
 def test_without_the_prior_calibration_changes_the_scale_only(tiny_shards, tmp_path):
@@ -138,7 +140,7 @@ def test_without_the_prior_calibration_changes_the_scale_only(tiny_shards, tmp_p
         assert model.prior is None
         record = json.loads((calibrated / "folds" / f"fold_{k:02d}" / "result.json").read_text())["calibration"]
         assert "motion" not in record
-        expected = (_log_odds(plain, frames) - record["shift"]) / record["scale"]
+        expected = record["gain"] * _log_odds(plain, frames) + record["bias"]
         np.testing.assert_allclose(_log_odds(model, frames), expected, rtol=1e-4, atol=1e-3)
 
 

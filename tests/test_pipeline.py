@@ -170,3 +170,17 @@ def test_input_pool_and_conv_channels_reach_the_gan_and_every_learned_run(tmp_pa
     with pytest.raises(UserError, match="--conv-channels 8,8: the 'tiny' preset has 3 conv layers"):
         PipelineConfig(out=str(tmp_path / "c"), preset="tiny", conv_channels="8,8")
     assert not (tmp_path / "c").exists()
+
+
+def test_prior_share_reaches_every_learned_run_and_is_checked_up_front(tmp_path):
+    from ddp_vad.errors import UserError
+    from ddp_vad.pipeline import stage_configs
+
+    stages = [f"{run}@{f}" for run in ("lrcn-gan", "lrcn-scratch", "lrcn-random") for f in ("0.1", "1")]
+    nested = stage_configs(PipelineConfig(out=str(tmp_path / "a"), preset="demo", prior_share="nested"))
+    assert {nested[s](False).prior_share for s in stages} == {"nested"}
+    default = stage_configs(PipelineConfig(out=str(tmp_path / "b"), preset="demo"))
+    assert {default[s](False).prior_share for s in stages} == {0.5}
+    with pytest.raises(UserError, match="--prior-share 1.5"):
+        PipelineConfig(out=str(tmp_path / "c"), preset="demo", prior_share="1.5")
+    assert not (tmp_path / "c").exists()

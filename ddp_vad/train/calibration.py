@@ -19,9 +19,11 @@ normal windows (Ped2 at 10% labels, pooled frame AUROC over four draws: 0.742-0.
 benchmarks/results/levers3.md).
 
 With the motion prior (``transfer --motion-prior energy``, :mod:`ddp_vad.motion`) the same footage standardises the
-windows' motion energy ``e`` as well, and the calibrated log-odds are ``((z_d + z_e) / s - Z99) / T``, ``z_d`` and
-``z_e`` the two z-scores and ``s`` the spread of their sum on that footage: the head's last Linear takes the ``z_d``
-part and the model's :class:`ddp_vad.motion.MotionPrior` the ``z_e`` part.
+windows' motion energy ``e`` as well, and the calibrated log-odds are ``(z / s - Z99) / T`` with
+``z = 2 (1 - a) z_d + 2 a z_e``, ``z_d`` and ``z_e`` the two z-scores, ``a`` the prior's share (``--prior-share``:
+0.5, their plain sum, or chosen per fold on an inner split of its training clips, :mod:`ddp_vad.train.prior_share`)
+and ``s`` the spread of ``z`` on that footage: the head's last Linear takes the ``z_d`` part and the model's
+:class:`ddp_vad.motion.MotionPrior` the ``z_e`` part.
 
 Shards without train clips (a user's folder with no normal-only split) fall back to the fold's own normal training
 windows, with a note.
@@ -43,6 +45,7 @@ CALIBRATIONS = ("normal", "none")
 REFERENCE_WINDOWS = 2048  # normal windows each fold scores, at most (~0.45 GB of uint8 at the demo's 120 x 182)
 Z99 = 2.326  # P = 0.5 this many normal spreads above the normal mean (the Gaussian 99th percentile)
 TEMPERATURE = 4.0  # calibrated log-odds per normal spread: 1/4 (the same for every fold, so the ranking is kept)
+EQUAL_SHARE = 0.5  # --prior-share: the classifier's and the prior's z-scores weigh alike
 MIN_SCALE = 1e-6  # a fold model that gives every normal window the same score keeps its spread of 1e-6
 MIN_ENERGY_SPREAD = 0.05  # log motion energy: footage whose windows all move alike (the tests' tiny clips) does not
 # blow the prior up; real footage spreads 0.14 (Ped2) to 0.47 (the synthetic data)
@@ -55,49 +58,60 @@ def reference_windows(shards: Any, seed: int, n: int = REFERENCE_WINDOWS) -> np.
     return load_window_set(shards, n=n, seed=[abs(int(seed)), 0xCA1B], on_damage="skip", select="train").frames
 
 
-def fold_calibration_into_head(model: LRCN, shift: float, scale: float) -> LRCN:
-    """A copy of ``model`` whose log-odds are ``(d - shift) / scale``: the head's last Linear gets rows
-    ``+-(w1 - w0) / (2 scale)`` and biases ``+-(b1 - b0 - shift) / (2 scale)``. The map is affine and increasing, so
-    it also holds per cell under ``cells`` pooling (the mean of the top-k cells commutes with it)."""
+def fold_calibration_into_head(model: LRCN, gain: float, bias: float) -> LRCN:
+    """A copy of ``model`` whose log-odds are ``gain * d + bias``: the head's last Linear gets rows
+    ``+-gain (w1 - w0) / 2`` and biases ``+-(gain (b1 - b0) + bias) / 2``. The map is affine and, for ``gain`` > 0,
+    increasing, so it also holds per cell under ``cells`` pooling (the mean of the top-k cells commutes with it);
+    ``gain`` 0 leaves the constant ``bias`` (the prior alone scores, ``--prior-share 1``)."""
     out = copy.deepcopy(model)
     last = out.head.net[-1]
     with torch.no_grad():
         w, b = last.weight.double(), last.bias.double()
-        w1 = (w[1] - w[0]) / (2 * scale)
-        b1 = (b[1] - b[0] - shift) / (2 * scale)
+        w1 = gain * (w[1] - w[0]) / 2
+        b1 = (gain * (b[1] - b[0]) + bias) / 2
         last.weight.copy_(torch.stack([-w1, w1]).to(last.weight.dtype))
         last.bias.copy_(torch.stack([-b1, b1]).to(last.bias.dtype))
     return out
 
 
 def calibrate_from_log_odds(
-    model: LRCN, d: np.ndarray, source: str, energies: np.ndarray | None = None
+    model: LRCN, d: np.ndarray, source: str, energies: np.ndarray | None = None, share: float = EQUAL_SHARE
 ) -> tuple[LRCN, dict]:
     """``model`` calibrated on the log-odds ``d`` it gives normal windows (see the module docstring), and the record
     of it (``source``: where the windows came from). With a motion prior on the model, ``energies`` are the same
-    windows' log motion energies, and the prior is set from them."""
+    windows' log motion energies, the prior is set from them, and ``share`` is the prior's share of the sum
+    (:func:`shared_z`)."""
     spread = max(float(d.std()), MIN_SCALE)
-    total = 1.0
-    record: dict = {"source": source, "windows": int(len(d)), "mean": float(d.mean())}
+    record: dict = {"source": source, "windows": int(len(d)), "mean": float(d.mean()), "spread": spread}
+    classifier, total = 1.0, 1.0
     if model.prior is not None:
         if energies is None or len(energies) != len(d):
             raise ValueError("a model with a motion prior is calibrated with the normal windows' energies")
         e_spread = max(float(energies.std()), MIN_ENERGY_SPREAD)
-        z = (d - d.mean()) / spread + (energies - energies.mean()) / e_spread
+        classifier, prior = 2 * (1 - share), 2 * share
+        z = shared_z((d - d.mean()) / spread, (energies - energies.mean()) / e_spread, share)
         total = max(float(z.std()), MIN_SCALE)
-        weight = 1.0 / (TEMPERATURE * e_spread * total)
-        record["motion"] = {"mean": float(energies.mean()), "spread": e_spread, "sum_spread": total, "weight": weight}
-    record.update(shift=float(d.mean()) + Z99 * spread * total, scale=TEMPERATURE * spread * total)
-    out = fold_calibration_into_head(model, record["shift"], record["scale"])
+        weight = prior / (TEMPERATURE * e_spread * total)
+        record["motion"] = {"mean": float(energies.mean()), "spread": e_spread, "sum_spread": total, "weight": weight,
+                            "share": float(share)}  # fmt: skip
+    gain = classifier / (TEMPERATURE * spread * total)
+    record.update(gain=gain, bias=-gain * float(d.mean()) - Z99 / TEMPERATURE)
+    out = fold_calibration_into_head(model, record["gain"], record["bias"])
     if "motion" in record:
         out.prior.set(record["motion"]["mean"], record["motion"]["weight"])
     return out, record
 
 
+def shared_z(z_classifier: np.ndarray, z_motion: np.ndarray, share: float) -> np.ndarray:
+    """The two normal-footage z-scores combined with the prior's ``share`` in [0, 1]:
+    ``2 (1 - share) z_classifier + 2 share z_motion`` (0.5: their plain sum; 1: the motion energy alone)."""
+    return 2 * (1 - share) * z_classifier + 2 * share * z_motion
+
+
 def calibrated_log_odds(d: np.ndarray, record: dict, energies: np.ndarray | None = None) -> np.ndarray:
     """The calibrated model's log-odds of windows whose raw log-odds are ``d`` (and log motion energies
     ``energies``, with a prior): the map :func:`calibrate_from_log_odds` folded into the model, applied in float64."""
-    out = (d - record["shift"]) / record["scale"]
+    out = record["gain"] * d + record["bias"]
     if "motion" in record:
         out = out + record["motion"]["weight"] * (energies - record["motion"]["mean"])
     return out

@@ -27,7 +27,7 @@ from ddp_vad.models import LRCN, ModelConfig
 from ddp_vad.motion import window_energies
 from ddp_vad.runfiles import fold_checkpoint_dir, fold_tb_dir
 from ddp_vad.train.augment import augment_windows, epoch_generator, parse_augment
-from ddp_vad.train.calibration import REFERENCE_WINDOWS, calibrate_from_log_odds, calibrated_log_odds
+from ddp_vad.train.calibration import EQUAL_SHARE, REFERENCE_WINDOWS, calibrate_from_log_odds, calibrated_log_odds
 from ddp_vad.train.checkpoint import list_fold_checkpoints, save_fold_checkpoint
 from ddp_vad.train.classifier import (
     CHUNK,
@@ -44,8 +44,10 @@ from ddp_vad.train.crossval import CVWindows, fold_split, labelled_subset, score
 from ddp_vad.train.fold_store import save_finished_fold
 from ddp_vad.train.holdout import holdout_part
 from ddp_vad.train.metrics import auroc
+from ddp_vad.train.prior_share import INNER_FOLDS, NESTED, PRIOR_SHARES, choose_share, inner_splits
 
 TEST_CURVE_TAG = "test_fold_not_for_selection/accuracy"
+INNER_SEED_BASE = 1000  # inner fold i of fold k is seeded as fold 1000 (i + 1) + k: never an outer fold's seed
 
 
 @dataclass
@@ -274,12 +276,17 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
     export = model if norm is None else fold_standardization_into_head(model, *norm)
     calibration = None
     if getattr(cfg, "calibrate", "none") == "normal":
-        export, calibration = _calibrate(run, model, export, forward, norm, fit_idx, notes)
-        if "shift" in calibration:  # the saved (calibrated) model's own scores: the same map of the log-odds
+        share, nested = _prior_share(run, k, fit_idx, notes)
+        export, calibration = _calibrate(run, model, export, forward, norm, fit_idx, notes, share)
+        if nested is not None and "motion" in calibration:
+            calibration["motion"]["nested"] = nested
+        if "gain" in calibration:  # the saved (calibrated) model's own scores: the same map of the log-odds
             energies = window_energies(run.ws.frames, test_idx) if "motion" in calibration else None
             last = _outputs(calibrated_log_odds(last[2], calibration, energies))
     scores, preds, _ = last
     extra = {"n_train": int(fit_idx.size)}
+    if calibration is not None and "motion" in calibration:
+        extra["prior_share"] = calibration["motion"]["share"]
     if best:
         extra.update(n_validation=int(val_idx.size), chosen_epoch=int(best["epoch"]), validation_auroc=best["auroc"])
     row, oof = score_fold(run.cv, k, test_idx, scores, preds, **extra)
@@ -302,8 +309,9 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
 
 
 def _calibrate(
-    run: FoldRun, model: LRCN, export: LRCN, forward, norm, fit_idx: np.ndarray, notes: list[str]
-) -> tuple[LRCN, dict]:
+    run: FoldRun, model: LRCN, export: LRCN, forward, norm, fit_idx: np.ndarray, notes: list[str],
+    share: float = EQUAL_SHARE,
+) -> tuple[LRCN, dict]:  # fmt: skip
     """``export`` calibrated on the run's normal footage (see :mod:`ddp_vad.train.calibration`), or, for shards
     without train clips, on up to REFERENCE_WINDOWS of the fold's own normal training windows (noted). Where the
     frozen part's output of the footage was computed once for every fold (``reference_cache``), only the trained
@@ -313,7 +321,7 @@ def _calibrate(
         x = run.reference_cache if norm is None else (run.reference_cache.to(norm[0].device) - norm[0]) / norm[1]
         d = predict(model, forward, lambda idx: x[torch.from_numpy(idx).to(x.device)].to(acc.device),
                     np.arange(len(x)), acc.autocast)[2]  # fmt: skip
-        return calibrate_from_log_odds(export, d, "train clips", run.reference_energies)
+        return calibrate_from_log_odds(export, d, "train clips", run.reference_energies, share)
     reference, source, energies = run.reference, "train clips", run.reference_energies
     if reference is None:
         normal = fit_idx[run.cv.labels[fit_idx] == 0]
@@ -326,19 +334,26 @@ def _calibrate(
         return export, {"source": "none"}
     frames_in = lambda idx: frames_to_float(torch.from_numpy(reference[idx]).to(acc.device))  # noqa: E731
     d = predict(export, export, frames_in, np.arange(len(reference)), acc.autocast)[2]
-    return calibrate_from_log_odds(export, d, source, energies)
+    return calibrate_from_log_odds(export, d, source, energies, share)
+
+
+def _new_model(run: FoldRun, seed: int) -> tuple:
+    """A fresh classifier (initialised with ``seed``), its optimizer and GradScaler (or None)."""
+    cfg, device = run.cfg, run.accelerator.device
+    model = build_classifier(run.model_cfg, cfg.train, seed, run.features_state).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = float(getattr(cfg, "weight_decay", 0.0))
+    # AdamW only when asked: the default stays the method's plain Adam, bit for bit.
+    optimizer = torch.optim.AdamW(params, cfg.lr, weight_decay=decay) if decay else torch.optim.Adam(params, cfg.lr)
+    scaler = torch.amp.GradScaler(device.type) if run.scaler_needed else None
+    return model, optimizer, scaler
 
 
 def _fold_model(run: FoldRun, k: int, resume_state: dict | None) -> tuple:
     """Fold ``k``'s classifier, optimizer and GradScaler (or None), and (first epoch, history, best epoch) where a
     checkpoint left them."""
     cfg, device = run.cfg, run.accelerator.device
-    model = build_classifier(run.model_cfg, cfg.train, fold_seed(cfg.seed, k), run.features_state).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = float(getattr(cfg, "weight_decay", 0.0))
-    # AdamW only when asked: the default stays the method's plain Adam, bit for bit.
-    optimizer = torch.optim.AdamW(params, cfg.lr, weight_decay=decay) if decay else torch.optim.Adam(params, cfg.lr)
-    scaler = torch.amp.GradScaler(device.type) if run.scaler_needed else None
+    model, optimizer, scaler = _new_model(run, fold_seed(cfg.seed, k))
     start = (0, [], {})
     if resume_state is not None:
         start = (*_restore(resume_state, model, optimizer, scaler, device), resume_state.get("best") or {})
@@ -358,3 +373,48 @@ def _validate(run: FoldRun, model, forward, get_inputs, val_idx, epoch: int, bes
         best = {"epoch": epoch, "auroc": val_auroc,
                 "model": {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}}  # fmt: skip
     return {"val_auroc": val_auroc}, best
+
+
+def _prior_share(run: FoldRun, k: int, fit_idx: np.ndarray, notes: list[str]) -> tuple[float, dict | None]:
+    """The motion prior's share for fold ``k`` (:mod:`ddp_vad.train.prior_share`): the asked number, or with
+    ``--prior-share nested`` the one chosen on inner folds of its training windows ``fit_idx`` (and the record of
+    the choice). Without a prior on the model the share is unused."""
+    asked = getattr(run.cfg, "prior_share", EQUAL_SHARE)
+    if asked != NESTED or not run.model_cfg.motion_prior:
+        return (EQUAL_SHARE if asked == NESTED else float(asked)), None
+    splits = inner_splits(run.cv, fit_idx, run.cfg.seed, k)
+    if not splits:
+        notes.append(f"fold {k}: prior share {EQUAL_SHARE}: its training clips cannot make {INNER_FOLDS} inner folds "
+                     "with both classes")  # fmt: skip
+        return EQUAL_SHARE, None
+    parts = [_inner_z_scores(run, k, i, fit, scored) for i, (fit, scored) in enumerate(splits)]
+    if any(p is None for p in parts):
+        notes.append(f"fold {k}: prior share {EQUAL_SHARE}: no normal window to standardise the inner folds on")
+        return EQUAL_SHARE, None
+    scored = np.concatenate([s for _, s in splits])
+    z_classifier, z_motion = (np.concatenate([p[j] for p in parts]) for j in (0, 1))
+    share, aurocs = choose_share(run.cv, scored, z_classifier, z_motion, run.ws)
+    return share, {"inner_folds": INNER_FOLDS, "scored_windows": int(scored.size), "shares": list(PRIOR_SHARES),
+                   "frame_auroc": aurocs}  # fmt: skip
+
+
+def _inner_z_scores(run: FoldRun, k: int, i: int, fit_idx: np.ndarray, scored: np.ndarray) -> tuple | None:
+    """Inner fold ``i`` of fold ``k``: a model trained the fold's way (same epochs, batch, class weights, options) on
+    ``fit_idx``, then the classifier's and the motion energy's normal-footage z-scores of the windows ``scored``
+    (None without normal footage to standardise on)."""
+    cfg = run.cfg
+    model, optimizer, scaler = _new_model(run, fold_seed(cfg.seed, INNER_SEED_BASE * (i + 1) + k))
+    get_inputs, norm = _input_fn(run, model, fit_idx)
+    forward = trainable_forward(model, cfg.train)
+    weight = class_weights(run.cv.labels[fit_idx]) if getattr(cfg, "class_weight", "none") == "balanced" else None
+    for epoch in range(1, cfg.epochs + 1):
+        order = fit_idx[np.random.default_rng([abs(cfg.seed), k, epoch, INNER_SEED_BASE + i]).permutation(fit_idx.size)]
+        _train_epoch(run, k, epoch, order, model, forward, get_inputs, optimizer, scaler, weight)
+    export = model if norm is None else fold_standardization_into_head(model, *norm)
+    record = _calibrate(run, model, export, forward, norm, fit_idx, [])[1]
+    if "motion" not in record:
+        return None
+    d = predict(model, forward, get_inputs, scored, run.accelerator.autocast)[2]
+    motion = record["motion"]
+    energies = window_energies(run.ws.frames, scored)
+    return (d - record["mean"]) / record["spread"], (energies - motion["mean"]) / motion["spread"]

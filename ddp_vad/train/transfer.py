@@ -258,8 +258,8 @@ def _cross_validate(cfg: TransferConfig, acc, manifest: dict, n_folds: int, mode
         extra = {
             "source": cfg.source, "train": cfg.train, "n_folds": n_folds, "repeats": cfg.repeats, "epochs": cfg.epochs,
             "batch_size": cfg.batch_size, "labelled_fraction": float(cfg.labelled_fraction), "calibrate": cfg.calibrate,
-            "motion_prior": cfg.motion_prior, "model_preset": model_cfg.preset, "world_size": world,
-            "parameters": counts,
+            "motion_prior": cfg.motion_prior, "prior_share": cfg.prior_share, "model_preset": model_cfg.preset,
+            "world_size": world, "parameters": counts,
             "frozen_feature_seconds": cache_seconds, "seconds": round(time.perf_counter() - t_start, 2),
         }  # fmt: skip
         _write_results(cfg, run_dir, gathered, extra, notes)

@@ -13,7 +13,7 @@ from ddp_vad.motion import MOTION_PRIORS
 from ddp_vad.options import option
 from ddp_vad.presets import PRESET_NAMES
 from ddp_vad.train.augment import parse_augment
-from ddp_vad.train.calibration import CALIBRATIONS
+from ddp_vad.train.calibration import CALIBRATIONS, EQUAL_SHARE
 from ddp_vad.train.classifier import (
     RANDOM,
     SCRATCH,
@@ -29,6 +29,7 @@ from ddp_vad.train.crossval import (
 from ddp_vad.train.distributed import (
     PRECISIONS,
 )
+from ddp_vad.train.prior_share import INNER_FOLDS, PRIOR_SHARES, parse_prior_share
 from ddp_vad.train.source import FRESH
 
 METHOD_GAN, METHOD_SCRATCH, METHOD_RANDOM = "GAN+LRCN", "LRCN", "Random+LRCN"
@@ -142,6 +143,13 @@ class TransferConfig:
         "classifier's score alone (the default with --calibrate none).",
         choices=MOTION_PRIORS,
     )
+    prior_share: str = option(
+        str(EQUAL_SHARE),
+        "How much the motion prior weighs against the classifier: a share in [0, 1] (0.5, the default: their plain "
+        "sum; 1: the motion energy alone; 0: the classifier alone), or nested: each fold picks its share from "
+        f"{', '.join(f'{a:.2g}' for a in PRIOR_SHARES)} by the frame AUROC of {INNER_FOLDS} inner folds of its own "
+        "training clips (never the test fold), at about twice the training time.",
+    )
     # False: check the values only, not that --shards and a GAN --from exist (the pipeline checks every stage's
     # options before an earlier stage has made them).
     check_paths: InitVar[bool] = True
@@ -202,6 +210,10 @@ class TransferConfig:
         if self.motion_prior == "energy" and self.calibrate != "normal":
             raise UserError("--motion-prior energy needs --calibrate normal (the prior is standardised on the same "
                             "normal footage); give --motion-prior none with --calibrate none")  # fmt: skip
+        self.prior_share = parse_prior_share(self.prior_share)
+        if self.prior_share != EQUAL_SHARE and self.motion_prior != "energy":
+            raise UserError(f"--prior-share {self.prior_share} needs --motion-prior energy (it weighs the prior "
+                            "against the classifier)")  # fmt: skip
         if int(self.val_clips) < 0:
             raise UserError(f"--val-clips must be >= 0, got {self.val_clips}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
