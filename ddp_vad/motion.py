@@ -7,7 +7,8 @@ frame change, whichever they are. Standardised on the train clips' windows (the 
 its own an unsupervised detector (frame AUROC 0.91 on UCSD Ped2, 0.84 on the Ped1 sample; benchmarks/results/
 levers4.md), steady from clip to clip where the trained LRCN's scores are not. The prior has no trained weight: after
 calibration the saved model's log-odds are ``((z_lrcn + z_motion) / s - Z99) / T`` (the sum of two normal-footage
-z-scores, ``s`` the sum's spread on that footage), so every loader of the model gives that score.
+z-scores, ``s`` the sum's spread on that footage; ``--prior-share`` weighs the two otherwise), so every loader of the
+model gives that score.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from ddp_vad.eval.findings import (
+    budgets,
     curve,
     curve_table,
     published_dataset,
@@ -79,7 +80,9 @@ def test_report_has_the_curve_figure_table_verdict_and_budgets(tmp_path):
     for fraction, (gan, lrcn) in {0.25: ([0.9, 0.8], [0.6, 0.7]), 1.0: ([0.9, 0.9], [0.8, 0.9])}.items():
         for method, accs in (("GAN+LRCN", gan), ("LRCN", lrcn)):
             run = tmp_path / f"f{fraction}" / method
-            scored = {"calibrate": "normal", "motion_prior": "energy"} if method == "LRCN" else {}
+            scored = (
+                {"calibrate": "normal", "motion_prior": "energy", "prior_share": "nested"} if method == "LRCN" else {}
+            )
             _write_run(run, method, fraction, accs, **scored)
             runs.append(str(run))
     report = run_evaluate(EvaluateConfig(runs=tuple(runs), out=str(tmp_path / "report")))
@@ -90,7 +93,18 @@ def test_report_has_the_curve_figure_table_verdict_and_budgets(tmp_path):
     assert md.index("## Label efficiency") < md.index("## Verdict") < md.index("## Table 5")
     assert "LEAKY" in md and "- GAN+LRCN: 3 epochs, batch 8, trains head (labelled fractions 0.25, 1)" in md
     calibrated = (
-        "- LRCN: 3 epochs, batch 8, trains head, each fold's scores calibrated on normal footage with the motion prior"
+        "- LRCN: 3 epochs, batch 8, trains head, each fold's scores calibrated on normal footage with the motion prior "
+        "(`--calibrate normal --motion-prior energy`), its share chosen per fold on inner folds of the training clips "
+        "(`--prior-share nested`) (labelled fractions 0.25, 1)"
     )
     assert calibrated in md
     assert (tmp_path / "report" / "fig1_label_efficiency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_budget_lines_name_a_prior_share_other_than_the_plain_sum():
+    extra = {"epochs": 4, "batch_size": 32, "train": "all", "calibrate": "normal", "motion_prior": "energy"}
+    entry = {"method": "LRCN", "labelled_fraction": 1.0, "extra": extra}
+    plain = budgets([entry])[0]
+    assert "share" not in plain and plain == budgets([{**entry, "extra": {**entry["extra"], "prior_share": 0.5}}])[0]
+    energy_alone = budgets([{**entry, "extra": {**entry["extra"], "prior_share": 1.0}}])[0]
+    assert energy_alone.endswith("its share 1 (`--prior-share 1`) (labelled fractions 1)")

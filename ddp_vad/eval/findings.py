@@ -104,7 +104,7 @@ def budgets(entries: list[dict]) -> list[str]:
         x = e.get("extra", {})
         if "epochs" in x:
             key = (e["method"], x["epochs"], x.get("batch_size", "?"), x.get("train", "?"), x.get("calibrate", "none"),
-                   x.get("motion_prior", "none"))  # fmt: skip
+                   x.get("motion_prior", "none"), str(x.get("prior_share", 0.5)))  # fmt: skip
             by_budget[key].append(float(e.get("labelled_fraction", 1.0)))
     scored = {
         ("normal", "none"): ", each fold's scores calibrated on normal footage (`--calibrate normal`)",
@@ -112,10 +112,18 @@ def budgets(entries: list[dict]) -> list[str]:
         "(`--calibrate normal --motion-prior energy`)",
     }
     return [
-        f"- {method}: {epochs} epochs, batch {batch}, trains {train}{scored.get((calibrate, prior), '')} "
+        f"- {method}: {epochs} epochs, batch {batch}, trains {train}{scored.get((calibrate, prior), '')}"
+        f"{_share_text(share) if prior == 'energy' else ''} "
         f"(labelled fractions {', '.join(f'{f:g}' for f in sorted(fractions))})"
-        for (method, epochs, batch, train, calibrate, prior), fractions in sorted(by_budget.items())
+        for (method, epochs, batch, train, calibrate, prior, share), fractions in sorted(by_budget.items())
     ]
+
+
+def _share_text(share: str) -> str:
+    """How the motion prior was weighed (``--prior-share``), for a budget line; nothing for the plain sum."""
+    if share == "nested":
+        return ", its share chosen per fold on inner folds of the training clips (`--prior-share nested`)"
+    return "" if float(share) == 0.5 else f", its share {float(share):g} (`--prior-share {float(share):g}`)"
 
 
 def published_dataset(dataset: str | None) -> str | None:

@@ -267,6 +267,7 @@ def summarise_run(
                 "model_preset",
                 "calibrate",
                 "motion_prior",
+                "prior_share",
             )
             if k in data
         },
