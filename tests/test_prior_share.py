@@ -152,3 +152,31 @@ def test_a_nested_run_records_the_share_its_inner_folds_ranked_best(nested_run: 
         assert motion["share"] == best
     metrics = json.loads((nested_run / "metrics.json").read_text())
     assert metrics["prior_share"] == "nested" and all(row["prior_share"] in PRIOR_SHARES for row in metrics["folds"])
+
+
+def test_a_run_killed_while_choosing_resumes_to_the_same_shares_and_scores(
+    nested_run: Path, tiny_shards, tmp_path, monkeypatch
+):
+    """Killed in fold 1's second inner fold (after its last epoch's checkpoint): the rerun trains the inner folds
+    again from the same seeds and gives the uninterrupted run's shares and scores, bit for bit."""
+    real = fold_module._inner_z_scores
+
+    def crash(run, k, i, fit_idx, scored):
+        if k == 1 and i == 1:
+            raise RuntimeError("simulated kill")
+        return real(run, k, i, fit_idx, scored)
+
+    cfg = dict(source="scratch", preset="tiny", epochs=1, batch_size=8, protocol="window", progress=False,
+               prior_share="nested")  # fmt: skip
+    monkeypatch.setattr(fold_module, "_inner_z_scores", crash)
+    with pytest.raises(RuntimeError, match="simulated kill"), torch_threads(1):
+        run_transfer(TransferConfig(shards=str(tiny_shards), out=str(tmp_path / "run"), **cfg))
+    monkeypatch.undo()
+    with torch_threads(1):
+        run = run_transfer(TransferConfig(shards=str(tiny_shards), out=str(tmp_path / "run"), **cfg))
+
+    def motion_records(r: Path) -> list[dict]:
+        return [json.loads(p.read_text())["calibration"]["motion"] for p in sorted(r.glob("folds/*/result.json"))]
+
+    assert motion_records(run) == motion_records(nested_run)
+    assert (run / "oof_scores.csv").read_text() == (nested_run / "oof_scores.csv").read_text()
