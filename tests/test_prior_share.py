@@ -20,6 +20,7 @@ from ddp_vad.motion import window_energies
 from ddp_vad.train import fold as fold_module
 from ddp_vad.train.calibration import TEMPERATURE, Z99
 from ddp_vad.train.crossval import CVWindows, fold_split
+from ddp_vad.train.metrics import read_oof_scores
 from ddp_vad.train.prior_share import PRIOR_SHARES, choose_share, inner_splits, parse_prior_share
 from ddp_vad.train.transfer import TransferConfig, run_transfer
 from ddp_vad.weights import load_model
@@ -180,3 +181,29 @@ def test_a_run_killed_while_choosing_resumes_to_the_same_shares_and_scores(
 
     assert motion_records(run) == motion_records(nested_run)
     assert (run / "oof_scores.csv").read_text() == (nested_run / "oof_scores.csv").read_text()
+
+
+def test_the_post_hoc_benchmark_recovers_each_windows_two_z_scores(nested_run: Path, tiny_shards):
+    """benchmarks/prior_share.py: recombined with each fold's own share, the recovered z-scores give back the
+    calibrated log-odds the run wrote, window by window (so other shares are the same scores weighed otherwise)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "prior_share_bench", Path(__file__).parents[1] / "benchmarks" / "prior_share.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ws = load_window_set(tiny_shards)
+    energies = dict(zip(ws.keys, window_energies(ws.frames).tolist(), strict=True))
+    motion = {int(json.loads(p.read_text())["fold"]): json.loads(p.read_text())["calibration"]["motion"]
+              for p in (nested_run / "folds").glob("fold_*/result.json")}  # fmt: skip
+    if all(m["share"] == 1.0 for m in motion.values()):
+        pytest.skip("every fold chose the energy alone: no classifier part to recover")
+    kept = [r for r in read_oof_scores(nested_run) if motion[int(r["fold"])]["share"] < 1]
+    zd, ze, _ = bench.z_scores(nested_run, kept, energies)
+    shares = np.array([motion[int(r["fold"])]["share"] for r in kept])
+    totals = np.array([motion[int(r["fold"])]["sum_spread"] for r in kept])
+    p = np.array([r["score"] for r in kept])
+    expected = np.log(p) - np.log1p(-p)
+    rebuilt = ((2 * (1 - shares) * zd + 2 * shares * ze) / totals - Z99) / TEMPERATURE
+    np.testing.assert_allclose(rebuilt, expected, atol=1e-6)
