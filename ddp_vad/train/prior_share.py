@@ -6,8 +6,9 @@ The calibrated log-odds add the classifier's and the motion energy's normal-foot
 plain sum (0.5) is best, on UCSD Ped2 the motion energy alone (1.0) beats every mix with the classifier
 (benchmarks/results/levers7.md). A fixed share is a choice made on the clips it is reported on; here each fold makes
 its own, from its own training clips only: they are split into ``INNER_FOLDS`` clip-grouped folds, a model is trained
-the fold's way on all but one and scores that one, and the share in :data:`PRIOR_SHARES` whose pooled frame AUROC
-over those scores is highest is used for the fold's model. The test fold is never looked at. With a labelled
+the fold's way on all but one and scores that one, and the share in :data:`PRIOR_SHARES` (the plain sum, or the
+motion energy alone: does the classifier add anything to the energy on this scene?) whose pooled frame AUROC over
+those scores is highest is used for the fold's model. The test fold is never looked at. With a labelled
 fraction below 1 only the labelled windows are trained on and scored.
 """
 
@@ -23,8 +24,10 @@ from ddp_vad.train.crossval import CVWindows
 
 NESTED = "nested"
 INNER_FOLDS = 2
-# The prior's share a; as a weight w = a / (1 - a) on its z-score against the classifier's: 0, 1/2, 1, 3/2, 2, 3, inf.
-PRIOR_SHARES = (0.0, 1 / 3, 0.5, 0.6, 2 / 3, 0.75, 1.0)
+# The candidates: the plain sum, or the motion energy alone. Seven shares from 0 to 1 were tried first and chose
+# too noisily on two inner folds (some folds of the Ped1 sample picked the classifier alone and lost 0.02;
+# benchmarks/results/levers7.md).
+PRIOR_SHARES = (EQUAL_SHARE, 1.0)
 
 
 def parse_prior_share(value: str | float) -> str | float:
