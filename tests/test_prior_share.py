@@ -87,7 +87,7 @@ def test_the_share_that_ranks_the_inner_frames_best_is_chosen():
     clips = [f"Test{c:03d}" for c in range(1, 5) for _ in range(8)]
     labels = np.array([int(c in (2, 3) and s >= 3) for c in range(1, 5) for s in range(8)])
     cv = _cv(clips, labels.tolist())
-    frame_labels = {k: [int(y)] for k, y in zip(cv.keys, labels.tolist(), strict=True)}  # 1-frame windows
+    frame_labels = labels[:, None]  # 1-frame windows
     scored = np.arange(len(clips))
     signal = labels + 0.01 * np.arange(len(clips)) / len(clips)
     noise = np.random.default_rng(0).normal(size=len(clips))
@@ -207,3 +207,23 @@ def test_the_post_hoc_benchmark_recovers_each_windows_two_z_scores(nested_run: P
     expected = np.log(p) - np.log1p(-p)
     rebuilt = ((2 * (1 - shares) * zd + 2 * shares * ze) / totals - Z99) / TEMPERATURE
     np.testing.assert_allclose(rebuilt, expected, atol=1e-6)
+
+
+def test_the_folds_frame_auroc_follows_the_reports_rule():
+    """train.metrics.frame_auroc (inside a fold) gives what the report's frame_level_auroc gives for the same window
+    scores: overlapping windows, a frame's score the max of its windows, clips apart."""
+    from ddp_vad.eval.frame_scores import frame_level_auroc
+    from ddp_vad.train.metrics import frame_auroc
+
+    rng = np.random.default_rng(3)
+    clips = [c for c in ("Test001", "Test002", "Test003") for _ in range(12)]
+    starts = np.array([s for _ in range(3) for s in range(12)])
+    truth = {c: rng.random(30) < 0.4 for c in ("Test001", "Test002", "Test003")}
+    labels = np.stack([truth[c][s : s + 5] for c, s in zip(clips, starts.tolist(), strict=True)]).astype(int)
+    scores = rng.normal(size=len(clips)) + labels.mean(axis=1)
+    rows = [{"key": f"{c}_{s}", "clip": c, "start": s, "score": float(x)}
+            for c, s, x in zip(clips, starts.tolist(), scores.tolist(), strict=True)]  # fmt: skip
+    by_key = {r["key"]: lab.tolist() for r, lab in zip(rows, labels, strict=True)}
+    expected = frame_level_auroc(rows, by_key)
+    assert frame_auroc(clips, starts, labels, scores) == pytest.approx(expected, abs=1e-12)
+    assert expected is not None and 0.0 < expected < 1.0 and expected != 0.5

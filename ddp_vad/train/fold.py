@@ -393,7 +393,7 @@ def _prior_share(run: FoldRun, k: int, fit_idx: np.ndarray, notes: list[str]) ->
         return EQUAL_SHARE, None
     scored = np.concatenate([s for _, s in splits])
     z_classifier, z_motion = (np.concatenate([p[j] for p in parts]) for j in (0, 1))
-    share, aurocs = choose_share(run.cv, scored, z_classifier, z_motion, run.ws)
+    share, aurocs = choose_share(run.cv, scored, z_classifier, z_motion, run.ws.frame_labels[scored])
     return share, {"inner_folds": INNER_FOLDS, "scored_windows": int(scored.size), "shares": list(PRIOR_SHARES),
                    "frame_auroc": aurocs}  # fmt: skip
 

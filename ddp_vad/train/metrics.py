@@ -246,3 +246,22 @@ def window_level_auroc(oof_rows: Iterable[Mapping[str, Any]]) -> float | None:
     """Window-level AUROC of the out-of-fold scores; ``None`` when only one class is present."""
     rows = list(oof_rows)
     return auroc([int(r["label"]) for r in rows], [float(r["score"]) for r in rows])
+
+
+def frame_auroc(clips: Sequence[str], starts: np.ndarray, frame_labels: np.ndarray, scores: np.ndarray) -> float | None:
+    """Frame AUROC of window scores, by the rule of :func:`ddp_vad.eval.frame_scores.frames_by_repeat`: frame
+    ``start + t`` of a clip gets the max score over the windows covering it and the max of their labels for it.
+    ``frame_labels`` is ``[N, T]`` (one row per window). For choices made inside a fold (``--prior-share nested``),
+    where the eval layer is out of reach."""
+    frame_labels = np.asarray(frame_labels, dtype=np.int64)
+    if not frame_labels.size:
+        return None
+    n, t = frame_labels.shape
+    clip_ids = np.unique(np.asarray(clips, dtype=object).astype(str), return_inverse=True)[1].reshape(-1)
+    frames = (np.asarray(starts, dtype=np.int64)[:, None] + np.arange(t)).reshape(-1)
+    keys = np.repeat(clip_ids.astype(np.int64), t) * (int(frames.max()) + 1) + frames
+    index, inverse = np.unique(keys, return_inverse=True)
+    best, label = np.full(index.size, -np.inf), np.zeros(index.size, np.int64)
+    np.maximum.at(best, inverse, np.repeat(np.asarray(scores, dtype=np.float64), t))
+    np.maximum.at(label, inverse, frame_labels.reshape(-1))
+    return auroc(label, best)

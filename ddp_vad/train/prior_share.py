@@ -18,9 +18,9 @@ import numpy as np
 
 from ddp_vad.data.windows import grouped_stratified_folds
 from ddp_vad.errors import UserError
-from ddp_vad.eval.frame_scores import frame_level_auroc
 from ddp_vad.train.calibration import EQUAL_SHARE, shared_z
 from ddp_vad.train.crossval import CVWindows
+from ddp_vad.train.metrics import frame_auroc
 
 NESTED = "nested"
 INNER_FOLDS = 2
@@ -57,15 +57,12 @@ def inner_splits(cv: CVWindows, train_idx: np.ndarray, seed: int, fold: int) -> 
 
 
 def choose_share(
-    cv: CVWindows, scored: np.ndarray, z_classifier: np.ndarray, z_motion: np.ndarray, frame_labels
+    cv: CVWindows, scored: np.ndarray, z_classifier: np.ndarray, z_motion: np.ndarray, frame_labels: np.ndarray
 ) -> tuple[float, list[float | None]]:
     """The share in :data:`PRIOR_SHARES` whose combined scores of the windows ``scored`` rank their frames best
-    (frame AUROC, ``frame_labels`` as :func:`ddp_vad.eval.frame_scores.frame_level_auroc` takes them), and every
-    share's AUROC. Ties go to the share nearest the plain sum (0.5); with no AUROC defined, 0.5."""
-    rows = [{"key": cv.keys[i], "clip": cv.clips[i], "start": int(cv.starts[i])} for i in scored.tolist()]
-    aurocs = []
-    for share in PRIOR_SHARES:
-        z = shared_z(z_classifier, z_motion, share)
-        aurocs.append(frame_level_auroc([dict(r, score=float(s)) for r, s in zip(rows, z, strict=True)], frame_labels))
+    (:func:`ddp_vad.train.metrics.frame_auroc`; ``frame_labels`` ``[len(scored), T]``, the windows' frame labels),
+    and every share's AUROC. Ties go to the share nearest the plain sum (0.5); with no AUROC defined, 0.5."""
+    clips, starts = [cv.clips[i] for i in scored.tolist()], cv.starts[scored]
+    aurocs = [frame_auroc(clips, starts, frame_labels, shared_z(z_classifier, z_motion, s)) for s in PRIOR_SHARES]
     ranked = [(a, -abs(s - EQUAL_SHARE), s) for a, s in zip(aurocs, PRIOR_SHARES, strict=True) if a is not None]
     return (max(ranked)[2] if ranked else EQUAL_SHARE), aurocs
