@@ -14,7 +14,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -69,6 +69,17 @@ class FoldRun:
     accelerator: Any
     scaler_needed: bool
     extra_normal: np.ndarray | None = None  # windows every fold also trains on as normal (--normal-footage train)
+    _energies: np.ndarray | None = field(default=None, repr=False)  # per window, NaN until computed
+
+    def energies(self, idx: np.ndarray) -> np.ndarray:
+        """Log motion energies of the windows ``idx``, each computed at most once per process: a fold's test windows
+        are other folds' training windows, which ``--prior-share nested`` scores in its inner folds."""
+        if self._energies is None:
+            self._energies = np.full(len(self.ws), np.nan)
+        todo = idx[np.isnan(self._energies[idx])]
+        if todo.size:
+            self._energies[todo] = window_energies(self.ws.frames, todo)
+        return self._energies[idx]
 
 
 @torch.no_grad()
@@ -281,7 +292,7 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
         if nested is not None and "motion" in calibration:
             calibration["motion"]["nested"] = nested
         if "gain" in calibration:  # the saved (calibrated) model's own scores: the same map of the log-odds
-            energies = window_energies(run.ws.frames, test_idx) if "motion" in calibration else None
+            energies = run.energies(test_idx) if "motion" in calibration else None
             last = _outputs(calibrated_log_odds(last[2], calibration, energies))
     scores, preds, _ = last
     extra = {"n_train": int(fit_idx.size)}
@@ -416,5 +427,5 @@ def _inner_z_scores(run: FoldRun, k: int, i: int, fit_idx: np.ndarray, scored: n
         return None
     d = predict(model, forward, get_inputs, scored, run.accelerator.autocast)[2]
     motion = record["motion"]
-    energies = window_energies(run.ws.frames, scored)
+    energies = run.energies(scored)
     return (d - record["mean"]) / record["spread"], (energies - motion["mean"]) / motion["spread"]
