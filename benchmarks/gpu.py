@@ -60,7 +60,7 @@ from ddp_vad.data.reader import frames_to_float, infinite_batches, load_window_s
 from ddp_vad.data.shards import ShardConfig, build_shards, load_manifest  # noqa: E402
 from ddp_vad.models import ModelConfig, build_generator, build_lrcn, model_config_for  # noqa: E402
 from ddp_vad.train.distributed import make_accelerator, seed_everything  # noqa: E402
-from ddp_vad.train.fold import optimizer_step  # noqa: E402
+from ddp_vad.train.fold_steps import optimizer_step  # noqa: E402
 from ddp_vad.train.gan import gan_step  # noqa: E402  (the toolkit's own step, not a copy)
 
 PRECISIONS = ("fp32", "bf16", "fp16")

@@ -24,7 +24,7 @@ from ddp_vad.train.calibration import (
     fold_calibration_into_head,
     reference_windows,
 )
-from ddp_vad.train.fold import predict
+from ddp_vad.train.fold_steps import predict
 from ddp_vad.train.metrics import read_oof_scores
 from ddp_vad.train.transfer import TransferConfig, run_transfer
 from ddp_vad.weights import load_model

@@ -11,9 +11,11 @@ import torch
 
 from ddp_vad.errors import UserError
 from ddp_vad.train import fold as fold_module
+from ddp_vad.train import fold_steps
 from ddp_vad.train.augment import augment_windows, epoch_generator, parse_augment
 from ddp_vad.train.crossval import CVWindows
-from ddp_vad.train.fold import class_weights, inner_validation_split
+from ddp_vad.train.fold import inner_validation_split
+from ddp_vad.train.fold_steps import class_weights
 from ddp_vad.train.transfer import TransferConfig, run_transfer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.torch_threads
@@ -196,7 +198,7 @@ def test_feature_matching_adds_a_positive_term_to_the_generator_loss():
 def test_balanced_class_weights_are_in_the_loss_training_uses(tiny_shards, tmp_path, monkeypatch):
     """Not only the config's default: the cross-entropy each fold trains with gets the balanced weights of that
     fold's training labels (and none with --class-weight none)."""
-    real_loss, real_epoch = fold_module.F.cross_entropy, fold_module._train_epoch
+    real_loss, real_epoch = fold_steps.F.cross_entropy, fold_module.train_epoch
     seen: dict[str, dict[int, list]] = {}
     current: list = [None, None]  # (mode, fold) of the epoch being trained
 
@@ -208,8 +210,8 @@ def test_balanced_class_weights_are_in_the_loss_training_uses(tiny_shards, tmp_p
         seen[current[0]].setdefault(current[1], []).append((weight, target.cpu()))
         return real_loss(logits, target, weight=weight, **kwargs)
 
-    monkeypatch.setattr(fold_module, "_train_epoch", epoch)
-    monkeypatch.setattr(fold_module.F, "cross_entropy", loss)
+    monkeypatch.setattr(fold_module, "train_epoch", epoch)
+    monkeypatch.setattr(fold_steps.F, "cross_entropy", loss)
     for mode in ("balanced", "none"):
         current[0], seen[mode] = mode, {}
         run_transfer(_cfg(tiny_shards, tmp_path / mode, epochs=1, class_weight=mode, protocol="clip"))

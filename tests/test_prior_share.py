@@ -18,6 +18,7 @@ from ddp_vad.errors import UserError
 from ddp_vad.models import build_lrcn
 from ddp_vad.motion import window_energies
 from ddp_vad.train import fold as fold_module
+from ddp_vad.train import fold_steps
 from ddp_vad.train.calibration import TEMPERATURE, Z99
 from ddp_vad.train.crossval import CVWindows, fold_split
 from ddp_vad.train.metrics import read_oof_scores
@@ -52,7 +53,7 @@ def test_a_bad_share_is_a_one_line_error_before_anything_is_written(tiny_shards,
 
 def _log_odds(model, frames: np.ndarray) -> np.ndarray:
     inputs = lambda idx: frames_to_float(torch.from_numpy(frames[idx]))  # noqa: E731
-    return fold_module.predict(
+    return fold_steps.predict(
         model, model, inputs, np.arange(len(frames)), lambda: torch.autocast("cpu", enabled=False)
     )[2]
 

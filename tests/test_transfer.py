@@ -275,13 +275,13 @@ def test_killed_run_resumes_skips_finished_folds_and_matches_an_uninterrupted_ru
 
     # Spy on the epochs: a fold's seed depends only on (seed, fold), so retraining fold 1 from epoch 1 would give
     # the same numbers; only the epochs actually trained show that it resumed.
-    trained, real_epoch = [], fold_module._train_epoch
+    trained, real_epoch = [], fold_module.train_epoch
 
     def counted(run_, k, epoch, *args):
         trained.append((k, epoch))
         return real_epoch(run_, k, epoch, *args)
 
-    monkeypatch.setattr(fold_module, "_train_epoch", counted)
+    monkeypatch.setattr(fold_module, "train_epoch", counted)
     run_transfer(_cfg(typed_shards, run, **cfg))
     monkeypatch.undo()
     assert trained == [(1, 2), (2, 1), (2, 2), (3, 1), (3, 2)]  # fold 0 done, fold 1 only its remaining epoch

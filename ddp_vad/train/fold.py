@@ -13,34 +13,28 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ddp_vad.data.reader import WindowSet, frames_to_float
-from ddp_vad.errors import NonFiniteLossError, UserError
-from ddp_vad.models import LRCN, ModelConfig
+from ddp_vad.data.reader import frames_to_float
+from ddp_vad.errors import UserError
+from ddp_vad.models import LRCN
 from ddp_vad.motion import window_energies
 from ddp_vad.runfiles import fold_checkpoint_dir, fold_tb_dir
-from ddp_vad.train.augment import augment_windows, epoch_generator, parse_augment
 from ddp_vad.train.calibration import EQUAL_SHARE, REFERENCE_WINDOWS, calibrate_from_log_odds, calibrated_log_odds
-from ddp_vad.train.checkpoint import list_fold_checkpoints, save_fold_checkpoint
-from ddp_vad.train.classifier import (
-    CHUNK,
-    build_classifier,
-    compute_cache,
-    feature_standardization,
-    fold_seed,
-    fold_standardization_into_head,
-    frozen_part,
-    train_mode,
-    trainable_forward,
-)
+from ddp_vad.train.checkpoint import save_fold_checkpoint
+from ddp_vad.train.classifier import fold_seed, fold_standardization_into_head, trainable_forward
 from ddp_vad.train.crossval import CVWindows, fold_split, labelled_subset, score_fold
+from ddp_vad.train.fold_steps import (
+    FoldRun,
+    class_weights,
+    input_fn,
+    new_model,
+    outputs_of_log_odds,
+    predict,
+    train_epoch,
+)
 from ddp_vad.train.fold_store import save_finished_fold
 from ddp_vad.train.holdout import holdout_part
 from ddp_vad.train.metrics import auroc
@@ -48,57 +42,6 @@ from ddp_vad.train.prior_share import INNER_FOLDS, NESTED, PRIOR_SHARES, choose_
 
 TEST_CURVE_TAG = "test_fold_not_for_selection/accuracy"
 INNER_SEED_BASE = 1000  # inner fold i of fold k is seeded as fold 1000 (i + 1) + k: never an outer fold's seed
-
-
-@dataclass
-class FoldRun:
-    """What every fold of one transfer run shares (``cfg`` is the run's TransferConfig)."""
-
-    cfg: Any
-    run_dir: Any
-    ws: WindowSet
-    cv: CVWindows
-    held_out: np.ndarray  # bool [N]: windows of the held-out anomaly type (never trained on)
-    model_cfg: ModelConfig
-    features_state: dict[str, torch.Tensor] | None
-    shared_cache: torch.Tensor | None  # frozen output of every window when it is the same for every fold
-    reference: np.ndarray | None  # normal windows (train clips) every fold is calibrated on; None: none / not asked
-    reference_cache: torch.Tensor | None  # their frozen-part output where it is the same for every fold
-    reference_energies: np.ndarray | None  # their log motion energies (models with a motion prior), computed once
-    fingerprint: dict
-    accelerator: Any
-    scaler_needed: bool
-    extra_normal: np.ndarray | None = None  # windows every fold also trains on as normal (--normal-footage train)
-    _energies: np.ndarray | None = field(default=None, repr=False)  # per window, NaN until computed
-
-    def energies(self, idx: np.ndarray) -> np.ndarray:
-        """Log motion energies of the windows ``idx``, each computed at most once per process: a fold's test windows
-        are other folds' training windows, which ``--prior-share nested`` scores in its inner folds."""
-        if self._energies is None:
-            self._energies = np.full(len(self.ws), np.nan)
-        todo = idx[np.isnan(self._energies[idx])]
-        if todo.size:
-            self._energies[todo] = window_energies(self.ws.frames, todo)
-        return self._energies[idx]
-
-
-@torch.no_grad()
-def predict(model: LRCN, forward, get_inputs, idx: np.ndarray, autocast) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Anomaly probabilities, predicted classes and log-odds ``l1 - l0`` (float64) of the windows ``idx`` (eval
-    mode). The probability is the sigmoid of the log-odds in float64 (the softmax of the two logits)."""
-    model.eval()
-    log_odds = []
-    for lo in range(0, len(idx), CHUNK):
-        with autocast():
-            logits = forward(get_inputs(idx[lo : lo + CHUNK])).float()
-        log_odds.append((logits[:, 1] - logits[:, 0]).double().cpu())
-    d = torch.cat(log_odds).numpy() if log_odds else np.zeros(0, np.float64)
-    return _outputs(d)
-
-
-def _outputs(d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(P(anomalous), argmax class, log-odds) of log-odds ``d``."""
-    return torch.sigmoid(torch.from_numpy(d)).numpy(), (d > 0).astype(np.int64), d
 
 
 def inner_validation_split(
@@ -124,13 +67,6 @@ def inner_validation_split(
     return train_idx[~val], train_idx[val]
 
 
-def class_weights(labels: np.ndarray, num_classes: int = 2) -> torch.Tensor:
-    """Balanced cross-entropy weights ``n / (num_classes * n_c)`` from training labels (an absent class gets 0)."""
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
-    return torch.tensor(weights, dtype=torch.float32)
-
-
 def _restore(resume_state: dict, model, optimizer, scaler, device) -> tuple[int, list]:
     """Load a fold checkpoint into the live objects; returns (epochs done, history)."""
     model.load_state_dict(resume_state["model"])
@@ -141,77 +77,6 @@ def _restore(resume_state: dict, model, optimizer, scaler, device) -> tuple[int,
     if device.type == "cuda" and resume_state.get("rng_device") is not None:
         torch.cuda.set_rng_state(resume_state["rng_device"], device)
     return int(resume_state["epoch"]), json.loads(resume_state["history"])
-
-
-def _input_fn(run: FoldRun, model: LRCN, train_idx: np.ndarray) -> tuple[Callable, tuple | None]:
-    """``get_inputs(idx)`` for the trainable part (frames, or the cached frozen output) and the per-fold feature
-    standardisation (``--train head``), computed from the fold's training windows only."""
-    cfg, device, autocast = run.cfg, run.accelerator.device, run.accelerator.autocast
-    frozen = frozen_part(model, cfg.train)
-    if frozen is None:
-        return (lambda idx: frames_to_float(torch.from_numpy(run.ws.frames[idx]).to(device))), None
-    cache = run.shared_cache
-    if cache is None:  # from scratch: this fold's own frozen weights
-        model.eval()
-        cache = compute_cache(frozen, run.ws.frames, device, autocast)
-    if cfg.train == "head":  # [N, hidden] is small: keep it on the device; conv maps stay in host memory
-        cache = cache.to(device)
-    norm = feature_standardization(cache, train_idx) if cfg.train == "head" and cfg.standardize else None
-
-    def get_inputs(idx: np.ndarray) -> torch.Tensor:
-        x = cache[torch.from_numpy(idx).to(cache.device)].to(device)
-        return x if norm is None else (x - norm[0]) / norm[1]
-
-    return get_inputs, norm
-
-
-def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler) -> None:
-    """Backward + step, through the fp16 GradScaler when there is one."""
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
-
-
-def _train_epoch(
-    run: FoldRun, k: int, epoch: int, order: np.ndarray, model, forward, get_inputs, optimizer, scaler,
-    weight: torch.Tensor | None = None,
-):  # fmt: skip
-    """One pass over the fold's training windows; returns the mean loss. ``weight``: cross-entropy class weights.
-
-    With ``--augment`` (``--train all`` only) each batch of frames is transformed with the epoch's own generator.
-    """
-    device, autocast, batch = run.accelerator.device, run.accelerator.autocast, run.cfg.batch_size
-    labels = torch.from_numpy(run.cv.labels)
-    augments = parse_augment(getattr(run.cfg, "augment", "none"))
-    gen = epoch_generator(run.cfg.seed, k, epoch) if augments else None
-    weight = None if weight is None else weight.to(device)
-    train_mode(model, run.cfg.train)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for lo in range(0, order.size, batch):
-        b = order[lo : lo + batch]
-        inputs = get_inputs(b)
-        if gen is not None:
-            inputs = augment_windows(inputs, augments, gen)
-        with autocast():
-            logits = forward(inputs)
-        # Weighted mean over the batch (F.cross_entropy divides by the summed weights of the batch's labels).
-        loss = F.cross_entropy(logits.float(), labels[b].to(device), weight=weight)
-        optimizer_step(loss, optimizer, scaler)
-        total += loss.detach().double() * b.size
-    epoch_loss = (total / order.size).item()
-    if not math.isfinite(epoch_loss):
-        done = list_fold_checkpoints(fold_checkpoint_dir(run.run_dir, k))
-        where = f"last good checkpoint: {done[-1][1]}" if done else "no checkpoint was written yet"
-        raise NonFiniteLossError(
-            f"fold {k}: non-finite training loss in epoch {epoch} ({epoch_loss}); stopped without saving; "
-            f"{where}. Lower --lr or use --mixed-precision no/bf16, then --resume auto"
-        )
-    return epoch_loss
 
 
 def _checkpoint_state(
@@ -255,7 +120,7 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
     fit_idx, val_idx = inner_validation_split(run.cv, train_idx, int(getattr(cfg, "val_clips", 0)), cfg.seed, k)
     weight = class_weights(run.cv.labels[fit_idx]) if getattr(cfg, "class_weight", "none") == "balanced" else None
     model, optimizer, scaler, (start_epoch, history, best) = _fold_model(run, k, resume_state)
-    get_inputs, norm = _input_fn(run, model, fit_idx)
+    get_inputs, norm = input_fn(run, model, fit_idx)
     forward = trainable_forward(model, cfg.train)
 
     writer = SummaryWriter(str(fold_tb_dir(run.run_dir, k)), purge_step=start_epoch + 1 if start_epoch else None)
@@ -263,7 +128,7 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
     try:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
             order = fit_idx[np.random.default_rng([abs(cfg.seed), k, epoch]).permutation(fit_idx.size)]
-            loss = _train_epoch(run, k, epoch, order, model, forward, get_inputs, optimizer, scaler, weight)
+            loss = train_epoch(run, k, epoch, order, model, forward, get_inputs, optimizer, scaler, weight)
             record, best = _validate(run, model, forward, get_inputs, val_idx, epoch, best, writer)
             last = predict(model, forward, get_inputs, test_idx, acc.autocast)
             test_acc = float((last[1] == run.cv.labels[test_idx]).mean()) if test_idx.size else float("nan")
@@ -293,7 +158,7 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
             calibration["motion"]["nested"] = nested
         if "gain" in calibration:  # the saved (calibrated) model's own scores: the same map of the log-odds
             energies = run.energies(test_idx) if "motion" in calibration else None
-            last = _outputs(calibrated_log_odds(last[2], calibration, energies))
+            last = outputs_of_log_odds(calibrated_log_odds(last[2], calibration, energies))
     scores, preds, _ = last
     extra = {"n_train": int(fit_idx.size)}
     if calibration is not None and "motion" in calibration:
@@ -348,23 +213,11 @@ def _calibrate(
     return calibrate_from_log_odds(export, d, source, energies, share)
 
 
-def _new_model(run: FoldRun, seed: int) -> tuple:
-    """A fresh classifier (initialised with ``seed``), its optimizer and GradScaler (or None)."""
-    cfg, device = run.cfg, run.accelerator.device
-    model = build_classifier(run.model_cfg, cfg.train, seed, run.features_state).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = float(getattr(cfg, "weight_decay", 0.0))
-    # AdamW only when asked: the default stays the method's plain Adam, bit for bit.
-    optimizer = torch.optim.AdamW(params, cfg.lr, weight_decay=decay) if decay else torch.optim.Adam(params, cfg.lr)
-    scaler = torch.amp.GradScaler(device.type) if run.scaler_needed else None
-    return model, optimizer, scaler
-
-
 def _fold_model(run: FoldRun, k: int, resume_state: dict | None) -> tuple:
     """Fold ``k``'s classifier, optimizer and GradScaler (or None), and (first epoch, history, best epoch) where a
     checkpoint left them."""
     cfg, device = run.cfg, run.accelerator.device
-    model, optimizer, scaler = _new_model(run, fold_seed(cfg.seed, k))
+    model, optimizer, scaler = new_model(run, fold_seed(cfg.seed, k))
     start = (0, [], {})
     if resume_state is not None:
         start = (*_restore(resume_state, model, optimizer, scaler, device), resume_state.get("best") or {})
@@ -414,13 +267,13 @@ def _inner_z_scores(run: FoldRun, k: int, i: int, fit_idx: np.ndarray, scored: n
     ``fit_idx``, then the classifier's and the motion energy's normal-footage z-scores of the windows ``scored``
     (None without normal footage to standardise on)."""
     cfg = run.cfg
-    model, optimizer, scaler = _new_model(run, fold_seed(cfg.seed, INNER_SEED_BASE * (i + 1) + k))
-    get_inputs, norm = _input_fn(run, model, fit_idx)
+    model, optimizer, scaler = new_model(run, fold_seed(cfg.seed, INNER_SEED_BASE * (i + 1) + k))
+    get_inputs, norm = input_fn(run, model, fit_idx)
     forward = trainable_forward(model, cfg.train)
     weight = class_weights(run.cv.labels[fit_idx]) if getattr(cfg, "class_weight", "none") == "balanced" else None
     for epoch in range(1, cfg.epochs + 1):
         order = fit_idx[np.random.default_rng([abs(cfg.seed), k, epoch, INNER_SEED_BASE + i]).permutation(fit_idx.size)]
-        _train_epoch(run, k, epoch, order, model, forward, get_inputs, optimizer, scaler, weight)
+        train_epoch(run, k, epoch, order, model, forward, get_inputs, optimizer, scaler, weight)
     export = model if norm is None else fold_standardization_into_head(model, *norm)
     record = _calibrate(run, model, export, forward, norm, fit_idx, [])[1]
     if "motion" not in record:

@@ -67,7 +67,8 @@ from ddp_vad.train.distributed import (
     print_main,
     raise_agreed,
 )
-from ddp_vad.train.fold import FoldRun, train_fold
+from ddp_vad.train.fold import train_fold
+from ddp_vad.train.fold_steps import FoldRun
 from ddp_vad.train.fold_store import fingerprint, fold_status, run_level_error
 from ddp_vad.train.holdout import holdout_mask, holdout_summary
 from ddp_vad.train.source import FRESH, resolve_model
