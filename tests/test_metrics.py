@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ddp_vad.errors import UserError
-from ddp_vad.eval.frame_scores import frame_level_auroc, frame_level_scores
+from ddp_vad.eval.frame_scores import frame_level_auroc, frame_level_scores, frames_by_repeat
 from ddp_vad.train.metrics import (
     OOF_HEADER,
     binary_metrics,
@@ -139,3 +139,24 @@ def test_frame_level_scores_max_over_covering_windows():
     assert frame_level_auroc(oof[2:], labels) is None  # one class only
     assert window_level_auroc(oof) == pytest.approx(1.0)
     assert window_level_auroc(oof[2:]) is None
+
+
+def test_a_frame_belongs_to_the_fold_of_the_first_window_covering_it_and_repeats_stay_apart():
+    """The per-fold frame AUROCs rest on each frame's fold: under window-level folds two folds' windows can cover
+    one frame, and it goes to the first of them; each repeat's frames are reduced on their own."""
+    oof = [
+        {"key": "A_0000", "clip": "A", "start": 0, "score": 0.2, "fold": 1, "repeat": 0},
+        {"key": "A_0002", "clip": "A", "start": 2, "score": 0.7, "fold": 0, "repeat": 0},
+        {"key": "B_0000", "clip": "B", "start": 0, "score": 0.4, "fold": 2, "repeat": 0},
+        {"key": "A_0002", "clip": "A", "start": 2, "score": 0.1, "fold": 3, "repeat": 1},
+    ]
+    labels = {"A_0000": [0, 0, 1], "A_0002": [1, 1, 1], "B_0000": [0, 0, 0]}
+    by_repeat = frames_by_repeat(oof, labels)
+    first = by_repeat[0]
+    assert list(zip(first.clips.tolist(), first.frames.tolist(), first.folds.tolist(), strict=True)) == [
+        ("A", 0, 1), ("A", 1, 1), ("A", 2, 1), ("A", 3, 0), ("A", 4, 0), ("B", 0, 2), ("B", 1, 2), ("B", 2, 2),
+    ]  # fmt: skip
+    assert first.scores.tolist() == [0.2, 0.2, 0.7, 0.7, 0.7, 0.4, 0.4, 0.4]
+    second = by_repeat[1]
+    assert second.frames.tolist() == [2, 3, 4] and second.folds.tolist() == [3, 3, 3]
+    assert second.scores.tolist() == [0.1, 0.1, 0.1]  # repeat 0's 0.7 does not leak into repeat 1

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ddp_vad.train.metrics import auroc
+from ddp_vad.train.metrics import auroc, max_over_covering
 
 # Unsupervised frame AUROCs on each dataset's full official test set, for orientation beside our supervised number
 # (a report shows the row of the dataset at hand: ddp_vad.eval.findings.published_frame_auroc).
@@ -69,7 +69,7 @@ def frames_by_repeat(
     ``window`` is given and a window's labels are not that long.
     """
     labels_by_key = _label_map(frame_labels)
-    per: dict[int, dict[tuple[str, int], list]] = {}
+    per: dict[int, list[list]] = {}  # repeat -> flat (clip, frame, label, score, fold) entries, one per window frame
     missing = seen = 0
     for row in oof_rows:
         seen += 1
@@ -79,28 +79,16 @@ def frames_by_repeat(
             continue
         if window is not None and len(fl) != int(window):
             raise ValueError(f"window {row['key']}: {len(fl)} frame labels, expected {int(window)}")
-        frames = per.setdefault(int(row.get("repeat", 0)), {})
-        clip, start, score, fold = str(row["clip"]), int(row["start"]), float(row["score"]), int(row.get("fold", 0))
-        for t, lab in enumerate(fl):
-            cell = frames.get((clip, start + t))
-            if cell is None:
-                frames[(clip, start + t)] = [int(lab), score, fold]
-            else:
-                cell[0], cell[1] = max(cell[0], int(lab)), max(cell[1], score)
+        entries = per.setdefault(int(row.get("repeat", 0)), [[], [], [], [], []])
+        start, n = int(row["start"]), len(fl)
+        entries[0] += [str(row["clip"])] * n
+        entries[1] += range(start, start + n)
+        entries[2] += [int(v) for v in fl]
+        entries[3] += [float(row["score"])] * n
+        entries[4] += [int(row.get("fold", 0))] * n
     if seen and missing == seen:
         raise ValueError(f"none of the {missing} scored windows has frame labels (wrong shards?)")
-    out = {}
-    for repeat, frames in sorted(per.items()):
-        index = sorted(frames)
-        vals = [frames[i] for i in index]
-        out[repeat] = RepeatFrames(
-            clips=np.array([c for c, _ in index]),
-            frames=np.array([f for _, f in index], np.int64),
-            labels=np.array([v[0] for v in vals], np.int64),
-            scores=np.array([v[1] for v in vals], np.float64),
-            folds=np.array([v[2] for v in vals], np.int64),
-        )
-    return out
+    return {repeat: RepeatFrames(*max_over_covering(*entries)) for repeat, entries in sorted(per.items())}
 
 
 def per_clipauroc(rf: RepeatFrames) -> float | None:

@@ -248,20 +248,38 @@ def window_level_auroc(oof_rows: Iterable[Mapping[str, Any]]) -> float | None:
     return auroc([int(r["label"]) for r in rows], [float(r["score"]) for r in rows])
 
 
+def max_over_covering(
+    clips: Sequence[str], frames: np.ndarray, labels: np.ndarray, scores: np.ndarray, folds: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The frame rule of every frame-level number: flat (clip, frame, label, score, fold) entries, one per window
+    and frame it covers, reduced to one per frame (``clip``, ``frame``) with the max of its labels and of its
+    windows' scores, and the fold of its first entry (the first window covering it). Returns (clips, frames,
+    labels, scores, folds), sorted by (clip, frame)."""
+    frames = np.asarray(frames, dtype=np.int64).reshape(-1)
+    if not frames.size:
+        return np.zeros(0, str), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64)
+    names, clip_ids = np.unique(np.asarray(clips, dtype=object).astype(str), return_inverse=True)
+    span = int(frames.max()) + 1
+    keys = clip_ids.reshape(-1).astype(np.int64) * span + frames
+    index, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    best, label = np.full(index.size, -np.inf), np.zeros(index.size, np.int64)
+    np.maximum.at(best, inverse, np.asarray(scores, dtype=np.float64).reshape(-1))
+    np.maximum.at(label, inverse, np.asarray(labels, dtype=np.int64).reshape(-1))
+    return names[index // span], index % span, label, best, np.asarray(folds, dtype=np.int64).reshape(-1)[first]
+
+
 def frame_auroc(clips: Sequence[str], starts: np.ndarray, frame_labels: np.ndarray, scores: np.ndarray) -> float | None:
-    """Frame AUROC of window scores, by the rule of :func:`ddp_vad.eval.frame_scores.frames_by_repeat`: frame
+    """Frame AUROC of window scores by the frame rule (:func:`max_over_covering`, as the report's): frame
     ``start + t`` of a clip gets the max score over the windows covering it and the max of their labels for it.
-    ``frame_labels`` is ``[N, T]`` (one row per window). For choices made inside a fold (``--prior-share nested``),
-    where the eval layer is out of reach."""
+    ``frame_labels`` is ``[N, T]`` (one row per window). For choices made inside a fold (``--prior-share nested``)."""
     frame_labels = np.asarray(frame_labels, dtype=np.int64)
     if not frame_labels.size:
         return None
     n, t = frame_labels.shape
-    clip_ids = np.unique(np.asarray(clips, dtype=object).astype(str), return_inverse=True)[1].reshape(-1)
     frames = (np.asarray(starts, dtype=np.int64)[:, None] + np.arange(t)).reshape(-1)
-    keys = np.repeat(clip_ids.astype(np.int64), t) * (int(frames.max()) + 1) + frames
-    index, inverse = np.unique(keys, return_inverse=True)
-    best, label = np.full(index.size, -np.inf), np.zeros(index.size, np.int64)
-    np.maximum.at(best, inverse, np.repeat(np.asarray(scores, dtype=np.float64), t))
-    np.maximum.at(label, inverse, frame_labels.reshape(-1))
-    return auroc(label, best)
+    per_frame = max_over_covering(
+        np.repeat(np.asarray(clips, dtype=object), t), frames, frame_labels, np.repeat(np.asarray(scores), t),
+        np.zeros(n * t, np.int64),
+    )  # fmt: skip
+    return auroc(per_frame[2], per_frame[3])
