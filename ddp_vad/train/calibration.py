@@ -74,18 +74,18 @@ def fold_calibration_into_head(model: LRCN, gain: float, bias: float) -> LRCN:
     return out
 
 
-def calibrate_from_log_odds(
-    model: LRCN, d: np.ndarray, source: str, energies: np.ndarray | None = None, share: float = EQUAL_SHARE
-) -> tuple[LRCN, dict]:
-    """``model`` calibrated on the log-odds ``d`` it gives normal windows (see the module docstring), and the record
-    of it (``source``: where the windows came from). With a motion prior on the model, ``energies`` are the same
-    windows' log motion energies, the prior is set from them, and ``share`` is the prior's share of the sum
-    (:func:`shared_z`)."""
+def calibration_record(
+    d: np.ndarray, source: str, energies: np.ndarray | None = None, share: float = EQUAL_SHARE
+) -> dict:
+    """The calibration of a model that gives normal windows the log-odds ``d`` (see the module docstring), as the
+    record a fold's ``result.json`` keeps (``source``: where the windows came from): the normal mean and spread, the
+    ``gain`` and ``bias`` of the log-odds map, and with ``energies`` (the same windows' log motion energies: a model
+    with a motion prior) the prior's standardisation, weight and ``share`` of the sum (:func:`shared_z`)."""
     spread = max(float(d.std()), MIN_SCALE)
     record: dict = {"source": source, "windows": int(len(d)), "mean": float(d.mean()), "spread": spread}
     classifier, total = 1.0, 1.0
-    if model.prior is not None:
-        if energies is None or len(energies) != len(d):
+    if energies is not None:
+        if len(energies) != len(d):
             raise ValueError("a model with a motion prior is calibrated with the normal windows' energies")
         e_spread = max(float(energies.std()), MIN_ENERGY_SPREAD)
         classifier, prior = 2 * (1 - share), 2 * share
@@ -96,6 +96,18 @@ def calibrate_from_log_odds(
                             "share": float(share)}  # fmt: skip
     gain = classifier / (TEMPERATURE * spread * total)
     record.update(gain=gain, bias=-gain * float(d.mean()) - Z99 / TEMPERATURE)
+    return record
+
+
+def calibrate_from_log_odds(
+    model: LRCN, d: np.ndarray, source: str, energies: np.ndarray | None = None, share: float = EQUAL_SHARE
+) -> tuple[LRCN, dict]:
+    """``model`` calibrated on the log-odds ``d`` it gives normal windows, and the record of it
+    (:func:`calibration_record`). With a motion prior on the model, ``energies`` are the same windows' log motion
+    energies and the prior is set from them."""
+    if model.prior is not None and energies is None:
+        raise ValueError("a model with a motion prior is calibrated with the normal windows' energies")
+    record = calibration_record(d, source, energies if model.prior is not None else None, share)
     out = fold_calibration_into_head(model, record["gain"], record["bias"])
     if "motion" in record:
         out.prior.set(record["motion"]["mean"], record["motion"]["weight"])

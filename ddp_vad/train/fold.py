@@ -22,7 +22,13 @@ from ddp_vad.errors import UserError
 from ddp_vad.models import LRCN
 from ddp_vad.motion import window_energies
 from ddp_vad.runfiles import fold_checkpoint_dir, fold_tb_dir
-from ddp_vad.train.calibration import EQUAL_SHARE, REFERENCE_WINDOWS, calibrate_from_log_odds, calibrated_log_odds
+from ddp_vad.train.calibration import (
+    EQUAL_SHARE,
+    REFERENCE_WINDOWS,
+    calibrate_from_log_odds,
+    calibrated_log_odds,
+    calibration_record,
+)
 from ddp_vad.train.checkpoint import save_fold_checkpoint
 from ddp_vad.train.classifier import fold_seed, fold_standardization_into_head, trainable_forward
 from ddp_vad.train.crossval import CVWindows, fold_split, labelled_subset, score_fold
@@ -188,16 +194,28 @@ def _calibrate(
     run: FoldRun, model: LRCN, export: LRCN, forward, norm, fit_idx: np.ndarray, notes: list[str],
     share: float = EQUAL_SHARE,
 ) -> tuple[LRCN, dict]:  # fmt: skip
-    """``export`` calibrated on the run's normal footage (see :mod:`ddp_vad.train.calibration`), or, for shards
-    without train clips, on up to REFERENCE_WINDOWS of the fold's own normal training windows (noted). Where the
-    frozen part's output of the footage was computed once for every fold (``reference_cache``), only the trained
-    part runs on it."""
+    """``export`` calibrated on the normal footage of :func:`_normal_log_odds` (see
+    :mod:`ddp_vad.train.calibration`), and the record of it."""
+    found = _normal_log_odds(run, model, export, forward, norm, fit_idx, notes)
+    if found is None:
+        notes.append("not calibrated: no normal window to calibrate on")
+        return export, {"source": "none"}
+    return calibrate_from_log_odds(export, *found, share)
+
+
+def _normal_log_odds(
+    run: FoldRun, model: LRCN, export: LRCN, forward, norm, fit_idx: np.ndarray, notes: list[str]
+) -> tuple[np.ndarray, str, np.ndarray | None] | None:
+    """(log-odds, source, log motion energies or None without a prior) of the normal windows a fold model is
+    calibrated on: the run's normal footage, or, for shards without train clips, up to REFERENCE_WINDOWS of the
+    fold's own normal training windows (noted). None when there is none. Where the frozen part's output of the
+    footage was computed once for every fold (``reference_cache``), only the trained part runs on it."""
     acc = run.accelerator
     if run.reference_cache is not None:
         x = run.reference_cache if norm is None else (run.reference_cache.to(norm[0].device) - norm[0]) / norm[1]
         d = predict(model, forward, lambda idx: x[torch.from_numpy(idx).to(x.device)].to(acc.device),
                     np.arange(len(x)), acc.autocast)[2]  # fmt: skip
-        return calibrate_from_log_odds(export, d, "train clips", run.reference_energies, share)
+        return d, "train clips", run.reference_energies
     reference, source, energies = run.reference, "train clips", run.reference_energies
     if reference is None:
         normal = fit_idx[run.cv.labels[fit_idx] == 0]
@@ -206,11 +224,10 @@ def _calibrate(
         energies = window_energies(reference) if export.prior is not None else None
         notes.append(f"calibrated on {source}: the shards hold no train clips")
     if not len(reference):
-        notes.append("not calibrated: no normal window to calibrate on")
-        return export, {"source": "none"}
+        return None
     frames_in = lambda idx: frames_to_float(torch.from_numpy(reference[idx]).to(acc.device))  # noqa: E731
     d = predict(export, export, frames_in, np.arange(len(reference)), acc.autocast)[2]
-    return calibrate_from_log_odds(export, d, source, energies, share)
+    return d, source, energies
 
 
 def _fold_model(run: FoldRun, k: int, resume_state: dict | None) -> tuple:
@@ -275,9 +292,10 @@ def _inner_z_scores(run: FoldRun, k: int, i: int, fit_idx: np.ndarray, scored: n
         order = fit_idx[np.random.default_rng([abs(cfg.seed), k, epoch, INNER_SEED_BASE + i]).permutation(fit_idx.size)]
         train_epoch(run, k, epoch, order, model, forward, get_inputs, optimizer, scaler, weight)
     export = model if norm is None else fold_standardization_into_head(model, *norm)
-    record = _calibrate(run, model, export, forward, norm, fit_idx, [])[1]
-    if "motion" not in record:
+    found = _normal_log_odds(run, model, export, forward, norm, fit_idx, [])
+    if found is None or found[2] is None:
         return None
+    record = calibration_record(*found)  # only the normal mean and spreads: no calibrated copy of the model
     d = predict(model, forward, get_inputs, scored, run.accelerator.autocast)[2]
     motion = record["motion"]
     energies = run.energies(scored)
