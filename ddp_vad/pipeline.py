@@ -132,7 +132,8 @@ class PipelineConfig:
         for check_options in builders.values():  # every stage's options, before the first stage runs
             check_options(False)
         if self.input_pool is not None or self.conv_channels is not None:  # the LRCN must fit the shards' frames
-            from ddp_vad.models import model_config_for, parse_conv_channels
+            from ddp_vad.architecture_options import parse_conv_channels
+            from ddp_vad.models import model_config_for
 
             shard = builders["shard build"](False)
             frames = {"window": shard.window, "height": shard.height, "width": shard.width}

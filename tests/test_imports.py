@@ -27,6 +27,7 @@ PACKAGE = REPO / "ddp_vad"
 
 UTILITIES = {
     "errors", "files", "config", "options", "warn", "presets", "models", "motion", "weights", "runlock", "runfiles",
+    "architecture_options",
 }  # fmt: skip
 TOP = {"ddp_vad", "__main__", "cli", "api", "pipeline", "clispec"}
 LAYERS = {"data": 1, "train": 2, "eval": 3, "infer": 3}

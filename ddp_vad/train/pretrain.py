@@ -27,11 +27,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ddp_vad.architecture_options import architecture_overrides
 from ddp_vad.data.reader import frames_to_float, infinite_batches
 from ddp_vad.data.shards import load_manifest
 from ddp_vad.data.stream import shards_holding
 from ddp_vad.errors import NonFiniteLossError, UserError
-from ddp_vad.models import ModelConfig, architecture_overrides, build_generator, build_lrcn, model_config_for
+from ddp_vad.models import ModelConfig, build_generator, build_lrcn, model_config_for
 from ddp_vad.train.checkpoint import remove_partial, resolve_resume, save_checkpoint
 from ddp_vad.train.disc_phase import PseudoSource, disc_step, early_step, keep_early, load_early, phase2_windows
 from ddp_vad.train.distributed import (

@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ddp_vad.architecture_options import checked_capacity_options
 from ddp_vad.errors import UserError
-from ddp_vad.models import INPUT_MODES, POOLINGS, checked_capacity_options
+from ddp_vad.models import INPUT_MODES, POOLINGS
 from ddp_vad.options import option
 from ddp_vad.presets import PRESET_NAMES
 from ddp_vad.train.crossval import PROTOCOLS

@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
+from ddp_vad.architecture_options import architecture_overrides
 from ddp_vad.errors import UserError
 from ddp_vad.files import read_json_object
-from ddp_vad.models import ModelConfig, architecture_overrides, build_lrcn, model_config_for
+from ddp_vad.models import ModelConfig, build_lrcn, model_config_for
 from ddp_vad.runfiles import config_file
 from ddp_vad.train.classifier import RANDOM, SCRATCH, discriminator_file, fold_seed, gan_features
 

@@ -7,8 +7,9 @@ import math
 from dataclasses import InitVar, dataclass
 from pathlib import Path
 
+from ddp_vad.architecture_options import checked_capacity_options
 from ddp_vad.errors import UserError
-from ddp_vad.models import INPUT_MODES, POOLINGS, checked_capacity_options
+from ddp_vad.models import INPUT_MODES, POOLINGS
 from ddp_vad.motion import MOTION_PRIORS
 from ddp_vad.options import option
 from ddp_vad.presets import PRESET_NAMES
