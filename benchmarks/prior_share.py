@@ -2,6 +2,7 @@
 ``benchmarks/results/levers7.md``).
 
     python benchmarks/prior_share.py RUN --shards SHARDS [--shares 0,0.333,0.5,0.6,0.667,0.75,1]
+        [--rules sum,relu,max,asinh-classifier,asinh-both]
 
 RUN is a ``transfer`` run calibrated with the motion prior (the default). Each fold's record (``result.json``,
 ``calibration``) holds the normal footage's mean and spread of the classifier's log-odds and of the log motion
@@ -9,6 +10,7 @@ energy, so every out-of-fold window's two z-scores are recovered from its calibr
 recombined with another share ``a`` as ``2 (1 - a) z_d + 2 a z_e``, divided by that sum's spread on the normal
 footage (from the two z-scores' correlation there, which the recorded spread of the run's own sum gives). Prints the
 frame AUROC over every frame of the labelled clips for each share and the paired difference with the run as it is.
+``--rules`` (round 8, ``levers8.md``) also fuses the two z-scores by other rules than a weighted sum (:data:`RULES`).
 
 **Post hoc, on the test clips**: a share picked from this table is chosen on the clips it is reported on, so its
 figure is optimistic. ``transfer --prior-share nested`` makes the choice per fold on its training clips instead.
@@ -50,11 +52,27 @@ def z_scores(run: Path, rows: list[dict], energies: dict[str, float]) -> tuple[n
     return zd, ze, rho
 
 
+# Fusions of the classifier's z-score d and the motion energy's e other than the weighted sum (round 8).
+RULES = {
+    "sum": lambda d, e: d + e,  # the default's ranking (share 0.5)
+    "relu": lambda d, e: e + np.maximum(d, 0.0),  # the classifier may only raise a score
+    "max": np.maximum,  # either alone may flag a window
+    "asinh-classifier": lambda d, e: np.arcsinh(d) + e,  # the classifier's heavy tails compressed
+    "asinh-both": lambda d, e: np.arcsinh(d) + np.arcsinh(e),
+}
+
+
+def _as_scores(rows: list[dict], z: np.ndarray) -> list[dict]:
+    """The OOF rows with the sigmoid of ``z`` as their scores."""
+    return [dict(r, score=float(1 / (1 + np.exp(-v)))) for r, v in zip(rows, z, strict=True)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path)
     ap.add_argument("--shards", required=True)
     ap.add_argument("--shares", default="0,0.333,0.5,0.6,0.667,0.75,1")
+    ap.add_argument("--rules", default="", help=f"comma-separated, of {', '.join(RULES)}")
     args = ap.parse_args()
     labels, keys, frames = {}, [], []
     for w in iter_windows(args.shards, select="leakfree"):
@@ -69,10 +87,18 @@ def main() -> None:
     for share in (float(s) for s in args.shares.split(",")):
         c, q = 2 * (1 - share), 2 * share
         z = shared_z(zd, ze, share) / np.sqrt(c * c + q * q + 2 * c * q * rho)
-        scored = frames_by_repeat([dict(r, score=float(1 / (1 + np.exp(-v)))) for r, v in zip(rows, z, strict=True)],
-                                  labels)  # fmt: skip
+        scored = frames_by_repeat(_as_scores(rows, z), labels)
         d = paired_difference(scored, as_is)
         print(f"share {share:.3g}: {frame_summary(scored)['frame_auroc']:.3f} "
+              f"({d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}])")  # fmt: skip
+
+    for name in filter(None, args.rules.split(",")):
+        if name not in RULES:
+            raise SystemExit(f"--rules: unknown rule {name!r} (known: {', '.join(RULES)})")
+        fused = np.clip(RULES[name](zd, ze), -30.0, 30.0)  # the sigmoid below stays finite and monotone
+        scored = frames_by_repeat(_as_scores(rows, fused), labels)
+        d = paired_difference(scored, as_is)
+        print(f"rule {name}: {frame_summary(scored)['frame_auroc']:.3f} "
               f"({d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}])")  # fmt: skip
 
 

@@ -1,0 +1,88 @@
+"""Does motion energy gain from knowing where the scene normally moves? Unsupervised, no training (round 8 of the
+levers, ``benchmarks/results/levers8.md``).
+
+    python benchmarks/cell_energy.py SHARDS [--seed 0]
+
+The motion prior's energy (``ddp_vad.motion``) takes the mean absolute frame difference of each 8-pixel cell and
+averages the TOPK most active cells, wherever they are. Here each cell is first set against its own normal motion,
+measured on the normal footage calibration uses (up to 2,048 windows of the shards' train clips, drawn with
+``--seed``): a z-score per cell (``cell-z``, also with the max over time instead of the mean: ``cell-z-max-t``), a
+z-score of the log (``cell-log-z``), a ratio to the cell's normal mean (``cell-ratio``), and the excess over the
+cell's normal 99th percentile (``cell-excess``); ``energy+cell-z`` adds the two standardised scores. Prints, for each,
+the frame AUROC over every frame of the labelled clips (every window, a frame's score the max over its windows) and
+the paired difference with the prior's energy, with a 95% bootstrap interval over clips. Labels only measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ddp_vad.data.reader import iter_windows
+from ddp_vad.eval.frame_scores import frame_summary, frames_by_repeat, paired_difference
+from ddp_vad.motion import EPS, TOPK, cell_size
+from ddp_vad.train.calibration import reference_windows
+
+
+def cell_motion(frames: np.ndarray, chunk: int = 64) -> torch.Tensor:
+    """uint8 windows [N, T, H, W] -> mean absolute frame difference per cell [N, T-1, cells] (float64)."""
+    out = []
+    for lo in range(0, len(frames), chunk):
+        x = torch.from_numpy(np.ascontiguousarray(frames[lo : lo + chunk])).float() / 255
+        out.append(F.avg_pool2d((x[:, 1:] - x[:, :-1]).abs(), cell_size(x.shape[-2])).flatten(2))
+    return torch.cat(out).double()
+
+
+def top_cells(v: torch.Tensor) -> torch.Tensor:
+    """Mean of the TOPK largest cells per window and step: [N, T-1, cells] -> [N, T-1]."""
+    return v.topk(min(TOPK, v.shape[2]), dim=2).values.mean(2)
+
+
+def variants(m: torch.Tensor, ref: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Window scores [N] of each variant, from the cells' motion ``m`` and the normal footage's ``ref``."""
+    mu, sd = ref.mean((0, 1)), ref.std((0, 1)) + 1e-3
+    log_ref = torch.log(ref + EPS)
+    log_mu, log_sd = log_ref.mean((0, 1)), log_ref.std((0, 1)) + 1e-2
+    q99 = torch.quantile(ref.flatten(0, 1), 0.99, dim=0)
+    energy = lambda x: torch.log(top_cells(x).mean(1) + EPS)  # noqa: E731  (the prior's energy)
+    cell_z = lambda x: top_cells((x - mu) / sd).mean(1)  # noqa: E731
+    out = {
+        "energy": energy(m),
+        "cell-z": cell_z(m),
+        "cell-z-max-t": top_cells((m - mu) / sd).max(1).values,
+        "cell-log-z": top_cells((torch.log(m + EPS) - log_mu) / log_sd).mean(1),
+        "cell-ratio": torch.log(top_cells((m + 0.01) / (mu + 0.01)).mean(1)),
+        "cell-excess": torch.log(top_cells(torch.relu(m - q99)).mean(1) + EPS),
+    }
+    e_ref, z_ref = energy(ref), cell_z(ref)
+    out["energy+cell-z"] = (out["energy"] - e_ref.mean()) / e_ref.std() + (out["cell-z"] - z_ref.mean()) / z_ref.std()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("shards")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    normal = reference_windows(args.shards, seed=args.seed)
+    if normal is None:
+        raise SystemExit(f"{args.shards}: no train clips to learn each cell's normal motion from")
+    rows, labels, frames = [], {}, []
+    for w in iter_windows(args.shards, select="leakfree"):
+        rows.append({"key": w["key"], "clip": w["meta"]["clip"], "start": w["meta"]["start"]})
+        labels[w["key"]] = w["meta"]["frame_labels"]
+        frames.append(w["frames"])
+    scores = variants(cell_motion(np.stack(frames)), cell_motion(normal))
+    by_name = {k: frames_by_repeat([dict(r, score=float(s)) for r, s in zip(rows, v.tolist(), strict=True)], labels)
+               for k, v in scores.items()}  # fmt: skip
+    for name, scored in by_name.items():
+        d = paired_difference(scored, by_name["energy"])
+        print(f"{name:14s} {frame_summary(scored)['frame_auroc']:.3f} "
+              f"({d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}])")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
