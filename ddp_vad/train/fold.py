@@ -112,15 +112,7 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
 
     cfg, acc = run.cfg, run.accelerator
     t0 = time.perf_counter()
-    train_idx, test_idx, excluded = fold_split(run.cv, k, run.held_out, cfg.labelled_fraction, cfg.seed)
-    if run.extra_normal is not None and run.extra_normal.size:  # the labelled fraction of them, drawn per fold
-        extra = labelled_subset(run.extra_normal, run.cv.labels, cfg.labelled_fraction, cfg.seed, k)
-        train_idx = np.sort(np.concatenate([train_idx, extra]))
-    if train_idx.size == 0:
-        raise UserError(f"fold {k} has no training windows (too few windows, or --holdout-type removed them all)")
-    notes = (
-        [f"training windows of fold {k} hold one class only"] if np.unique(run.cv.labels[train_idx]).size < 2 else []
-    )
+    train_idx, test_idx, excluded, notes = _fold_windows(run, k)
 
     # Model selection (--val-clips): whole training clips held out; the test fold is never looked at.
     fit_idx, val_idx = inner_validation_split(run.cv, train_idx, int(getattr(cfg, "val_clips", 0)), cfg.seed, k)
@@ -158,13 +150,7 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
     export = model if norm is None else fold_standardization_into_head(model, *norm)
     calibration = None
     if getattr(cfg, "calibrate", "none") == "normal":
-        share, nested = _prior_share(run, k, fit_idx, notes)
-        export, calibration = _calibrate(run, model, export, forward, norm, fit_idx, notes, share)
-        if nested is not None and "motion" in calibration:
-            calibration["motion"]["nested"] = nested
-        if "gain" in calibration:  # the saved (calibrated) model's own scores: the same map of the log-odds
-            energies = run.energies(test_idx) if "motion" in calibration else None
-            last = outputs_of_log_odds(calibrated_log_odds(last[2], calibration, energies))
+        export, calibration, last = _calibrated(run, k, model, export, forward, norm, fit_idx, test_idx, last, notes)
     scores, preds, _ = last
     extra = {"n_train": int(fit_idx.size)}
     if calibration is not None and "motion" in calibration:
@@ -188,6 +174,36 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
     if calibration is not None:
         result["calibration"] = calibration
     return save_finished_fold(run.run_dir, k, export, run.model_cfg, result)
+
+
+def _fold_windows(run: FoldRun, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Fold ``k``'s (training, test, held-out-type excluded) windows, with ``--normal-footage`` windows added to its
+    training ones, and the notes they call for; a fold without training windows is a UserError."""
+    cfg = run.cfg
+    train_idx, test_idx, excluded = fold_split(run.cv, k, run.held_out, cfg.labelled_fraction, cfg.seed)
+    if run.extra_normal is not None and run.extra_normal.size:  # the labelled fraction of them, drawn per fold
+        extra = labelled_subset(run.extra_normal, run.cv.labels, cfg.labelled_fraction, cfg.seed, k)
+        train_idx = np.sort(np.concatenate([train_idx, extra]))
+    if train_idx.size == 0:
+        raise UserError(f"fold {k} has no training windows (too few windows, or --holdout-type removed them all)")
+    one_class = np.unique(run.cv.labels[train_idx]).size < 2
+    return train_idx, test_idx, excluded, [f"training windows of fold {k} hold one class only"] if one_class else []
+
+
+def _calibrated(
+    run: FoldRun, k: int, model: LRCN, export: LRCN, forward, norm, fit_idx: np.ndarray, test_idx: np.ndarray,
+    last: tuple, notes: list[str],
+) -> tuple[LRCN, dict, tuple]:  # fmt: skip
+    """(calibrated ``export``, the calibration record, the test windows' outputs ``last`` as the calibrated model
+    gives them), the prior's share chosen first where ``--prior-share nested`` asks."""
+    share, nested = _prior_share(run, k, fit_idx, notes)
+    export, calibration = _calibrate(run, model, export, forward, norm, fit_idx, notes, share)
+    if nested is not None and "motion" in calibration:
+        calibration["motion"]["nested"] = nested
+    if "gain" in calibration:  # the saved (calibrated) model's own scores: the same map of the log-odds
+        energies = run.energies(test_idx) if "motion" in calibration else None
+        last = outputs_of_log_odds(calibrated_log_odds(last[2], calibration, energies))
+    return export, calibration, last
 
 
 def _calibrate(
