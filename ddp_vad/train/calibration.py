@@ -86,7 +86,7 @@ def calibration_record(
     classifier, total = 1.0, 1.0
     if energies is not None:
         if len(energies) != len(d):
-            raise ValueError("a model with a motion prior is calibrated with the normal windows' energies")
+            raise ValueError(f"{len(energies)} motion energies for {len(d)} normal windows' log-odds: one per window")
         e_spread = max(float(energies.std()), MIN_ENERGY_SPREAD)
         classifier, prior = 2 * (1 - share), 2 * share
         z = shared_z((d - d.mean()) / spread, (energies - energies.mean()) / e_spread, share)
