@@ -20,7 +20,6 @@ import torch
 from ddp_vad.data.reader import frames_to_float
 from ddp_vad.errors import UserError
 from ddp_vad.models import LRCN
-from ddp_vad.motion import window_energies
 from ddp_vad.runfiles import fold_checkpoint_dir, fold_tb_dir
 from ddp_vad.train.calibration import (
     EQUAL_SHARE,
@@ -34,8 +33,8 @@ from ddp_vad.train.classifier import fold_seed, fold_standardization_into_head, 
 from ddp_vad.train.crossval import CVWindows, fold_split, labelled_subset, score_fold
 from ddp_vad.train.fold_steps import (
     FoldRun,
-    class_weights,
     input_fn,
+    loss_weight,
     new_model,
     outputs_of_log_odds,
     predict,
@@ -116,7 +115,7 @@ def train_fold(run: FoldRun, k: int, resume_state: dict | None = None, pbar=None
 
     # Model selection (--val-clips): whole training clips held out; the test fold is never looked at.
     fit_idx, val_idx = inner_validation_split(run.cv, train_idx, int(getattr(cfg, "val_clips", 0)), cfg.seed, k)
-    weight = class_weights(run.cv.labels[fit_idx]) if getattr(cfg, "class_weight", "none") == "balanced" else None
+    weight = loss_weight(run, fit_idx)
     model, optimizer, scaler, (start_epoch, history, best) = _fold_model(run, k, resume_state)
     get_inputs, norm = input_fn(run, model, fit_idx)
     forward = trainable_forward(model, cfg.train)
@@ -235,9 +234,9 @@ def _normal_log_odds(
     reference, source, energies = run.reference, "train clips", run.reference_energies
     if reference is None:
         normal = fit_idx[run.cv.labels[fit_idx] == 0]
-        pick = np.random.default_rng([abs(run.cfg.seed), 0xCA1B]).permutation(normal)[:REFERENCE_WINDOWS]
-        reference, source = run.ws.frames[np.sort(pick)], "the fold's normal training windows"
-        energies = window_energies(reference) if export.prior is not None else None
+        pick = np.sort(np.random.default_rng([abs(run.cfg.seed), 0xCA1B]).permutation(normal)[:REFERENCE_WINDOWS])
+        reference, source = run.ws.frames[pick], "the fold's normal training windows"
+        energies = run.energies(pick) if export.prior is not None else None  # cached: other folds score them too
         notes.append(f"calibrated on {source}: the shards hold no train clips")
     if not len(reference):
         return None
@@ -303,7 +302,7 @@ def _inner_z_scores(run: FoldRun, k: int, i: int, fit_idx: np.ndarray, scored: n
     model, optimizer, scaler = new_model(run, fold_seed(cfg.seed, INNER_SEED_BASE * (i + 1) + k))
     get_inputs, norm = input_fn(run, model, fit_idx)
     forward = trainable_forward(model, cfg.train)
-    weight = class_weights(run.cv.labels[fit_idx]) if getattr(cfg, "class_weight", "none") == "balanced" else None
+    weight = loss_weight(run, fit_idx)
     for epoch in range(1, cfg.epochs + 1):
         order = fit_idx[np.random.default_rng([abs(cfg.seed), k, epoch, INNER_SEED_BASE + i]).permutation(fit_idx.size)]
         train_epoch(run, k, epoch, order, model, forward, get_inputs, optimizer, scaler, weight)

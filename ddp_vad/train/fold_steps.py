@@ -91,6 +91,13 @@ def class_weights(labels: np.ndarray, num_classes: int = 2) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def loss_weight(run: FoldRun, fit_idx: np.ndarray) -> torch.Tensor | None:
+    """The cross-entropy class weights a fold model trains on ``fit_idx`` with: balanced (:func:`class_weights` of
+    those windows' labels) under ``--class-weight balanced``, None otherwise."""
+    balanced = getattr(run.cfg, "class_weight", "none") == "balanced"
+    return class_weights(run.cv.labels[fit_idx]) if balanced else None
+
+
 def input_fn(run: FoldRun, model: LRCN, train_idx: np.ndarray) -> tuple[Callable, tuple | None]:
     """``get_inputs(idx)`` for the trainable part (frames, or the cached frozen output) and the per-fold feature
     standardisation (``--train head``), computed from the fold's training windows only."""
