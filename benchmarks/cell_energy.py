@@ -19,21 +19,18 @@ import argparse
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ddp_vad.data.reader import iter_windows
 from ddp_vad.eval.frame_scores import frame_summary, frames_by_repeat, paired_difference
-from ddp_vad.motion import EPS, TOPK, cell_size
+from ddp_vad.motion import EPS, TOPK, cell_motion, energy_of_cells
 from ddp_vad.train.calibration import reference_windows
 
 
-def cell_motion(frames: np.ndarray, chunk: int = 64) -> torch.Tensor:
-    """uint8 windows [N, T, H, W] -> mean absolute frame difference per cell [N, T-1, cells] (float64)."""
-    out = []
-    for lo in range(0, len(frames), chunk):
-        x = torch.from_numpy(np.ascontiguousarray(frames[lo : lo + chunk])).float() / 255
-        out.append(F.avg_pool2d((x[:, 1:] - x[:, :-1]).abs(), cell_size(x.shape[-2])).flatten(2))
-    return torch.cat(out).double()
+def window_cells(frames: np.ndarray, chunk: int = 64) -> torch.Tensor:
+    """uint8 windows [N, T, H, W] -> the prior's cell motion (:func:`ddp_vad.motion.cell_motion`) [N, T-1, cells]."""
+    parts = [cell_motion(torch.from_numpy(np.ascontiguousarray(frames[lo : lo + chunk])).float() / 255)
+             for lo in range(0, len(frames), chunk)]  # fmt: skip
+    return torch.cat(parts)
 
 
 def top_cells(v: torch.Tensor) -> torch.Tensor:
@@ -42,22 +39,24 @@ def top_cells(v: torch.Tensor) -> torch.Tensor:
 
 
 def variants(m: torch.Tensor, ref: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Window scores [N] of each variant, from the cells' motion ``m`` and the normal footage's ``ref``."""
+    """Window scores [N] of each variant, from the cells' motion ``m`` and the normal footage's ``ref`` (float32,
+    as :func:`window_cells` gives them; the variants' statistics are taken in float64)."""
+    out = {"energy": energy_of_cells(m).double()}  # the prior's own energy
+    e_ref = energy_of_cells(ref).double()
+    m, ref = m.double(), ref.double()
     mu, sd = ref.mean((0, 1)), ref.std((0, 1)) + 1e-3
     log_ref = torch.log(ref + EPS)
     log_mu, log_sd = log_ref.mean((0, 1)), log_ref.std((0, 1)) + 1e-2
     q99 = torch.quantile(ref.flatten(0, 1), 0.99, dim=0)
-    energy = lambda x: torch.log(top_cells(x).mean(1) + EPS)  # noqa: E731  (the prior's energy)
     cell_z = lambda x: top_cells((x - mu) / sd).mean(1)  # noqa: E731
-    out = {
-        "energy": energy(m),
+    out |= {
         "cell-z": cell_z(m),
         "cell-z-max-t": top_cells((m - mu) / sd).max(1).values,
         "cell-log-z": top_cells((torch.log(m + EPS) - log_mu) / log_sd).mean(1),
         "cell-ratio": torch.log(top_cells((m + 0.01) / (mu + 0.01)).mean(1)),
         "cell-excess": torch.log(top_cells(torch.relu(m - q99)).mean(1) + EPS),
     }
-    e_ref, z_ref = energy(ref), cell_z(ref)
+    z_ref = cell_z(ref)
     out["energy+cell-z"] = (out["energy"] - e_ref.mean()) / e_ref.std() + (out["cell-z"] - z_ref.mean()) / z_ref.std()
     return out
 
@@ -75,7 +74,7 @@ def main() -> None:
         rows.append({"key": w["key"], "clip": w["meta"]["clip"], "start": w["meta"]["start"]})
         labels[w["key"]] = w["meta"]["frame_labels"]
         frames.append(w["frames"])
-    scores = variants(cell_motion(np.stack(frames)), cell_motion(normal))
+    scores = variants(window_cells(np.stack(frames)), window_cells(normal))
     by_name = {k: frames_by_repeat([dict(r, score=float(s)) for r, s in zip(rows, v.tolist(), strict=True)], labels)
                for k, v in scores.items()}  # fmt: skip
     for name, scored in by_name.items():

@@ -29,16 +29,26 @@ def cell_size(height: int) -> int:
     return max(1, height // CELL_DIVISOR)
 
 
-def motion_energy(x: torch.Tensor) -> torch.Tensor:
-    """Windows [B, T, 1, H, W] (or [B, T, H, W]) in [0, 1], T >= 2 -> log motion energy [B] (float32)."""
+def cell_motion(x: torch.Tensor) -> torch.Tensor:
+    """Windows [B, T, 1, H, W] (or [B, T, H, W]) in [0, 1], T >= 2 -> each cell's mean absolute frame difference
+    [B, T-1, cells] (float32; partial cells at the edges are dropped)."""
     x = x.float()
     if x.dim() == 5:
         x = x[:, :, 0]
     diff = (x[:, 1:] - x[:, :-1]).abs()  # [B, T-1, H, W]
-    cell = cell_size(x.shape[-2])
-    cells = F.avg_pool2d(diff, cell).flatten(2)  # [B, T-1, cells]; partial cells at the edges are dropped
+    return F.avg_pool2d(diff, cell_size(x.shape[-2])).flatten(2)
+
+
+def energy_of_cells(cells: torch.Tensor) -> torch.Tensor:
+    """Cell motion [B, T-1, cells] (:func:`cell_motion`) -> log motion energy [B]: the mean over steps of the TOPK
+    most active cells' mean."""
     top = cells.topk(min(TOPK, cells.shape[2]), dim=2).values.mean(dim=2)
     return torch.log(top.mean(dim=1) + EPS)
+
+
+def motion_energy(x: torch.Tensor) -> torch.Tensor:
+    """Windows [B, T, 1, H, W] (or [B, T, H, W]) in [0, 1], T >= 2 -> log motion energy [B] (float32)."""
+    return energy_of_cells(cell_motion(x))
 
 
 def window_energies(frames: np.ndarray, idx: np.ndarray | None = None, chunk: int = 64) -> np.ndarray:
