@@ -62,9 +62,13 @@ RULES = {
 }
 
 
-def _as_scores(rows: list[dict], z: np.ndarray) -> list[dict]:
-    """The OOF rows with the sigmoid of ``z`` as their scores."""
-    return [dict(r, score=float(1 / (1 + np.exp(-v)))) for r, v in zip(rows, z, strict=True)]
+def _print_against(name: str, rows: list[dict], z: np.ndarray, labels: dict, as_is: dict) -> None:
+    """One line: the frame AUROC of the OOF rows scored by the sigmoid of ``z``, and its paired difference with the
+    run as it is."""
+    scored = frames_by_repeat([dict(r, score=float(1 / (1 + np.exp(-v)))) for r, v in zip(rows, z, strict=True)],
+                              labels)  # fmt: skip
+    d = paired_difference(scored, as_is)
+    print(f"{name}: {frame_summary(scored)['frame_auroc']:.3f} ({d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}])")
 
 
 def main() -> None:
@@ -87,19 +91,13 @@ def main() -> None:
     for share in (float(s) for s in args.shares.split(",")):
         c, q = 2 * (1 - share), 2 * share
         z = shared_z(zd, ze, share) / np.sqrt(c * c + q * q + 2 * c * q * rho)
-        scored = frames_by_repeat(_as_scores(rows, z), labels)
-        d = paired_difference(scored, as_is)
-        print(f"share {share:.3g}: {frame_summary(scored)['frame_auroc']:.3f} "
-              f"({d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}])")  # fmt: skip
+        _print_against(f"share {share:.3g}", rows, z, labels, as_is)
 
     for name in filter(None, args.rules.split(",")):
         if name not in RULES:
             raise SystemExit(f"--rules: unknown rule {name!r} (known: {', '.join(RULES)})")
         fused = np.clip(RULES[name](zd, ze), -30.0, 30.0)  # the sigmoid below stays finite and monotone
-        scored = frames_by_repeat(_as_scores(rows, fused), labels)
-        d = paired_difference(scored, as_is)
-        print(f"rule {name}: {frame_summary(scored)['frame_auroc']:.3f} "
-              f"({d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}])")  # fmt: skip
+        _print_against(f"rule {name}", rows, fused, labels, as_is)
 
 
 if __name__ == "__main__":
