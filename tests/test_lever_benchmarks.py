@@ -1,5 +1,5 @@
-"""Round 8's lever benchmarks measure against the product: the position-aware energies' reference is the motion
-prior's own energy, and the ranking term only adds to the training loss."""
+"""Rounds 8 and 9's lever benchmarks measure against the product: the cell energies' reference is the motion prior's
+own energy, and the ranking term only adds to the training loss."""
 
 from __future__ import annotations
 
@@ -35,6 +35,23 @@ def test_the_cell_energy_benchmark_compares_against_the_priors_own_energy(tiny_s
     louder = motion.clone()
     louder[0] += 0.5  # every cell of window 0 moves more
     assert bench.variants(louder, motion)["cell-z"][0] > bench.variants(motion, motion)["cell-z"][0]
+
+
+def test_the_position_free_variants_compare_against_the_priors_own_energy(tiny_shards):
+    """``--group free``: the ``energy`` row is the prior's energy; a window that moves like the normal footage is
+    nearer to it than one that moves more; one cell standing out raises how much the top cell stands out."""
+    bench = _load("cell_energy")
+    ws = load_window_set(tiny_shards)
+    motion = bench.window_cells(ws.frames)
+    scores = bench.free_variants(motion, motion)
+    np.testing.assert_array_equal(scores["energy"].numpy(), window_energies(ws.frames))
+    assert all(v.shape == (len(ws),) and torch.isfinite(v).all() for v in scores.values())
+    louder = motion.clone()
+    louder[0] += 0.5
+    assert bench.free_variants(louder, motion)["knn-top16"][0] > scores["knn-top16"][0]
+    peak = motion.clone()
+    peak[0, :, 0] = peak[0].max() + 1.0  # one cell far above every other, at every step
+    assert bench.free_variants(peak, motion)["top1-vs-next3"][0] > scores["top1-vs-next3"][0]
 
 
 def test_the_ranking_term_only_adds_where_both_classes_meet():
