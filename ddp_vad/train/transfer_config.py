@@ -156,6 +156,16 @@ class TransferConfig:
     check_paths: InitVar[bool] = True
 
     def __post_init__(self, check_paths: bool) -> None:
+        self._check_inputs(check_paths)
+        self._check_training()
+        self._check_scoring()
+        if self.method is None:
+            self.method = {SCRATCH: METHOD_SCRATCH, RANDOM: METHOD_RANDOM}.get(self.source, METHOD_GAN)
+        if not str(self.method).strip():
+            raise UserError("--method: give a non-empty name")
+
+    def _check_inputs(self, check_paths: bool) -> None:
+        """The shards, the run folder and the source (``--from``), and the fine-tuned part it implies."""
         if check_paths and not (Path(self.shards) / "manifest.json").is_file():
             raise UserError(f"--shards {self.shards}: no manifest.json there (build shards with `ddp_vad shard build`)")
         if Path(self.out).exists() and not Path(self.out).is_dir():
@@ -167,6 +177,9 @@ class TransferConfig:
             self.train = "all" if self.source == SCRATCH else "head"
         if self.source == RANDOM and self.train != "head":
             raise UserError(f"--from random --train {self.train}: the control trains the head only (--train head)")
+
+    def _check_training(self) -> None:
+        """How each fold trains: folds, epochs, batches, rates, labels, augmentation, weights, extra footage, model."""
         check_repeats(self.repeats)
         if self.train not in TRAIN_SCOPES:
             raise UserError(f"--train {self.train}: choose one of {', '.join(TRAIN_SCOPES)}")
@@ -202,6 +215,16 @@ class TransferConfig:
         if self.normal_footage == "train" and self.protocol != "leakfree":
             raise UserError(f"--normal-footage train needs --protocol leakfree (the {self.protocol} protocol's set "
                             "already holds the train clips' windows)")  # fmt: skip
+        if int(self.val_clips) < 0:
+            raise UserError(f"--val-clips must be >= 0, got {self.val_clips}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UserError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        self.conv_channels = checked_capacity_options(self.input_pool, self.conv_channels)
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+
+    def _check_scoring(self) -> None:
+        """How fold scores are put on one scale: calibration, the motion prior and its share."""
         if self.calibrate not in CALIBRATIONS:
             raise UserError(f"--calibrate {self.calibrate}: choose {' or '.join(CALIBRATIONS)}")
         if self.motion_prior is None:
@@ -215,14 +238,3 @@ class TransferConfig:
         if self.prior_share != EQUAL_SHARE and self.motion_prior != "energy":
             raise UserError(f"--prior-share {self.prior_share} needs --motion-prior energy (it weighs the prior "
                             "against the classifier)")  # fmt: skip
-        if int(self.val_clips) < 0:
-            raise UserError(f"--val-clips must be >= 0, got {self.val_clips}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise UserError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        self.conv_channels = checked_capacity_options(self.input_pool, self.conv_channels)
-        if self.dropout is not None and not 0 <= self.dropout < 1:
-            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.method is None:
-            self.method = {SCRATCH: METHOD_SCRATCH, RANDOM: METHOD_RANDOM}.get(self.source, METHOD_GAN)
-        if not str(self.method).strip():
-            raise UserError("--method: give a non-empty name")
