@@ -27,6 +27,9 @@ from ddp_vad.train.metrics import (
 )
 
 MAX_DEPTH = 2  # pipeline/ -> baselines/ -> <method>/
+# Writer extras the report carries over from a run's metrics.json (absent keys are left out).
+REPORTED_EXTRAS = ("source", "train", "holdout", "seconds", "features", "epochs", "batch_size", "model_preset",
+                   "calibrate", "motion_prior", "prior_share")  # fmt: skip
 
 
 def is_cv_run(path: Path) -> bool:
@@ -198,6 +201,19 @@ def _fold_rates(oof: list[dict]) -> list[list[float]]:
     return [[round(a / n, 3) for (rep, _), (a, n) in sorted(counts.items()) if rep == r] for r in repeats]
 
 
+def _oof_and_notes(run_dir: Path, data: dict, folds: list[dict]) -> tuple[list[dict] | None, list[str]]:
+    """The run's out-of-fold rows (None without ``oof_scores.csv``) and the notes so far: undefined fold metrics, a
+    missing OOF file, and the notes the run's writer recorded (e.g. transfer's)."""
+    notes = _undefined_notes(folds)
+    oof = read_oof_scores(run_dir) if oof_file(run_dir).is_file() else None
+    if oof is None:
+        notes.append("no oof_scores.csv: AUROC skipped")
+    run_notes = data.get("notes")
+    if isinstance(run_notes, list):
+        notes += [str(n) for n in run_notes if n]
+    return oof, notes
+
+
 def summarise_run(
     run_dir: Path, frame_label_cache: dict[str, Any], frames_of: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -207,15 +223,7 @@ def summarise_run(
     folds = sorted(data["folds"], key=lambda f: (int(f.get("repeat", 0)), int(f["fold"])))
     # Recomputed from the folds so every method in the table uses the same (population) std.
     mean, std = summarise_folds(folds)
-    notes = _undefined_notes(folds)
-    oof = None
-    if oof_file(run_dir).is_file():
-        oof = read_oof_scores(run_dir)
-    else:
-        notes.append("no oof_scores.csv: AUROC skipped")
-    run_notes = data.get("notes")
-    if isinstance(run_notes, list):  # notes the writer recorded (e.g. transfer's)
-        notes += [str(n) for n in run_notes if n]
+    oof, notes = _oof_and_notes(run_dir, data, folds)
     confusion, confusion_source = _confusion(folds, oof)
     # Pooled over every out-of-fold window of repeat 0 (folds' scores on one scale): not the "window AUROC" of the
     # tables, which is the mean over folds, so it carries its own name.
@@ -251,26 +259,9 @@ def summarise_run(
         "frame_auroc": mean["frame_auroc"],
         "frames": frames,
         "notes": notes,
-        # A few writer extras worth carrying into the report (absent keys are left out).
         "labelled_fraction": float(data.get("labelled_fraction", 1.0)),
         "data": run_data(run_dir),
-        "extra": {
-            k: data[k]
-            for k in (
-                "source",
-                "train",
-                "holdout",
-                "seconds",
-                "features",
-                "epochs",
-                "batch_size",
-                "model_preset",
-                "calibrate",
-                "motion_prior",
-                "prior_share",
-            )
-            if k in data
-        },
+        "extra": {k: data[k] for k in REPORTED_EXTRAS if k in data},
     }
 
 
